@@ -1,0 +1,141 @@
+"""The project-wide typed config: model, data, training, evaluation and chat.
+
+One schema drives training, evaluation and chat. Files live in configs/ (`tiny`, `7b`, `13b` x stage
+1/2); any field can be overridden on a command line with ``--set a.b=c``. Defaults are upstream's recipe
+for the 13B model (spec/upstream.md §2).
+
+    cfg = load_config("configs/13b_stage1.yaml", ["train.lr=1e-5"])
+    dump_config(cfg, "resolved.yaml"); assert load_config("resolved.yaml") == cfg
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from chatterbox import config_schema
+from chatterbox.config_schema import ConfigError
+from chatterbox.data.config import DataConfig, DatasetPaths
+from chatterbox.model.config import ClipConfig, LanguageConfig, ModelConfig, QueryHeadConfig, RegionEncoderConfig
+
+__all__ = [
+    "ChatterBoxConfig", "ModelConfig", "LanguageConfig", "ClipConfig", "RegionEncoderConfig",
+    "QueryHeadConfig", "DataConfig", "DatasetPaths", "TrainConfig", "StreamConfig", "EvalConfig",
+    "ChatConfig", "ConfigError", "load_config", "dump_config", "config_to_dict", "add_config_arguments",
+    "config_from_args", "REPO_ROOT", "CONFIG_DIR",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+@dataclass
+class StreamConfig:
+    """One data stream of a stage: micro-batch, accumulation and how often it runs (every N global steps)."""
+
+    micro_batch_size: int = 6
+    gradient_accumulation_steps: int = 20
+    every_n_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal[1, 2] = 1
+    output_dir: str = "outputs/13b_stage1"
+    # Full-model initialisation: stage 2 starts from stage 1's output (a directory or checkpoint file).
+    init_from: str = ""
+    resume: str = ""  # "", "auto" (latest in output_dir) or a checkpoint directory
+    seed: int = 42
+    epochs: int = 5
+    steps_per_epoch: int = 3000
+    # Optimiser: AdamW as upstream's DeepSpeed config.
+    lr: float = 3e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    gradient_clipping: float = 1.0
+    # WarmupDecayLR: linear warm-up to lr over warmup_steps, then linear decay to 0 at the last step.
+    warmup_steps: int = 50
+    warmup_min_lr: float = 0.0
+    # "once": the schedule advances once per optimizer step (correct). "upstream_double": reproduce
+    # upstream's extra manual scheduler.step() per global step (spec §2.5), which ends the LR early.
+    schedule_stepping: Literal["once", "upstream_double"] = "once"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: int = 2
+    streams: dict[str, StreamConfig] = field(
+        default_factory=lambda: {"grounding": StreamConfig(6, 20, 1)}
+    )
+    save_every_steps: int = 50
+    keep_last_checkpoints: int = 2
+    log_dir: str = "runs"
+    print_every_steps: int = 1
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    max_new_tokens: int = 512
+    box_threshold: float = 0.3
+    output_dir: str = "outputs/eval"
+    # RefCOCOg referring: upstream's instruction suffix appended to "What is it <bbox>?".
+    referring_suffix: str = "Please give a brief answer in one sentence less than 10 words."
+    clean_referring_output: bool = False
+    visualize: int = 0  # number of predictions drawn as PNG
+
+
+@dataclass
+class ChatConfig:
+    max_new_tokens: int = 512
+    host: str = "127.0.0.1"
+    port: int = 7860
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+
+
+@dataclass
+class ChatterBoxConfig:
+    name: str = "13b_stage1"
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+
+
+def _resolve_path(path: str | Path) -> Path:
+    """A config file path, or a preset name under configs/ (``tiny_stage1`` -> configs/tiny_stage1.yaml)."""
+    p = Path(path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    candidate = CONFIG_DIR / f"{path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config file {str(path)!r} and no preset of that name; presets: {known}")
+
+
+def load_config(path: str | Path | None = None, overrides=()) -> ChatterBoxConfig:
+    """Load a config file (or preset name) and apply ``key=value`` overrides; strict."""
+    resolved = _resolve_path(path) if path is not None else None
+    return config_schema.load(ChatterBoxConfig, resolved, overrides)
+
+
+def config_to_dict(cfg: ChatterBoxConfig) -> dict:
+    return config_schema.to_dict(cfg)
+
+
+def dump_config(cfg: ChatterBoxConfig, path: str | Path | None = None) -> str:
+    return config_schema.dump_yaml(cfg, path)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--config", default=default, required=default is None,
+                        help="config file or preset name (configs/<name>.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.lr=1e-5 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> ChatterBoxConfig:
+    return load_config(args.config, args.overrides)

@@ -1,0 +1,88 @@
+import pytest
+
+from chatterbox.config import CONFIG_DIR, ChatterBoxConfig, ConfigError, dump_config, load_config
+
+PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*_stage*.yaml"))
+
+
+def test_presets_exist_for_every_size_and_stage():
+    assert {f"{size}_stage{stage}" for size in ("tiny", "7b", "13b") for stage in (1, 2)} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_loads_and_round_trips(name, tmp_path):
+    cfg = load_config(name)
+    path = tmp_path / "resolved.yaml"
+    dump_config(cfg, path)
+    assert load_config(path) == cfg
+    assert cfg.name == name
+
+
+def test_13b_recipe_values_are_upstreams():
+    s1, s2 = load_config("13b_stage1"), load_config("13b_stage2")
+    for cfg in (s1, s2):
+        t = cfg.train
+        assert (t.lr, t.betas, t.weight_decay, t.gradient_clipping) == (3e-5, (0.9, 0.95), 0.0, 1.0)
+        assert (t.epochs, t.steps_per_epoch, t.warmup_steps, t.zero_stage) == (5, 3000, 50, 2)
+        assert cfg.model.language.lora_r == 16 and cfg.model.language.lora_target_modules == ["q_proj", "v_proj"]
+        assert cfg.model.language.hidden_size == 5120 and cfg.model.vision.backbone == "swin_B_384_22k"
+        assert all((s.micro_batch_size, s.gradient_accumulation_steps) == (6, 20) for s in t.streams.values())
+    assert s1.train.stage == 1 and set(s1.train.streams) == {"grounding"}
+    assert s2.train.stage == 2
+    assert {k: v.every_n_steps for k, v in s2.train.streams.items()} == {"referring": 10, "grounding": 1, "vqa": 5}
+    assert s2.train.init_from == s1.train.output_dir
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config("tiny_stage1", ["train.lr=1e-4", "train.betas=[0.8, 0.9]", "model.language.lora_r=4",
+                                      "train.precision=fp32", "data.bad_record_policy=skip-and-count"])
+    assert cfg.train.lr == 1e-4 and cfg.train.betas == (0.8, 0.9)
+    assert cfg.model.language.lora_r == 4 and cfg.train.precision == "fp32"
+    assert cfg.data.bad_record_policy == "skip-and-count"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", r"unknown config key 'train.lrr'.*did you mean 'lr'"),
+        ("modle.language.lora_r=4", r"did you mean 'model'"),
+        ("model.language.lora_r=four", r"model.language.lora_r: expected an integer"),
+        ("train.precision=fp8", r"train.precision: 'fp8' is not one of"),
+        ("train.betas=[0.9]", r"train.betas: expected 2 items"),
+        ("model.vision.two_stage_type=none", r"two_stage_type"),
+        ("train.lr", r"must look like key.path=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_stage1", [override])
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {CONFIG_DIR / 'tiny_stage1.yaml'}\ntrain:\n  warmup_step: 3\n")
+    with pytest.raises(ConfigError, match=r"'train.warmup_step'.*did you mean 'warmup_steps'"):
+        load_config(bad)
+
+
+def test_wrong_type_in_file_is_an_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match=r"train.epochs: expected an integer, got 'many'"):
+        load_config(bad)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no preset of that name"):
+        load_config("tiny_stage9")
+
+
+def test_7b_stage2_keeps_the_7b_model_and_stage2_streams():
+    cfg = load_config("7b_stage2")
+    assert cfg.model.language.hidden_size == 4096 and cfg.model.language.num_hidden_layers == 32
+    assert cfg.train.stage == 2 and set(cfg.train.streams) == {"referring", "grounding", "vqa"}
+    assert cfg.train.init_from == load_config("7b_stage1").train.output_dir
