@@ -1,0 +1,69 @@
+"""Process-group set-up for one process (CPU or GPU) or a `deepspeed`/`torchrun` launch."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"config asks for device {name!r} but no CUDA GPU is visible")
+    return device
+
+
+def init_distributed(device_name: str = "auto") -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed: NCCL on GPUs, gloo on a CPU.
+
+    A plain `python` process gets single-process defaults (otherwise DeepSpeed falls back to MPI
+    discovery). On a CPU DeepSpeed's shared-memory all-reduce op is not built: it needs a C++ JIT
+    build (about a minute) and only speeds up multi-process CPU runs, which use gloo here.
+    """
+    device = resolve_device(device_name)
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    import deepspeed
+    import deepspeed.ops
+
+    if device.type == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,127 @@
+"""Checkpointing through the real DeepSpeed engine on a CPU (gloo), with a small model."""
+import shutil
+
+import pytest
+import torch
+
+from chatterbox.config import StreamConfig, TrainConfig
+from chatterbox.train import checkpoint as ckpt
+from chatterbox.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from chatterbox.train.distributed import init_distributed
+from chatterbox.train.engine import build_engine, deepspeed_config, total_optimizer_steps
+
+
+@pytest.fixture(scope="module")
+def dist():
+    return init_distributed("cpu")
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.frozen = torch.nn.Linear(8, 16)
+        self.frozen.requires_grad_(False)
+        self.head = torch.nn.Linear(16, 1)
+        self.drop = torch.nn.Dropout(0.2)  # consumes RNG: resume must restore it
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.frozen(x)))).pow(2).mean()
+
+
+def train_config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), epochs=1, steps_per_epoch=10, lr=1e-2, warmup_steps=2,
+                precision="fp32", streams={"grounding": StreamConfig(2, 2, 1)}, keep_last_checkpoints=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run(engine, steps, start=0, data_seed=123):
+    losses = []
+    for step in range(start, steps):
+        g = torch.Generator().manual_seed(data_seed + step)
+        for _ in range(engine.gradient_accumulation_steps()):
+            loss = engine(torch.randn(2, 8, generator=g))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    return losses
+
+
+def test_deepspeed_config_matches_upstream_recipe():
+    cfg = deepspeed_config(TrainConfig(), StreamConfig(), world_size=8)
+    assert cfg["train_batch_size"] == 6 * 20 * 8 and cfg["gradient_clipping"] == 1.0
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    stage2 = TrainConfig(epochs=1, steps_per_epoch=100, streams={
+        "referring": StreamConfig(every_n_steps=10), "grounding": StreamConfig(), "vqa": StreamConfig(every_n_steps=5)})
+    assert total_optimizer_steps(stage2) == 10 + 100 + 20
+    assert total_optimizer_steps(TrainConfig(epochs=1, steps_per_epoch=100, schedule_stepping="upstream_double",
+                                             streams=stage2.streams)) == 100
+
+
+def test_save_resume_reproduces_losses_and_only_trainable_weights_are_stored(dist, tmp_path):
+    cfg = train_config(tmp_path / "a")
+    torch.manual_seed(7)
+    engine, _, sched = build_engine(Toy(), cfg, dist.world_size)
+    reference = run(engine, 6)
+
+    cfg_b = train_config(tmp_path / "b")
+    torch.manual_seed(7)
+    engine_b, _, _ = build_engine(Toy(), cfg_b, dist.world_size)
+    manager = CheckpointManager(cfg_b.output_dir, keep_last=2)
+    first = run(engine_b, 3)
+    manager.save(engine_b, 3, {"step": 3, "rng": rng_state()})
+    assert manager.latest() == "step_00000003"
+    module_file = manager.root / "step_00000003" / "mp_rank_00_model_states.pt"
+    saved = torch.load(module_file, weights_only=False)["module"]
+    assert set(saved) == {"head.weight", "head.bias"}  # frozen weights are not duplicated
+
+    torch.manual_seed(999)  # a fresh process would start from another RNG state
+    engine_c, _, sched_c = build_engine(Toy(), cfg_b, dist.world_size)
+    state = manager.load(engine_c, manager.resolve("auto"))
+    set_rng_state(state["rng"])
+    rest = run(engine_c, 6, start=state["step"])
+    assert first + rest == reference
+    assert sched_c.get_last_lr() == sched.get_last_lr()
+
+
+def test_crash_during_save_leaves_previous_checkpoint(dist, tmp_path, monkeypatch):
+    cfg = train_config(tmp_path)
+    engine, _, _ = build_engine(Toy(), cfg, dist.world_size)
+    manager = CheckpointManager(cfg.output_dir, keep_last=2)
+    run(engine, 1)
+    manager.save(engine, 1, {"step": 1})
+    before = sorted(p.name for p in (manager.root / "step_00000001").iterdir())
+
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        if "trainer_state" in str(f):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    run(engine, 2, start=1)
+    with pytest.raises(OSError, match="simulated"):
+        manager.save(engine, 2, {"step": 2})
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert manager.latest() == "step_00000001" and manager.tags() == ["step_00000001"]
+    assert sorted(p.name for p in (manager.root / "step_00000001").iterdir()) == before
+    # The next save cleans the staging leftovers and succeeds; keep-last-2 prunes the oldest.
+    manager.save(engine, 2, {"step": 2})
+    manager.save(engine, 3, {"step": 3})
+    assert manager.tags() == ["step_00000002", "step_00000003"] and manager.latest() == "step_00000003"
+    assert not any(p.name.startswith(".staging") for p in manager.root.iterdir())
+
+
+def test_bad_resume_requests_are_clear(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    assert manager.resolve("") is None and manager.resolve("auto") is None
+    with pytest.raises(CheckpointError, match="no checkpoint 'step_00000009'"):
+        manager.resolve("step_00000009")
+    (manager.root / "latest").write_text("step_00000004")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        manager.latest()
+    (manager.root / "step_00000004").mkdir()
+    with pytest.raises(CheckpointError, match="trainer_state_rank0.pt"):
+        manager.load(None, "step_00000004")
