@@ -1,0 +1,398 @@
+"""ChatterBox: the composition users import (``from chatterbox import ChatterBox``), spec §1.
+
+    model = ChatterBox.build(cfg.model, dtype=torch.bfloat16)      # base weights from local paths / random
+    out = model(**batch)                                            # dict(lm_loss, grounding_loss, loss, ...)
+    results = model.generate(input_ids, attention_mask, images_clip=..., images_dino=..., image_sizes=...)
+    model.save_pretrained("export/"); model = ChatterBox.from_pretrained("export/")
+
+Sub-modules: ``clip_tower`` (frozen CLIP ViT), ``language_model`` (LLaVA LLaMA, peft LoRA-wrapped),
+``region_encoder`` (`<bbox>` vectors), ``query_head`` (`[VG]` queries), ``vision_branch`` (GroundingDINO)
+and ``grounding_criterion``. The batch layout is the collate's (docs/model.md).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chatterbox.conversation import IGNORE_INDEX
+from chatterbox.model.clip_tower import ClipFeatures, ClipTower
+from chatterbox.model.config import ModelConfig
+from chatterbox.model.llava_llama import (LlavaLlamaForCausalLM, check_image_layout, inject_region_features,
+                                          splice_image_features)
+from chatterbox.model.lora import apply_trainable_policy, parameter_table
+from chatterbox.model.query_head import QueryHead, positions_before_token
+from chatterbox.model.region_encoder import RegionEncoder
+from chatterbox.tokens import SpecialTokenIds, special_token_ids
+from model.GroundingDINO import GroundingCriterion, VisionBranch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    """One generated reply. Boxes have one row per `[VG]` (prompt ones first, then generated ones)."""
+
+    token_ids: list[int]
+    text: str
+    boxes_xyxy_abs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4))  # original-image pixels
+    boxes_cxcywh_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4))
+    scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    vg_in_prompt: int = 0  # how many of the boxes answer a `[VG]` of the prompt
+
+
+def _where(sample_ids: Sequence[str] | None, row: int) -> str:
+    return f"sample {sample_ids[row]!r} (batch row {row})" if sample_ids is not None else f"batch row {row}"
+
+
+class ChatterBox(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokenizer, language_model: nn.Module, clip_tower: ClipTower,
+                 vision_branch: VisionBranch):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.token_ids: SpecialTokenIds = special_token_ids(tokenizer)
+        self.clip_tower = clip_tower
+        self.language_model = language_model
+        hidden = self.causal_lm.config.hidden_size
+        if self.causal_lm.config.mm_hidden_size != clip_tower.hidden_size:
+            raise ValueError(f"mm_projector expects {self.causal_lm.config.mm_hidden_size}-d CLIP features, "
+                             f"the CLIP tower gives {clip_tower.hidden_size}")
+        self.region_encoder = RegionEncoder(cfg.region_encoder, clip_tower.hidden_size, cfg.clip.image_size, hidden)
+        if cfg.query_head.out_dim != vision_branch.cfg.hidden_dim:
+            raise ValueError(f"query_head.out_dim={cfg.query_head.out_dim} must equal the vision branch "
+                             f"hidden_dim={vision_branch.cfg.hidden_dim}")
+        self.query_head = QueryHead(cfg.query_head, hidden)
+        self.vision_branch = vision_branch
+        self.grounding_criterion = GroundingCriterion(vision_branch.cfg)
+        if cfg.keep_unused_upstream_heads:
+            # Dead in upstream too (spec §1.4); present only so its checkpoints round-trip.
+            self.tgt_align = nn.Linear(cfg.query_head.out_dim, cfg.query_head.out_dim)
+            self.refpoint_align = nn.Linear(cfg.query_head.out_dim, 4)
+        apply_trainable_policy(self, train_vision_backbone=not vision_branch.cfg.freeze_backbone)
+
+    # ------------------------------------------------------------------------------------------------
+    # construction
+    @classmethod
+    def build(cls, cfg: ModelConfig, tokenizer=None, dtype: torch.dtype | None = None,
+              device: str | torch.device | None = None, verbose: bool = True) -> "ChatterBox":
+        """Build from a config: base weights from the configured local paths, random where a path is empty."""
+        from chatterbox.model import weights
+
+        model = weights.build_model(cfg, tokenizer=tokenizer)
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        if verbose:
+            logger.info("ChatterBox parameters:\n%s", model.parameter_table())
+        return model
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> "ChatterBox":
+        """Load an export written by :meth:`save_pretrained` (base weights re-read from their paths)."""
+        from chatterbox.model import weights
+
+        model = weights.load_pretrained(directory)
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        return model
+
+    def save_pretrained(self, directory: str | Path, merge_lora: bool = False) -> Path:
+        """Write config + tokenizer + trainable weights (safetensors) + references to the base weights.
+
+        ``merge_lora=True`` writes a self-contained export instead: LoRA folded into the LLM weights and
+        every weight (except CLIP when it comes from a path) saved.
+        """
+        from chatterbox.model import weights
+
+        return weights.save_pretrained(self, directory, merge_lora=merge_lora)
+
+    @property
+    def causal_lm(self) -> LlavaLlamaForCausalLM:
+        """The LlavaLlamaForCausalLM inside the peft wrapper (LoRA layers are injected in place)."""
+        lm = self.language_model
+        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+    def parameter_table(self) -> str:
+        return parameter_table(self)
+
+    def print_trainable_parameters(self) -> None:
+        print(self.parameter_table())
+
+    # ------------------------------------------------------------------------------------------------
+    # inputs
+    @staticmethod
+    def _row_to_image(offset: torch.Tensor | None, num_rows: int, num_images: int) -> torch.Tensor:
+        if offset is None:
+            if num_images != num_rows:
+                raise ValueError(f"{num_images} images for {num_rows} rows: pass `offset`")
+            return torch.arange(num_rows)
+        offset = torch.as_tensor(offset).cpu().long()
+        if (offset.dim() != 1 or offset.numel() != num_images + 1 or int(offset[0]) != 0
+                or int(offset[-1]) != num_rows or bool((offset[1:] < offset[:-1]).any())):
+            raise ValueError(f"offset {offset.tolist()} is not a non-decreasing [0..{num_rows}] vector of "
+                             f"{num_images + 1} entries")
+        return torch.repeat_interleave(torch.arange(num_images), offset[1:] - offset[:-1])
+
+    def build_inputs_embeds(self, input_ids: torch.Tensor, images_clip: torch.Tensor | None = None,
+                            offset: torch.Tensor | None = None, region_boxes: Sequence | None = None,
+                            sample_ids: Sequence[str] | None = None) -> torch.Tensor:
+        """Token embeddings with image features at `<im_patch>` and region vectors at `<bbox>` positions."""
+        ids = self.token_ids
+        embed = self.causal_lm.get_input_embeddings()
+        inputs_embeds = embed(input_ids)
+        images_per_row = check_image_layout(input_ids, ids, self.clip_tower.num_patches, sample_ids)
+        bbox_counts = (input_ids == ids.bbox).sum(dim=1).tolist()
+        if region_boxes is not None and len(region_boxes) != input_ids.shape[0]:
+            raise ValueError(f"region_boxes has {len(region_boxes)} entries for {input_ids.shape[0]} rows")
+        for row, count in enumerate(bbox_counts):
+            given = 0 if region_boxes is None or region_boxes[row] is None else int(len(region_boxes[row]))
+            if count != given:
+                raise ValueError(f"{_where(sample_ids, row)}: {count} <bbox> tokens but {given} region boxes")
+        if images_clip is None:
+            if int(images_per_row.sum()) or sum(bbox_counts):
+                raise ValueError("the prompt has image or <bbox> tokens but no images_clip were given")
+            return inputs_embeds
+        row_to_image = self._row_to_image(offset, input_ids.shape[0], images_clip.shape[0])
+        rows_with_image = images_per_row.nonzero(as_tuple=True)[0]
+        needs_regions = sum(bbox_counts) > 0
+        if rows_with_image.numel() == 0 and not needs_regions:
+            return inputs_embeds
+        features = self.clip_tower(images_clip)
+        if rows_with_image.numel():
+            projector = self.causal_lm.model.mm_projector
+            image_embeds = projector(features.image_tokens.to(projector.weight.dtype))
+            image_embeds = image_embeds[row_to_image[rows_with_image].to(image_embeds.device)]
+            inputs_embeds = splice_image_features(inputs_embeds, input_ids, ids.im_patch, image_embeds,
+                                                  rows_with_image.to(input_ids.device))
+        if needs_regions:
+            inputs_embeds = inject_region_features(
+                inputs_embeds, input_ids, ids.bbox, self._region_vectors(features, region_boxes, row_to_image))
+        return inputs_embeds
+
+    def _region_vectors(self, features: ClipFeatures, region_boxes: Sequence, row_to_image: torch.Tensor):
+        rows = [r for r, boxes in enumerate(region_boxes) if boxes is not None and len(boxes)]
+        boxes = torch.cat([torch.as_tensor(region_boxes[r]).reshape(-1, 4) for r in rows])
+        box_rows = torch.cat([torch.full((len(region_boxes[r]),), r) for r in rows])
+        box_images = row_to_image[box_rows]
+        used_images, box_image_index = torch.unique(box_images, return_inverse=True)
+        device = features.image_tokens.device
+        levels = [level.index_select(0, used_images.to(device)) for level in features.region_levels]
+        return self.region_encoder(levels, boxes.to(device), box_image_index.to(device))
+
+    # ------------------------------------------------------------------------------------------------
+    # training forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, images_clip: torch.Tensor | None = None,
+                images_dino: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                image_sizes: torch.Tensor | None = None, region_boxes: Sequence | None = None,
+                grounding_targets: Sequence | None = None, task: Sequence[str] | None = None,
+                sample_ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Training/validation forward on a collated batch (docs/model.md "batch contract").
+
+        Returns ``lm_loss``, ``grounding_loss``, ``loss = lm_loss + grounding_loss`` (spec §2.6) and every
+        named grounding term (``loss_ce``, ``loss_bbox_0``, ...; detached, for logging). With
+        ``cfg.zero_lm_loss_on_grounding`` the LM loss of a batch with grounding targets is multiplied by 0.
+        """
+        inputs_embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes, sample_ids)
+        hidden = self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      use_cache=False).last_hidden_state
+        result: dict[str, torch.Tensor] = {}
+        lm_loss = self._lm_loss(hidden, labels) if labels is not None else hidden.sum() * 0.0
+
+        grounding = self._grounding_losses(hidden, input_ids, images_dino, offset, grounding_targets, sample_ids)
+        has_targets = grounding.pop("_has_targets")
+        grounding_loss = grounding.pop("loss")
+        if has_targets and self.cfg.zero_lm_loss_on_grounding:
+            lm_loss = lm_loss * 0.0
+        result["lm_loss"] = lm_loss
+        result["grounding_loss"] = grounding_loss
+        result["loss"] = lm_loss + grounding_loss.to(lm_loss.dtype)
+        result.update({name: value.detach() for name, value in grounding.items()})
+        return result
+
+    def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Shifted token cross-entropy, mean over supervised (!= IGNORE_INDEX) targets, in fp32."""
+        logits = self.causal_lm.lm_head(hidden[:, :-1])
+        targets = labels[:, 1:].to(logits.device)
+        if not bool((targets != IGNORE_INDEX).any()):
+            return logits.sum() * 0.0  # nothing supervised: a zero that keeps the graph
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
+    def _grounding_losses(self, hidden, input_ids, images_dino, offset, grounding_targets, sample_ids) -> dict:
+        rows, cols = positions_before_token(input_ids, self.token_ids.vg)
+        target_boxes, query_rows, query_cols = [], [], []
+        if grounding_targets is not None:
+            if len(grounding_targets) != input_ids.shape[0]:
+                raise ValueError(f"grounding_targets has {len(grounding_targets)} entries for "
+                                 f"{input_ids.shape[0]} rows")
+            rows_l, cols_l = rows.tolist(), cols.tolist()
+            for row, targets in enumerate(grounding_targets):
+                if not targets:
+                    continue
+                row_cols = [c for r, c in zip(rows_l, cols_l) if r == row]
+                if len(row_cols) != len(targets):
+                    raise ValueError(f"{_where(sample_ids, row)}: {len(row_cols)} [VG] tokens but "
+                                     f"{len(targets)} grounding targets")
+                for col, boxes in zip(row_cols, targets):
+                    boxes = torch.as_tensor(boxes)
+                    if boxes.dim() != 2 or boxes.shape[-1] != 4 or boxes.shape[0] < 1:
+                        raise ValueError(f"{_where(sample_ids, row)}: grounding target must be [k>=1,4] "
+                                         f"cxcywh normalised, got {tuple(boxes.shape)}")
+                    query_rows.append(row)
+                    query_cols.append(col)
+                    target_boxes.append(boxes.to(hidden.device, torch.float32))
+        outputs = None
+        if target_boxes:
+            if images_dino is None:
+                raise ValueError("the batch has grounding targets but no images_dino")
+            row_to_image = self._row_to_image(offset, input_ids.shape[0], images_dino.shape[0])
+            queries = self.query_head(hidden[torch.tensor(query_rows), torch.tensor(query_cols)])
+            query_images = row_to_image[torch.tensor(query_rows)]
+            used_images, query_image_index = torch.unique(query_images, return_inverse=True)
+            vision_dtype = next(self.vision_branch.input_proj.parameters()).dtype
+            features = self.vision_branch.forward_backbone(
+                images_dino.index_select(0, used_images.to(images_dino.device)).to(vision_dtype))
+            outputs = self.vision_branch.forward_enc_dec(features, queries.to(vision_dtype),
+                                                         query_image_index.to(hidden.device))
+        # Called on every batch so that its cross-rank collective never desynchronises (spec §5.2.23).
+        losses = self.grounding_criterion(outputs, target_boxes, device=hidden.device)
+        losses["_has_targets"] = bool(target_boxes)
+        return losses
+
+    # ------------------------------------------------------------------------------------------------
+    # generation
+    def _next_token_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        logits = self.causal_lm.lm_head(hidden_last).float()
+        # Image/region placeholders need external inputs and are never generated.
+        ids = self.token_ids
+        logits[:, [ids.im_patch, ids.im_start, ids.im_end, ids.bbox]] = float("-inf")
+        return logits
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+              generator: torch.Generator | None) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 images_clip: torch.Tensor | None = None, images_dino: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                 region_boxes: Sequence | None = None, sample_ids: Sequence[str] | None = None,
+                 max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, use_cache: bool = True, box_threshold: float | None = None,
+                 generator: torch.Generator | None = None, **_ignored) -> list[GenerationResult]:
+        """Generate replies for right-padded prompts; boxes for every `[VG]` in prompt or reply.
+
+        Regions are injected in the prefill; the query of a prompt `[VG]` is read from the prefill hidden
+        states, that of a generated `[VG]` from the hidden state of the step that produced it. With
+        ``use_cache=False`` every step re-runs the whole sequence (for testing equivalence).
+        ``image_sizes`` [I,2] (height, width) of the original images map boxes to pixels.
+        """
+        self.eval()
+        batch, length = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lengths = attention_mask.sum(dim=1)
+        embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes, sample_ids)
+        # Right padding -> left padding so that new tokens append at one column for every row.
+        shift = (length - lengths).to(device)
+        source = (torch.arange(length, device=device)[None, :] - shift[:, None]) % length
+        embeds = embeds.gather(1, source[:, :, None].expand_as(embeds))
+        mask = attention_mask.gather(1, source).to(device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+        inner = self.causal_lm.model
+        cache = None
+        if use_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.causal_lm.config)
+        hidden = inner(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                       past_key_values=cache, use_cache=use_cache).last_hidden_state
+
+        # Queries of the prompt's [VG] tokens: hidden state of the preceding token (left-padded column).
+        vg_rows, vg_cols = positions_before_token(input_ids, self.token_ids.vg)
+        query_hidden: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        for r, c in zip(vg_rows.tolist(), vg_cols.tolist()):
+            query_hidden[r].append(hidden[r, c + int(shift[r])])
+        vg_in_prompt = [len(q) for q in query_hidden]
+
+        eos = self.token_ids.eos
+        generated = [[] for _ in range(batch)]
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        embed = self.causal_lm.get_input_embeddings()
+        all_embeds, all_mask, all_positions = embeds, mask, positions
+        last_hidden = hidden[:, -1]
+        for step in range(max_new_tokens):
+            next_tokens = self._pick(self._next_token_logits(last_hidden), do_sample, temperature, top_p, generator)
+            next_tokens = torch.where(finished, torch.full_like(next_tokens, self.token_ids.pad), next_tokens)
+            for r, tok in enumerate(next_tokens.tolist()):
+                if finished[r]:
+                    continue
+                if tok == eos:
+                    finished[r] = True
+                    continue
+                generated[r].append(tok)
+                if tok == self.token_ids.vg:
+                    query_hidden[r].append(last_hidden[r])
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            new_embeds = embed(next_tokens[:, None])
+            new_positions = all_positions[:, -1:] + 1
+            all_mask = torch.cat([all_mask, torch.ones_like(all_mask[:, :1])], dim=1)
+            if use_cache:
+                out = inner(inputs_embeds=new_embeds, attention_mask=all_mask, position_ids=new_positions,
+                            past_key_values=cache, use_cache=True).last_hidden_state
+            else:
+                all_embeds = torch.cat([all_embeds, new_embeds], dim=1)
+                out = inner(inputs_embeds=all_embeds, attention_mask=all_mask,
+                            position_ids=torch.cat([all_positions, new_positions], dim=1),
+                            use_cache=False).last_hidden_state
+            all_positions = torch.cat([all_positions, new_positions], dim=1)
+            last_hidden = out[:, -1]
+
+        results = [GenerationResult(token_ids=generated[r], text=self.tokenizer.decode(generated[r]),
+                                    vg_in_prompt=vg_in_prompt[r]) for r in range(batch)]
+        self._attach_boxes(results, query_hidden, images_dino, offset, image_sizes, box_threshold)
+        return results
+
+    def _attach_boxes(self, results, query_hidden, images_dino, offset, image_sizes, box_threshold) -> None:
+        query_rows = [r for r, qs in enumerate(query_hidden) for _ in qs]
+        if not query_rows:
+            return
+        if images_dino is None or image_sizes is None:
+            raise ValueError("the prompt or reply has [VG] tokens: pass images_dino and image_sizes to get boxes")
+        row_to_image = self._row_to_image(offset, len(results), images_dino.shape[0])
+        query_images = row_to_image[torch.tensor(query_rows)]
+        used_images, query_image_index = torch.unique(query_images, return_inverse=True)
+        queries = self.query_head(torch.stack([h for qs in query_hidden for h in qs]))
+        vision_dtype = next(self.vision_branch.input_proj.parameters()).dtype
+        features = self.vision_branch.forward_backbone(
+            images_dino.index_select(0, used_images.to(images_dino.device)).to(vision_dtype))
+        outputs = self.vision_branch.forward_enc_dec(features, queries.to(vision_dtype),
+                                                     query_image_index.to(queries.device))
+        sizes_hw = torch.as_tensor(image_sizes).reshape(-1, 2)[query_images]
+        best = self.vision_branch.predict_boxes(outputs, sizes_hw.flip(-1), box_threshold)
+        start = 0
+        for r, qs in enumerate(query_hidden):
+            end = start + len(qs)
+            results[r].boxes_xyxy_abs = best.boxes_xyxy_abs[start:end].float().cpu()
+            results[r].boxes_cxcywh_norm = best.boxes_cxcywh_norm[start:end].float().cpu()
+            results[r].scores = best.scores[start:end].float().cpu()
+            start = end

@@ -1,0 +1,184 @@
+"""Weights: upstream checkpoint import, save_pretrained/from_pretrained, 13B parameter counts."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatterbox.model.chatterbox import ChatterBox
+from chatterbox.model.presets import count_parameters, preset
+from chatterbox.model.weights import WeightsError, load_upstream_checkpoint, ours_to_upstream, upstream_to_ours
+from tests.test_model_chatterbox import build_tiny, make_batch
+
+MANIFEST = Path("/work/shared/spec/checkpoints/chatterbox_full_state_dict.json")
+if not MANIFEST.is_file():
+    MANIFEST = Path(__file__).resolve().parent / "data" / "chatterbox_full_state_dict.json"
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\.\d+(?=\.)", ".N", name)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    from chatterbox.tokens import load_tokenizer
+
+    return load_tokenizer(str(tiny_tokenizer_dir))
+
+
+def upstream_state_dict(model: ChatterBox) -> dict[str, torch.Tensor]:
+    """Our tiny model's weights under upstream's names (+ the rotary buffers upstream stored), random values."""
+    g = torch.Generator().manual_seed(3)
+    state, by_storage = {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.startswith("clip_tower."):
+            continue
+        if id(tensor) not in by_storage:  # shared tensors (the vision box head) get one value, as in a real file
+            by_storage[id(tensor)] = (torch.randn(tensor.shape, generator=g).to(tensor.dtype)
+                                      if tensor.is_floating_point() else tensor.detach().clone())
+        state[ours_to_upstream(name)] = by_storage[id(tensor)].clone()
+    for layer in range(model.causal_lm.config.num_hidden_layers):
+        state[f"lm.base_model.model.model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    state["tgt_align.weight"] = torch.zeros(256, 256)
+    state["refpoint_align.bias"] = torch.zeros(4)
+    return state
+
+
+@pytest.mark.skipif(not MANIFEST.is_file(), reason="checkpoint manifest not available")
+def test_upstream_names_match_the_manifest_and_every_key_lands(tokenizer):
+    manifest = json.loads(MANIFEST.read_text())
+    manifest_patterns = {_pattern(k) for k in list(manifest["params"]) + list(manifest["buffers"])}
+    source = build_tiny(tokenizer)
+    state = upstream_state_dict(source)
+    our_patterns = {_pattern(k) for k in state}
+    # Every name we produce is a name upstream uses, and every kind of upstream key has a place here
+    # (tgt_align/refpoint_align: dead upstream heads, skipped on purpose).
+    assert our_patterns - manifest_patterns == set()
+    dead = {p for p in manifest_patterns if p.startswith(("tgt_align.", "refpoint_align."))}
+    assert manifest_patterns - our_patterns - dead == set()
+
+    target = build_tiny(tokenizer)
+    report = load_upstream_checkpoint(target, state)
+    assert report.missing == [] and report.unexpected == []
+    assert len(report.loaded) == len([k for k in target.state_dict() if not k.startswith("clip_tower.")])
+    assert all("inv_freq" in k or k.startswith(("tgt_align", "refpoint_align")) for k in report.skipped)
+    loaded = target.state_dict()
+    for upstream_name, value in state.items():
+        ours = upstream_to_ours(upstream_name, ["q_proj", "v_proj"])
+        if ours in loaded:
+            assert torch.equal(loaded[ours], value), upstream_name
+
+    missing_one = dict(state)
+    del missing_one["spi_module.roi_align.updims.weight"]
+    with pytest.raises(WeightsError, match=r"missing 1 keys \(region_encoder\.output_projection\.weight\)"):
+        load_upstream_checkpoint(target, missing_one)
+    extra = {**state, "spi_module.roi_align.extra.weight": torch.zeros(1)}
+    with pytest.raises(WeightsError, match=r"unexpected 1 keys \(spi_module\.roi_align\.extra\.weight\)"):
+        load_upstream_checkpoint(target, extra)
+    report = load_upstream_checkpoint(target, extra, strict=False)
+    assert report.unexpected == ["spi_module.roi_align.extra.weight"]
+    alias = "visual_grounding_model.bbox_embed.1.layers.0.bias"
+    with pytest.raises(WeightsError, match="shared"):
+        load_upstream_checkpoint(target, {**state, alias: state[alias] + 1})
+    bad_shape = {**state, "text_hidden_fcs.0.2.bias": torch.zeros(3)}
+    with pytest.raises(WeightsError, match="text_hidden_fcs.0.2.bias"):
+        load_upstream_checkpoint(target, bad_shape, strict=False)
+
+
+def _outputs(model, tokenizer):
+    batch = make_batch(tokenizer)
+    model.eval()
+    with torch.no_grad():
+        model.cfg.zero_lm_loss_on_grounding = False
+        out = model(**batch)
+        hidden = model.build_inputs_embeds(batch["input_ids"], batch["images_clip"], batch["offset"],
+                                           batch["region_boxes"])
+    return out, hidden
+
+
+def test_save_pretrained_round_trip_is_bit_exact(tokenizer, tmp_path):
+    model = build_tiny(tokenizer)
+    with torch.no_grad():  # make LoRA non-trivial so that it matters
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(std=0.05)
+    expected, expected_embeds = _outputs(model, tokenizer)
+    model.save_pretrained(tmp_path / "export")
+    files = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert {"config.yaml", "export.json", "tokenizer", "trainable.safetensors", "base.safetensors"} <= set(files)
+    loaded = ChatterBox.from_pretrained(tmp_path / "export")
+    got, got_embeds = _outputs(loaded, tokenizer)
+    assert torch.equal(got_embeds, expected_embeds)
+    for key in ("lm_loss", "grounding_loss", "loss", "loss_ce", "loss_bbox"):
+        assert torch.equal(got[key], expected[key]), key
+
+    merged_dir = model.save_pretrained(tmp_path / "merged", merge_lora=True)
+    merged = ChatterBox.from_pretrained(merged_dir)
+    assert merged.cfg.language.lora_r == 0
+    assert not any(".lora_" in n for n, _ in merged.named_parameters())
+    got_merged, _ = _outputs(merged, tokenizer)
+    torch.testing.assert_close(got_merged["lm_loss"], expected["lm_loss"], rtol=1e-4, atol=1e-5)
+
+
+def test_trainable_export_references_base_weights(tokenizer, tmp_path):
+    model = build_tiny(tokenizer)
+    model.cfg.clip.clip_path = "/models/clip-vit-large-patch14"  # referenced, so CLIP is not written
+    model.save_pretrained(tmp_path / "export")
+    meta = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert meta["base_weights"]["clip"] == "/models/clip-vit-large-patch14"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "export" / "base.safetensors"), "pt") as f:
+        assert not any(k.startswith("clip_tower.") for k in f.keys())
+    with safe_open(str(tmp_path / "export" / "trainable.safetensors"), "pt") as f:
+        names = set(f.keys())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable <= names and not any(k.startswith("clip_tower.") for k in names)
+
+
+def test_13b_parameter_counts_on_meta_device():
+    counts = count_parameters(preset("13b"))
+    assert counts["llm"] == 13_021_112_320
+    assert counts["mm_projector"] == 5_248_000
+    assert counts["clip"] == 303_179_776
+    assert counts["region_encoder"] == 300_192_512
+    assert counts["query_head"] == 27_530_496
+    assert counts["vision_branch"] == 123_224_704
+    assert counts["vision_backbone"] == 86_880_120
+
+
+def test_llava_folder_and_clip_folder_load(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from chatterbox.model.clip_tower import clip_vision_config
+    from chatterbox.model.llava_llama import LlavaLlamaForCausalLM, llama_config
+    from chatterbox.model.weights import load_clip_vision, load_llava_llama
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    lm = LlavaLlamaForCausalLM(llama_config(cfg.language, mm_hidden_size=cfg.clip.hidden_size))
+    folder = tmp_path / "llava"
+    folder.mkdir()
+    state = dict(lm.state_dict())
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # stored by transformers 4.31
+    torch.save(state, folder / "pytorch_model.bin")
+    config = {**lm.config.to_dict(), "model_type": "llava", "mm_use_im_start_end": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = load_llava_llama(folder)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, lm(input_ids=ids).logits)
+    assert torch.equal(loaded.model.mm_projector.weight, lm.model.mm_projector.weight)
+    state["model.extra.weight"] = torch.zeros(1)
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match="model.extra.weight"):
+        load_llava_llama(folder)
+
+    vision = clip_vision_config(cfg.clip).to_dict()
+    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config={"hidden_size": 16, "intermediate_size": 32,
+                                                                   "num_hidden_layers": 1, "num_attention_heads": 2}))
+    clip.save_pretrained(tmp_path / "clip")
+    tower = load_clip_vision(tmp_path / "clip")
+    assert torch.equal(tower.embeddings.patch_embedding.weight, clip.vision_model.embeddings.patch_embedding.weight)
