@@ -399,12 +399,7 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return result
 
 
-def load_pretrained(directory: str | os.PathLike):
-    from safetensors.torch import load_file
-
-    from chatterbox.tokens import load_tokenizer
-
-    folder = Path(directory)
+def _read_export(folder: Path) -> tuple[dict, ModelConfig]:
     meta_path = folder / "export.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: no export.json (not a ChatterBox.save_pretrained directory)")
@@ -412,17 +407,40 @@ def load_pretrained(directory: str | os.PathLike):
     if meta.get("format") != EXPORT_FORMAT:
         raise WeightsError(f"{meta_path}: export format {meta.get('format')!r}, expected {EXPORT_FORMAT}")
     cfg = config_schema.from_dict(ModelConfig, yaml.safe_load((folder / "config.yaml").read_text()))
-    tokenizer = load_tokenizer(str(folder / "tokenizer"), cfg.language.model_max_length)
-    model = build_model(cfg, tokenizer)
+    return meta, cfg
+
+
+def load_export_weights(model, directory: str | os.PathLike) -> None:
+    """Load an export's tensors into an already built model (every exported tensor must fit it).
+
+    Used by stage 2, which builds its model from its own config and starts from stage 1's weights.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(directory)
+    meta, _ = _read_export(folder)
     expected = model.state_dict()
     provided: dict[str, torch.Tensor] = {}
     for file_name in meta["files"]:
         provided.update(load_file(str(folder / file_name)))
     unexpected = set(provided) - set(expected)
-    paths = _source_paths(cfg)
+    paths = _source_paths(model.cfg)
     missing = {k for k in expected if k not in provided and not paths[_base_source(k)]}
     if unexpected or missing:
-        raise WeightsError(f"{folder}: export does not fit the model built from its config.yaml: missing "
-                           f"{_names(missing)}; unexpected {_names(unexpected)}")
+        raise WeightsError(f"{folder}: export does not fit the model: missing {_names(missing)}; "
+                           f"unexpected {_names(unexpected)}")
+    mismatched = {k for k, v in provided.items() if v.shape != expected[k].shape}
+    if mismatched:
+        raise WeightsError(f"{folder}: shape mismatch for {_names(mismatched)}")
     model.load_state_dict(provided, strict=False)
+
+
+def load_pretrained(directory: str | os.PathLike):
+    from chatterbox.tokens import load_tokenizer
+
+    folder = Path(directory)
+    _, cfg = _read_export(folder)
+    tokenizer = load_tokenizer(str(folder / "tokenizer"), cfg.language.model_max_length)
+    model = build_model(cfg, tokenizer)
+    load_export_weights(model, folder)
     return model

@@ -1,0 +1,71 @@
+"""Launch a training stage: in this process (CPU, or one GPU) or through the `deepspeed` launcher.
+
+    python startup_stage1.py --config configs/13b_stage1.yaml --gpus 8
+    python startup_stage1.py --config configs/13b_stage1.yaml --hostfile hosts.txt   # several nodes
+    python startup_stage1.py --config tiny_stage1                                    # CPU, one process
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+
+from chatterbox.config import add_config_arguments, config_from_args
+
+WORKER_MODULE = "chatterbox.train.run"
+
+
+def parse_args(stage: int, argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=f"ChatterBox stage-{stage} training")
+    add_config_arguments(parser, default=f"configs/13b_stage{stage}.yaml")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="GPUs per node (default: all visible; 0 or a CPU config runs one CPU process)")
+    parser.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for multi-node runs")
+    parser.add_argument("--master-port", type=int, default=None)
+    parser.add_argument("--resume", default=None, help='"auto" or a checkpoint directory (sets train.resume)')
+    parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    return parser.parse_args(argv)
+
+
+def worker_command(args: argparse.Namespace) -> list[str]:
+    cmd = ["-m", WORKER_MODULE, "--config", str(args.config)]
+    for override in args.overrides:
+        cmd += ["--set", override]
+    if args.resume:
+        cmd += ["--set", f"train.resume={args.resume}"]
+    return cmd
+
+
+def build_command(stage: int, args: argparse.Namespace) -> list[str]:
+    cfg = config_from_args(args)
+    if cfg.train.stage != stage:
+        raise SystemExit(f"{args.config} is a stage-{cfg.train.stage} config; use startup_stage{cfg.train.stage}.py")
+    import torch
+
+    visible = torch.cuda.device_count()
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and visible == 0) or args.gpus == 0
+    gpus = visible if args.gpus is None else args.gpus
+    if on_cpu or (gpus == 1 and args.hostfile is None):
+        return [sys.executable] + worker_command(args)
+    if gpus > visible and args.hostfile is None:
+        raise SystemExit(f"--gpus {gpus} but only {visible} GPU(s) are visible")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if args.hostfile:
+        cmd += ["--hostfile", args.hostfile]
+    if gpus:
+        cmd += ["--num_gpus", str(gpus)]
+    if args.master_port:
+        cmd += ["--master_port", str(args.master_port)]
+    module_args = worker_command(args)
+    return cmd + ["--module", module_args[1]] + module_args[2:]
+
+
+def main(stage: int, argv=None) -> int:
+    args = parse_args(stage, argv)
+    cmd = build_command(stage, args)
+    print("+ " + shlex.join(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.call(cmd, env=os.environ.copy())

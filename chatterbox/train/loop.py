@@ -1,0 +1,204 @@
+"""One training recipe for both stages (spec/upstream.md §2.5), on one DeepSpeed engine.
+
+Per global step, each stream of the stage whose cadence is due (stage 1: grounding every step; stage 2:
+referring every 10th, grounding every step, VQA every 5th — in that order, as upstream) runs one full
+gradient-accumulation cycle: micro-batches -> forward -> backward -> one optimizer step. The loss is
+upstream's `lm_loss + grounding_loss`. Checkpoints every `save_every_steps` and at the end; resumes
+exactly (model, optimizer, scheduler, data positions, RNG).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from chatterbox.config import ChatterBoxConfig, dump_config
+from chatterbox.data.mixtures import STREAM_ORDER, streams_due
+from chatterbox.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from chatterbox.train.distributed import DistInfo
+from chatterbox.train.engine import build_engine, use_stream
+from chatterbox.train.schedule import upstream_extra_steps
+
+logger = logging.getLogger(__name__)
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def stream_cadence(cfg: ChatterBoxConfig) -> dict[str, int]:
+    return {name: stream.every_n_steps for name, stream in cfg.train.streams.items()}
+
+
+def move_batch(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Tensors (also inside lists) to ``device``; floating-point images to the training dtype.
+
+    Box tensors stay float32: they are coordinates, not activations.
+    """
+
+    def move(value, cast: bool):
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            return value.to(dtype) if cast and value.is_floating_point() else value
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(v, cast) for v in value)
+        return value
+
+    return {k: move(v, cast=k.startswith("images")) for k, v in batch.items()}
+
+
+@dataclass
+class StepLog:
+    step: int
+    lr: float
+    losses: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+    tokens: int = 0
+    data_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+class Trainer:
+    """Drives a model (returning `loss`, `lm_loss`, `grounding_loss`) over resumable data streams.
+
+    ``streams`` maps a stream name to an iterator of batches with ``state_dict``/``load_state_dict``.
+    """
+
+    def __init__(self, cfg: ChatterBoxConfig, dist: DistInfo, model: torch.nn.Module, streams: dict):
+        self.cfg, self.dist = cfg, dist
+        self.train_cfg = cfg.train
+        self.streams = streams
+        unknown = set(cfg.train.streams) - set(STREAM_ORDER)
+        if unknown:
+            raise ValueError(f"train.streams: unknown stream(s) {sorted(unknown)}; expected {list(STREAM_ORDER)}")
+        missing = [s for s in cfg.train.streams if s not in streams]
+        if missing:
+            raise ValueError(f"train.streams names {missing} but no data stream was built for them")
+        self.dtype = PRECISION_DTYPES[cfg.train.precision]
+        self.engine, self.optimizer, self.scheduler = build_engine(model, cfg.train, dist.world_size)
+        self.output_dir = Path(cfg.train.output_dir)
+        self.checkpoints = CheckpointManager(self.output_dir, cfg.train.keep_last_checkpoints, dist.rank)
+        self.total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
+        self.step = 0
+        self.writer = None
+        self.history: list[StepLog] = []
+        if dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.output_dir / "config.yaml")
+
+    # ------------------------------------------------------------------ state
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "streams": {name: s.state_dict() for name, s in self.streams.items()},
+            "rng": rng_state(),
+        }
+
+    def maybe_resume(self) -> bool:
+        tag = self.checkpoints.resolve(self.train_cfg.resume)
+        if tag is None:
+            return False
+        state = self.checkpoints.load(self.engine, tag)
+        self.step = state["step"]
+        for name, stream_state in state["streams"].items():
+            self.streams[name].load_state_dict(stream_state)
+        set_rng_state(state["rng"])
+        if self.dist.is_main:
+            logger.info("resumed from %s at global step %d", self.checkpoints.root / tag, self.step)
+        return True
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.engine, self.step, self.trainer_state())
+
+    # ------------------------------------------------------------------ loop
+    def _run_stream(self, name: str, log: StepLog) -> None:
+        stream_cfg = self.train_cfg.streams[name]
+        use_stream(self.engine, stream_cfg, self.dist.world_size)
+        sums: dict[str, float] = {}
+        for _ in range(stream_cfg.gradient_accumulation_steps):
+            t0 = time.perf_counter()
+            batch = next(self.streams[name])
+            log.data_seconds += time.perf_counter() - t0
+            log.samples += int(batch["input_ids"].shape[0])
+            log.tokens += int(batch["attention_mask"].sum())
+            out = self.engine(**move_batch(batch, self.dist.device, self.dtype))
+            loss = out["loss"]
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"non-finite loss {loss.item()} on stream {name!r} at step {self.step}; "
+                                         f"samples {batch.get('sample_ids')}")
+            self.engine.backward(loss)
+            self.engine.step()
+            for key in ("loss", "lm_loss", "grounding_loss"):
+                sums[key] = sums.get(key, 0.0) + float(out[key].detach())
+        n = stream_cfg.gradient_accumulation_steps
+        log.losses.update({f"{name}/{k}": v / n for k, v in sums.items()})
+
+    def train_step(self) -> StepLog:
+        t0 = time.perf_counter()
+        log = StepLog(step=self.step, lr=self.scheduler.get_last_lr()[0])
+        self.engine.train()
+        for name in streams_due(self.step, stream_cadence(self.cfg)):
+            self._run_stream(name, log)
+        if self.train_cfg.schedule_stepping == "upstream_double":
+            for _ in range(upstream_extra_steps(self.step)):
+                self.scheduler.step()
+        log.total_seconds = time.perf_counter() - t0
+        self.step += 1
+        return log
+
+    def fit(self, max_steps: int | None = None) -> list[StepLog]:
+        """Train to the end of the schedule (or ``max_steps`` more global steps); checkpoint as configured."""
+        self.maybe_resume()
+        end = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
+        progress = self._progress(end)
+        while self.step < end:
+            log = self.train_step()
+            self.history.append(log)
+            self._log(log, progress)
+            if self.step % self.train_cfg.save_every_steps == 0 or self.step == self.total_steps:
+                self.save()
+        if progress is not None:
+            progress.close()
+        if self.writer is not None:
+            self.writer.flush()
+        return self.history
+
+    # ------------------------------------------------------------------ logging
+    def _progress(self, end: int):
+        if not self.dist.is_main:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=end, initial=self.step, desc=f"stage {self.train_cfg.stage}", unit="step",
+                    dynamic_ncols=True)
+
+    def _log(self, log: StepLog, progress) -> None:
+        if not self.dist.is_main:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(self.train_cfg.log_dir) / self.cfg.name))
+        w, s = self.writer, log.step
+        total = sum(v for k, v in log.losses.items() if k.endswith("/loss"))
+        w.add_scalar("train/loss", total, s)
+        w.add_scalar("train/lr", log.lr, s)
+        for key, value in log.losses.items():
+            stream, term = key.split("/")
+            # upstream's names: vg_losses = grounding loss, vqa_losses = LM loss
+            alias = {"grounding_loss": "vg_losses", "lm_loss": "vqa_losses"}.get(term, term)
+            w.add_scalar(f"train/{alias}" if stream == "grounding" or term == "loss" else f"train/{stream}_{alias}",
+                         value, s)
+        w.add_scalar("metrics/total_secs_per_batch", log.total_seconds, s)
+        w.add_scalar("metrics/data_secs_per_batch", log.data_seconds, s)
+        if log.total_seconds > 0:
+            w.add_scalar("metrics/samples_per_sec", log.samples * self.dist.world_size / log.total_seconds, s)
+            w.add_scalar("metrics/tokens_per_sec", log.tokens * self.dist.world_size / log.total_seconds, s)
+        if progress is not None:
+            progress.update(1)
+            if self.step % max(1, self.train_cfg.print_every_steps) == 0:
+                progress.set_postfix(loss=f"{total:.4f}", lr=f"{log.lr:.2e}", refresh=False)
+        if math.isnan(total):
+            logger.warning("NaN loss at step %d", s)

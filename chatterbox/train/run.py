@@ -1,0 +1,117 @@
+"""Training worker: one process per GPU (started by the deepspeed launcher) or one CPU process.
+
+    python -m chatterbox.train.run --config configs/tiny_stage1.yaml [--set key=value ...]
+
+Builds the tokenizer and model from the config (stage 2 loads stage 1's export from `train.init_from`),
+one data stream per configured stream, and trains; at the end rank 0 writes the `from_pretrained`
+export to `<output_dir>/export`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatterbox.config import ChatterBoxConfig, add_config_arguments, config_from_args
+from chatterbox.train.distributed import DistInfo, barrier, init_distributed
+
+logger = logging.getLogger("chatterbox.train")
+EXPORT_DIR = "export"
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    # Rank-dependent so that dropout masks differ across data-parallel ranks.
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def resolve_init_export(init_from: str) -> Path:
+    """Stage 2's initialisation: an export directory, or a training output directory holding one."""
+    path = Path(init_from)
+    for candidate in (path, path / EXPORT_DIR):
+        if (candidate / "export.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"train.init_from={init_from!r}: no ChatterBox export there (expected export.json in it or in "
+        f"{path / EXPORT_DIR}); run stage 1 first or point init_from at its output directory"
+    )
+
+
+def build_model(cfg: ChatterBoxConfig):
+    from chatterbox.model.chatterbox import ChatterBox
+    from chatterbox.model.weights import build_tokenizer
+
+    if cfg.train.init_from:
+        from chatterbox.model.weights import load_export_weights
+
+        tokenizer = build_tokenizer(cfg.model)
+        model = ChatterBox.build(cfg.model, tokenizer=tokenizer, verbose=False)
+        load_export_weights(model, resolve_init_export(cfg.train.init_from))
+    else:
+        model = ChatterBox.build(cfg.model, verbose=False)
+    return model
+
+
+def build_streams(cfg: ChatterBoxConfig, tokenizer, dist: DistInfo) -> dict:
+    from chatterbox.data.streams import build_stream
+
+    return {
+        name: build_stream(cfg.data, name, tokenizer, batch_size=stream.micro_batch_size,
+                           seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
+        for name, stream in cfg.train.streams.items()
+    }
+
+
+def train(cfg: ChatterBoxConfig, max_steps: int | None = None) -> dict:
+    """Run (or resume) the configured stage; return a summary. Usable from Python and tests."""
+    from chatterbox.train.loop import Trainer
+
+    dist = init_distributed(cfg.device)
+    seed_everything(cfg.train.seed, dist.rank)
+    model = build_model(cfg)
+    if dist.is_main:
+        print(model.parameter_table(), flush=True)
+    streams = build_streams(cfg, model.tokenizer, dist)
+    trainer = Trainer(cfg, dist, model, streams)
+    history = trainer.fit(max_steps=max_steps)
+    export = Path(cfg.train.output_dir) / EXPORT_DIR
+    if trainer.step >= trainer.total_steps:
+        if dist.is_main:
+            model.save_pretrained(export)
+        barrier()
+    summary = {
+        "stage": cfg.train.stage,
+        "global_step": trainer.step,
+        "output_dir": str(cfg.train.output_dir),
+        "export": str(export) if export.exists() else None,
+        "losses": [{"step": h.step, "lr": h.lr, **h.losses} for h in history],
+    }
+    if dist.is_main:
+        (Path(cfg.train.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="ChatterBox training worker")
+    add_config_arguments(parser)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many more global steps")
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_from_args(args)
+    train(cfg, max_steps=args.max_steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
