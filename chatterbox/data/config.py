@@ -25,6 +25,13 @@ class DatasetPaths:
 
 
 @dataclass
+class ReferConfig:
+    dataset: str = "refcocog"  # refcoco | refcoco+ | refcocog
+    split_by: str = "umd"  # unc (refcoco, refcoco+) | umd / google (refcocog)
+    split: list[str] = field(default_factory=lambda: ["train"])
+
+
+@dataclass
 class DataConfig:
     paths: DatasetPaths = field(default_factory=DatasetPaths)
     grounding_mixture: dict[str, float] = field(
@@ -47,3 +54,25 @@ class DataConfig:
     num_workers: int = 4
     bad_record_policy: Literal["error", "skip-and-count"] = "error"
     max_skipped_records: int = 1000
+    # Prompt details (spec §3.2, §5.2 item 12): upstream opens the first human message with
+    # "<image>\n " in training; [VG] follows the question after vg_separator (" " = the eval prompt form).
+    image_prompt_prefix: str = "<image>\n "
+    vg_separator: str = " "
+    # CB-MRG: probability that a single-box question names its object as "the region <bbox>".
+    region_name_replace_prob: float = 0.3
+    # COCO detection (coco_det): upstream's mmdet RandomShift(p=0.5, +-32 px) + RandomFlip(p=0.5).
+    coco_det_augment: bool = True
+    # RefCOCO-family MDETR entries with fewer caption words are not used (upstream: 3).
+    min_caption_words: int = 3
+    # Source of the "vg" referring regions: upstream's GPT4RoI file (opensource_dir/vg_train.json) or the
+    # raw Visual Genome release (vg_dir/region_descriptions.json + image_data.json).
+    vg_annotation_format: Literal["gpt4roi", "vg_regions"] = "gpt4roi"
+    # VGDATA images live under <vg_dir>/<vg_region_images_subdir>/.
+    vg_region_images_subdir: str = "images"
+    # COCO instances split used by coco_det / coco_instances_gnd (annotations/instances_<split>.json).
+    coco_instances_split: str = "train2017"
+    # refer-toolkit sources (refer_rec / refer_reg): which dataset, split scheme and split(s).
+    refer: ReferConfig = field(default_factory=lambda: ReferConfig())
+    # When to redraw instead of failing: a record a builder cannot use (e.g. every box too small) is
+    # redrawn at most this many times in a row before the stream gives up.
+    max_redraws: int = 100

@@ -1,0 +1,117 @@
+"""From a built `Sample` to model-ready tensors: image transforms, tokenisation, truncation, checks.
+
+`SampleEncoder.encode` returns an `EncodedSample`; `collate.collate_samples` stacks them into the batch
+of the batch contract. Over-long dialogues are cut at a round boundary (never between a `<bbox>` /
+`[VG]` and its boxes): whole rounds are dropped from the end, together with their boxes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chatterbox.conversation import ASSISTANT, USER, Message, tokenize_conversation
+from chatterbox.data.errors import DataError
+from chatterbox.data.records import Sample
+from chatterbox.data.transforms import (
+    SquashAugment, check_boxes_in_image, clip_image, dino_image, grounding_targets_for_model, load_image, region_boxes_for_model,
+)
+from chatterbox.tokens import special_token_ids
+
+
+@dataclass
+class EncodedSample:
+    input_ids: torch.Tensor  # [T] long, BOS first
+    labels: torch.Tensor  # [T] long, IGNORE_INDEX outside assistant replies
+    image_clip: torch.Tensor  # [3, 224, 224]
+    image_dino: torch.Tensor | None  # [3, 512, 512] when the sample has grounding targets
+    region_boxes_xyxy_clip_norm: torch.Tensor  # [n, 4], one row per <bbox> token
+    grounding_targets_cxcywh_norm: list[torch.Tensor]  # one [k, 4] per [VG] token
+    image_size_hw: tuple[int, int]
+    task: str
+    sample_id: str
+    num_rounds: int
+    truncated: bool = False
+
+
+class SampleEncoder:
+    """Encodes samples for one tokenizer and data config (`DataConfig`)."""
+
+    def __init__(self, tokenizer, max_length: int = 2048, clip_image_size: int = 224, dino_image_size: int = 512,
+                 region_box_normalisation: str = "crop", dino_for_all: bool = False):
+        self.tokenizer = tokenizer
+        self.ids = special_token_ids(tokenizer)
+        self.max_length = max_length
+        self.clip_image_size = clip_image_size
+        self.dino_image_size = dino_image_size
+        self.region_box_normalisation = region_box_normalisation
+        self.dino_for_all = dino_for_all
+
+    @classmethod
+    def from_config(cls, tokenizer, data_cfg) -> "SampleEncoder":
+        return cls(tokenizer, data_cfg.max_length, data_cfg.clip_image_size, data_cfg.dino_image_size,
+                   data_cfg.region_box_normalisation)
+
+    def tokenize(self, sample: Sample):
+        """Token ids/labels of the (possibly truncated) dialogue and the number of rounds kept."""
+        messages = []
+        for turn in sample.turns:
+            messages += [Message(USER, turn.user), Message(ASSISTANT, turn.assistant)]
+        tok = tokenize_conversation(self.tokenizer, messages, where=sample.sample_id)
+        n_rounds = len(sample.turns)
+        input_ids, labels = tok.input_ids, tok.labels
+        if len(input_ids) > self.max_length:
+            n_rounds = sum(1 for end in tok.round_ends if end <= self.max_length)
+            if n_rounds == 0:
+                file, _, record = sample.sample_id.rpartition("#")
+                raise DataError(f"the first round alone is {tok.round_ends[0]} tokens, more than max_length="
+                                f"{self.max_length}", file, record, "conversation")
+            cut = tok.round_ends[n_rounds - 1]
+            input_ids, labels = input_ids[:cut], labels[:cut]
+        return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), n_rounds
+
+    def encode(self, sample: Sample) -> EncodedSample:
+        sample.check()
+        file, _, record = sample.sample_id.rpartition("#")
+        input_ids, labels, n_rounds = self.tokenize(sample)
+        kept = sample.turns[:n_rounds]
+        if sample.task == "grounding" and not any(t.grounding_boxes_xyxy_abs for t in kept):
+            raise DataError(f"the [VG] round does not fit in max_length={self.max_length}", file, record,
+                            "conversation")
+
+        image = load_image(sample.image_path, sample.sample_id)
+        width, height = image.size
+        if sample.image_size is not None and tuple(sample.image_size) != (width, height):
+            raise DataError(f"annotation says {sample.image_size[0]}x{sample.image_size[1]} but the image file "
+                            f"{sample.image_path} is {width}x{height}", file, record, "image_size")
+        image_clip, geometry = clip_image(image, self.clip_image_size, sample.clip_resize)
+        augment = SquashAugment(*sample.clip_augment) if sample.clip_augment else None
+        if augment is not None:
+            if sample.clip_resize != "squash":
+                raise ValueError(f"{sample.sample_id}: clip_augment is only defined for squash-resized images")
+            image_clip = augment.apply_to_image(image_clip)
+
+        region_rows = [b for t in kept for b in t.region_boxes_xyxy_abs]
+        boxes_xyxy_abs = (check_boxes_in_image(region_rows, width, height, sample.sample_id, "region boxes")
+                          if region_rows else torch.zeros(0, 4, dtype=torch.float64))
+        region_boxes = region_boxes_for_model(boxes_xyxy_abs, geometry, self.region_box_normalisation)
+        if augment is not None:
+            region_boxes = augment.apply_to_boxes(region_boxes, self.clip_image_size)
+        targets = []
+        for t in kept:
+            if t.grounding_boxes_xyxy_abs is not None:
+                target_xyxy_abs = check_boxes_in_image(t.grounding_boxes_xyxy_abs, width, height, sample.sample_id,
+                                                       "grounding boxes")
+                targets.append(grounding_targets_for_model(target_xyxy_abs, width, height))
+
+        n_bbox = int((input_ids == self.ids.bbox).sum())
+        n_vg = int((input_ids == self.ids.vg).sum())
+        if n_bbox != len(region_boxes) or n_vg != len(targets):
+            raise DataError(f"after tokenisation: {n_bbox} <bbox> tokens for {len(region_boxes)} boxes, {n_vg} [VG] "
+                            f"tokens for {len(targets)} targets (a template or tokenizer splits the special tokens?)",
+                            file, record, "conversation")
+        image_dino = None
+        if targets or self.dino_for_all:
+            image_dino = dino_image(image, self.dino_image_size)
+        return EncodedSample(input_ids, labels, image_clip, image_dino, region_boxes, targets, (height, width),
+                             sample.task, sample.sample_id, n_rounds, truncated=n_rounds < len(sample.turns))

@@ -1,0 +1,477 @@
+"""A small synthetic corpus in every upstream on-disk format, with boxes that are known exactly.
+
+Each scene is a JPEG with 2-4 coloured shapes (circle, square, triangle) on a plain background; a shape
+is named by colour and kind ("red circle") and is unique in its image, so "Where is the red circle?"
+has exactly one right box. The same scenes are written in the layouts of COCO 2014/2017, the refer
+toolkit (refs pickles + instances.json), CB-300K, CB-materials, the MDETR-style RefCOCO/VG/Flickr30K
+json files and LLaVA-Instruct, so every reader is exercised on files in their real layout, and the tiny
+preset can learn something measurable (colour/kind -> location) in minutes on a CPU.
+
+Scenes are split into train and eval (held out: COCO val2017, refer val/test splits, eval QA files).
+Everything is deterministic given the seed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220),
+    "yellow": (235, 205, 40), "purple": (140, 50, 170), "orange": (245, 135, 20),
+}
+KINDS = ("circle", "square", "triangle")
+CATEGORIES = [f"{c} {k}" for c in COLOURS for k in KINDS]  # COCO category id = index + 1
+IMAGE_SIZES = [(320, 240), (240, 320), (256, 256), (320, 160), (192, 256), (288, 216), (160, 224), (128, 128)]
+
+
+@dataclass
+class Shape:
+    colour: str
+    kind: str
+    box_xyxy_abs: tuple[int, int, int, int]
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.kind}"
+
+    @property
+    def category_id(self) -> int:
+        return CATEGORIES.index(self.name) + 1
+
+    @property
+    def box_xywh_abs(self) -> tuple[int, int, int, int]:
+        x1, y1, x2, y2 = self.box_xyxy_abs
+        return (x1, y1, x2 - x1, y2 - y1)
+
+    def centre(self) -> tuple[float, float]:
+        x1, y1, x2, y2 = self.box_xyxy_abs
+        return (x1 + x2) / 2, (y1 + y2) / 2
+
+
+@dataclass
+class Scene:
+    image_id: int
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    shapes: list[Shape]
+    split: str  # "train" or "eval"
+    jpeg: bytes = b""
+
+    def position(self, shape: Shape) -> str:
+        cx, cy = shape.centre()
+        col = ("left", "center", "right")[min(2, int(3 * cx / self.width))]
+        row = ("top", "middle", "bottom")[min(2, int(3 * cy / self.height))]
+        if (row, col) == ("middle", "center"):
+            return "in the center"
+        return f"at the {row} {col}" if col != "center" else f"at the {row}"
+
+
+def article(name: str) -> str:
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def relation(a: Shape, b: Shape) -> str:
+    """Spatial relation of b with respect to a, from the box centres."""
+    (ax, ay), (bx, by) = a.centre(), b.centre()
+    if abs(bx - ax) >= abs(by - ay):
+        return "to the right of" if bx > ax else "to the left of"
+    return "below" if by > ay else "above"
+
+
+def _make_scene(rng: random.Random, image_id: int, split: str, image_sizes=IMAGE_SIZES) -> Scene:
+    width, height = rng.choice(image_sizes)
+    background = tuple(rng.randint(200, 250) for _ in range(3))
+    n_shapes = rng.randint(2, 4)
+    colours = rng.sample(list(COLOURS), n_shapes)  # distinct colours: names are unique per image
+    shapes: list[Shape] = []
+    for colour in colours:
+        for _ in range(100):
+            side = rng.randint(max(16, min(width, height) // 6), max(24, min(width, height) // 3))
+            w = side if rng.random() < 0.5 else int(side * rng.uniform(0.7, 1.3))
+            h = side
+            x1, y1 = rng.randint(0, width - w), rng.randint(0, height - h)
+            box = (x1, y1, x1 + w, y1 + h)
+            if all(_gap(box, s.box_xyxy_abs) for s in shapes):
+                shapes.append(Shape(colour, rng.choice(KINDS), box))
+                break
+    return Scene(image_id, width, height, background, shapes, split)
+
+
+def _gap(a, b, margin: int = 4) -> bool:
+    return a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1]
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    img = Image.new("RGB", (scene.width, scene.height), scene.background)
+    draw = ImageDraw.Draw(img)
+    for s in scene.shapes:
+        x1, y1, x2, y2 = s.box_xyxy_abs
+        fill = COLOURS[s.colour]
+        # PIL's outlines are inclusive: drawing to x2-1/y2-1 fills exactly the pixels of [x1,x2)x[y1,y2).
+        if s.kind == "circle":
+            draw.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        elif s.kind == "square":
+            draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        else:
+            draw.polygon([(x1, y2 - 1), (x2 - 1, y2 - 1), ((x1 + x2 - 1) / 2, y1)], fill=fill)
+    return img
+
+
+def make_scenes(num_images: int = 64, eval_fraction: float = 0.25, seed: int = 0,
+                image_sizes=IMAGE_SIZES) -> list[Scene]:
+    rng = random.Random(seed)
+    n_eval = max(1, int(round(num_images * eval_fraction)))
+    scenes = []
+    for i in range(num_images):
+        scene = _make_scene(rng, 100001 + i, "eval" if i >= num_images - n_eval else "train", image_sizes)
+        buf = io.BytesIO()
+        render_scene(scene).save(buf, format="JPEG", quality=92)
+        scene.jpeg = buf.getvalue()
+        scenes.append(scene)
+    return scenes
+
+
+# ----------------------------------------------------------------------------------------------------
+# file names per layout
+
+
+def coco2014_name(scene: Scene) -> str:
+    return f"COCO_train2014_{scene.image_id:012d}.jpg"
+
+
+def coco2017_name(scene: Scene) -> str:
+    return f"{scene.image_id:012d}.jpg"
+
+
+def vg_name(scene: Scene) -> str:
+    return f"{scene.image_id}.jpg"
+
+
+def _box_str(box) -> str:
+    return "[" + ", ".join(str(int(v)) for v in box) + "]"
+
+
+def _group(entries) -> str:
+    return "<" + ", ".join(f"{name}:{_box_str(box)}" for name, box in entries) + ">"
+
+
+@dataclass
+class SyntheticCorpus:
+    root: Path
+    scenes: list[Scene]
+    files: dict[str, str] = field(default_factory=dict)
+
+    def data_paths(self) -> dict[str, str]:
+        """Values for DataConfig.paths pointing at this corpus."""
+        r = self.root
+        return {
+            "cb300k_dir": str(r / "CB-300K"),
+            "cb_materials_dir": str(r / "CB-materials"),
+            "opensource_dir": str(r / "OpenSource"),
+            "refer_dir": str(r / "refer"),
+            "coco2014_dir": str(r / "MSCOCO2014"),
+            "coco2017_dir": str(r / "MSCOCO2017"),
+            "vg_dir": str(r / "VG"),
+            "flickr30k_dir": str(r / "flickr30k"),
+            "llava_instruct_json": str(r / "llava_instruct_150k.json"),
+        }
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=None))
+
+
+def write_corpus(root: str | os.PathLike, num_images: int = 64, seed: int = 0, eval_fraction: float = 0.25,
+                 image_sizes=IMAGE_SIZES) -> SyntheticCorpus:
+    """Write the corpus under ``root`` and return its description (see `SyntheticCorpus.data_paths`).
+
+    ``image_sizes``: (width, height) choices; the default is small for tests and the tiny preset, the
+    benchmark passes COCO/VG-like sizes."""
+    root = Path(root)
+    scenes = make_scenes(num_images, eval_fraction, seed, image_sizes)
+    rng = random.Random(seed + 1)
+    corpus = SyntheticCorpus(root, scenes)
+    train = [s for s in scenes if s.split == "train"]
+    evals = [s for s in scenes if s.split == "eval"]
+
+    _write_images(root, scenes)
+    _write_coco(root, train, evals)
+    _write_refer(root, scenes, rng)
+    _write_cb_materials(root, train, rng)
+    _write_cb300k(root, train, rng)
+    _write_mdetr(root, train, rng)
+    _write_llava(root, train, rng)
+    _write_eval_files(root, evals)
+    paths = corpus.data_paths()
+    _write_json(root / "data_paths.json", paths)
+    (root / "data_paths.yaml").write_text(
+        "# DataConfig.paths for this synthetic corpus: merge under `data: paths:`\n"
+        + "".join(f"{k}: {json.dumps(v)}\n" for k, v in paths.items())
+    )
+    return corpus
+
+
+def _write_images(root: Path, scenes: list[Scene]) -> None:
+    for s in scenes:
+        targets = [root / "MSCOCO2014" / "train2014" / coco2014_name(s),
+                   root / "MSCOCO2017" / ("train2017" if s.split == "train" else "val2017") / coco2017_name(s),
+                   root / "VG" / "VG_100K" / vg_name(s),
+                   root / "VG" / "images" / vg_name(s),
+                   root / "flickr30k" / "flickr30k-images" / vg_name(s)]
+        for t in targets:
+            t.parent.mkdir(parents=True, exist_ok=True)
+            t.write_bytes(s.jpeg)
+
+
+def _coco_instances(scenes: list[Scene], file_name) -> dict:
+    images, annotations = [], []
+    for s in scenes:
+        images.append({"id": s.image_id, "file_name": file_name(s), "width": s.width, "height": s.height,
+                       "license": 1, "coco_url": "", "date_captured": ""})
+        for j, sh in enumerate(s.shapes):
+            x, y, w, h = sh.box_xywh_abs
+            annotations.append({
+                "id": s.image_id * 10 + j, "image_id": s.image_id, "category_id": sh.category_id,
+                "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h), "iscrowd": 0,
+                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+            })
+    categories = [{"id": i + 1, "name": n, "supercategory": n.split()[1]} for i, n in enumerate(CATEGORIES)]
+    return {"info": {"description": "ChatterBox synthetic"}, "licenses": [], "images": images,
+            "annotations": annotations, "categories": categories}
+
+
+def _write_coco(root: Path, train: list[Scene], evals: list[Scene]) -> None:
+    ann = root / "MSCOCO2017" / "annotations"
+    _write_json(ann / "instances_train2017.json", _coco_instances(train, coco2017_name))
+    _write_json(ann / "instances_val2017.json", _coco_instances(evals, coco2017_name))
+
+
+def _write_refer(root: Path, scenes: list[Scene], rng: random.Random) -> None:
+    instances = _coco_instances(scenes, coco2014_name)
+    layouts = {"refcoco": ("unc", ("val", "testA", "testB")), "refcoco+": ("unc", ("val", "testA", "testB")),
+               "refcocog": ("umd", ("val", "test"))}
+    sent_id = 0
+    for dataset, (split_by, eval_splits) in layouts.items():
+        refs = []
+        ref_id = 0
+        for s in scenes:
+            for j, sh in enumerate(s.shapes):
+                split = "train" if s.split == "train" else eval_splits[(s.image_id + j) % len(eval_splits)]
+                if dataset == "refcoco+":  # RefCOCO+ avoids location words
+                    raws = [f"{sh.colour} {sh.kind}", f"the {sh.kind} that is {sh.colour}"]
+                elif dataset == "refcocog":  # longer expressions
+                    raws = [f"{article(sh.name)} {s.position(sh)} of the picture",
+                            f"the {sh.kind} coloured {sh.colour}"]
+                else:
+                    raws = [f"{sh.colour} {sh.kind} {s.position(sh)}", f"{sh.colour} {sh.kind}"]
+                sentences = []
+                for raw in raws:
+                    sentences.append({"tokens": raw.split(), "raw": raw, "sent_id": sent_id, "sent": raw})
+                    sent_id += 1
+                ann_id = s.image_id * 10 + j
+                refs.append({
+                    "ref_id": ref_id, "ann_id": ann_id, "image_id": s.image_id, "split": split,
+                    "sentences": sentences, "sent_ids": [x["sent_id"] for x in sentences],
+                    "file_name": f"COCO_train2014_{s.image_id:012d}_{ann_id}.jpg",
+                    "category_id": sh.category_id,
+                })
+                ref_id += 1
+        folder = root / "refer" / dataset
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"refs({split_by}).p", "wb") as f:
+            pickle.dump(refs, f, protocol=2)
+        _write_json(folder / "instances.json", instances)
+
+
+def _write_cb_materials(root: Path, train: list[Scene], rng: random.Random) -> None:
+    folder = root / "CB-materials"
+    gnd_questions = ["Where is the {n}?", "Can you find the {n} in the picture?", "Show me the {n}."]
+    refcoco_gnd, coco_gnd, refcoco_ref = [], [], []
+    for s in train:
+        for sh in s.shapes:
+            q = rng.choice(gnd_questions).format(n=sh.name)
+            a = f"The {sh.name} is {s.position(sh)}."
+            refcoco_gnd.append({"image": coco2014_name(s), "category_id": sh.category_id, "conversation": [
+                {"from": "human", "value": q}, {"from": "gpt", "value": f"{a} {_group([(sh.name, sh.box_xywh_abs)])}"}]})
+            coco_gnd.append({"image": coco2017_name(s), "category_id": sh.category_id, "conversation": [
+                {"from": "human", "value": q}, {"from": "gpt", "value": f"{a} {_group([(sh.name, sh.box_xyxy_abs)])}"}]})
+            refcoco_ref.append({"image": coco2014_name(s), "category_id": sh.category_id, "conversation": [
+                {"from": "human", "value": f"What is <it>? {_group([('object', sh.box_xywh_abs)])}"},
+                {"from": "gpt", "value": f"It is a {sh.name}."},
+                {"from": "human", "value": f"Where is it? {_group([('object', sh.box_xywh_abs)])}"},
+                {"from": "gpt", "value": f"It is {s.position(sh)} of the image."}]})
+    _write_json(folder / "CB-refcoco-GND.json", {"data": refcoco_gnd})
+    _write_json(folder / "CB-coco-GND.json", {"data": coco_gnd})
+    _write_json(folder / "CB-refcoco-REF.json", {"data": refcoco_ref})
+
+
+def _chain(s: Scene, rng: random.Random) -> list[tuple[Shape, Shape]]:
+    """A chain of (subject, object) pairs visiting the shapes of a scene in random order."""
+    order = rng.sample(s.shapes, len(s.shapes))
+    return list(zip(order[:-1], order[1:]))
+
+
+def _write_cb300k(root: Path, train: list[Scene], rng: random.Random) -> None:
+    folder = root / "CB-300K"
+    mrg, ref, gnd, lc = [], [], [], []
+    for s in train:
+        common = {"image": f"VG_100K/{vg_name(s)}", "id": s.image_id, "image_wh": [s.width, s.height]}
+        conv = []
+        for a, b in _chain(s, rng):
+            rel = relation(a, b)
+            conv += [{"from": "human", "value": f"What is {rel} the {a.name}? {_group([(a.name, a.box_xyxy_abs)])}"},
+                     {"from": "gpt", "value": f"The {b.name} is {rel} the {a.name}. {_group([(b.name, b.box_xyxy_abs)])}"}]
+        mrg.append({**common, "conversation": conv})
+
+        conv = []
+        for sh in rng.sample(s.shapes, len(s.shapes)):
+            placeholder = rng.choice(["<it>", "<region>", ""])
+            if placeholder == "<it>":
+                q = f"What is <it>? {_group([('object', sh.box_xyxy_abs)])}"
+            elif placeholder == "<region>":
+                q = f"What colour is the shape in <region>? {_group([('object', sh.box_xyxy_abs)])}"
+            else:
+                q = f"What is {s.position(sh)} of the image? {_group([('object', sh.box_xyxy_abs)])}"
+            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": f"It is {article(sh.name)}."}]
+        ref.append({**common, "conversation": conv})
+
+        conv = []
+        if len(s.shapes) >= 3:  # a multi-box answer: never a grounding target (exactly one box required)
+            two = s.shapes[:2]
+            conv += [{"from": "human", "value": "Which two shapes are in the image first?"},
+                     {"from": "gpt", "value": f"The {two[0].name} and the {two[1].name}. "
+                                              f"{_group([(x.name, x.box_xyxy_abs) for x in two])}"}]
+        for sh in rng.sample(s.shapes, len(s.shapes)):
+            conv += [{"from": "human", "value": f"Where is the {sh.name}?"},
+                     {"from": "gpt", "value": f"It is {s.position(sh)}. {_group([(sh.name, sh.box_xyxy_abs)])}"}]
+        gnd.append({**common, "conversation": conv})
+
+        conv = []
+        for k, (a, b) in enumerate(_chain(s, rng)):
+            rel = relation(a, b)
+            subject = f"the {a.name}" if k == 0 else "[it]"
+            conv += [{"from": "human", "value": f"What is {rel} {subject}? {_group([(a.name, a.box_xyxy_abs)])}"},
+                     {"from": "gpt", "value": f"The {b.name}. {_group([(b.name, b.box_xyxy_abs)])}"}]
+        lc.append({**common, "conversation": conv})
+    _write_json(folder / "CB_MRG.json", {"data": mrg})
+    _write_json(folder / "CB_REF.json", {"data": ref})
+    _write_json(folder / "CB_GND.json", {"data": gnd})
+    _write_json(folder / "CB_LC.json", {"data": lc})
+
+
+def _mdetr_json(train: list[Scene], file_name, captions, dataset_name: str) -> dict:
+    images, annotations = [], []
+    entry_id = 0
+    for s in train:
+        for j, sh in enumerate(s.shapes):
+            caption, spans = captions(s, sh)
+            images.append({"id": entry_id, "file_name": file_name(s), "height": s.height, "width": s.width,
+                           "caption": caption, "dataset_name": dataset_name, "original_id": s.image_id,
+                           "tokens_negative": [[0, len(caption)]]})
+            targets = spans if spans is not None else [(sh, [[0, len(caption)]])]
+            for k, (target, tokens_positive) in enumerate(targets):
+                x, y, w, h = target.box_xywh_abs
+                annotations.append({"id": entry_id * 100 + k, "image_id": entry_id, "category_id": target.category_id,
+                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
+                                    "tokens_positive": tokens_positive})
+            entry_id += 1
+    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CATEGORIES)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _flickr_caption(s: Scene, sh: Shape):
+    """A caption mentioning every shape; each shape's phrase is one tokens_positive span."""
+    parts, spans, pos = [], [], 0
+    prefix = "A picture with "
+    pos = len(prefix)
+    for i, x in enumerate(s.shapes):
+        phrase = article(x.name)
+        sep = "" if i == 0 else (" and " if i == len(s.shapes) - 1 else ", ")
+        pos += len(sep)
+        parts.append(sep + phrase)
+        spans.append((x, [[pos, pos + len(phrase)]]))
+        pos += len(phrase)
+    return prefix + "".join(parts) + ".", spans
+
+
+def _write_mdetr(root: Path, train: list[Scene], rng: random.Random) -> None:
+    folder = root / "OpenSource"
+    _write_json(folder / "finetune_refcoco_train.json", _mdetr_json(
+        train, coco2014_name, lambda s, sh: (f"{sh.name} {s.position(sh)}", None), "refcoco"))
+    _write_json(folder / "finetune_refcoco+_train.json", _mdetr_json(
+        train, coco2014_name, lambda s, sh: (f"{sh.colour} {sh.kind} shape", None), "refcoco+"))
+    _write_json(folder / "finetune_refcocog_train.json", _mdetr_json(
+        train, coco2014_name, lambda s, sh: (f"{sh.name} {s.position(sh)} of the picture", None), "refcocog"))
+    vg = _mdetr_json(train, vg_name, lambda s, sh: (article(sh.name), None), "vg")
+    # GPT4RoI's VG file: one image entry per image, captions on the annotations, category "object".
+    vg_images, vg_anns = {}, []
+    for img in vg["images"]:
+        vg_images.setdefault(img["original_id"], {k: img[k] for k in ("file_name", "height", "width")} | {"id": img["original_id"]})
+    by_entry = {img["id"]: img for img in vg["images"]}
+    for a in vg["annotations"]:
+        entry = by_entry[a["image_id"]]
+        vg_anns.append({"id": a["id"], "image_id": entry["original_id"], "bbox": a["bbox"], "area": a["area"],
+                        "iscrowd": 0, "category_id": 1, "caption": entry["caption"]})
+    _write_json(folder / "vg_train.json", {"images": list(vg_images.values()), "annotations": vg_anns,
+                                           "categories": [{"id": 1, "name": "object"}]})
+    # the raw Visual Genome release layout of the same regions
+    _write_json(root / "VG" / "image_data.json", [
+        {"image_id": s.image_id, "width": s.width, "height": s.height, "coco_id": None, "flickr_id": None,
+         "url": f"https://cs.stanford.edu/people/rak248/VG_100K/{vg_name(s)}"} for s in train])
+    _write_json(root / "VG" / "region_descriptions.json", [
+        {"id": s.image_id, "regions": [
+            {"region_id": s.image_id * 10 + j, "image_id": s.image_id, "phrase": article(sh.name),
+             "x": sh.box_xywh_abs[0], "y": sh.box_xywh_abs[1], "width": sh.box_xywh_abs[2],
+             "height": sh.box_xywh_abs[3]} for j, sh in enumerate(s.shapes)]} for s in train])
+    flickr_scenes = []
+    seen = set()
+    for s in train:
+        if s.image_id not in seen:
+            seen.add(s.image_id)
+            flickr_scenes.append(s)
+    flickr = _mdetr_json([s for s in flickr_scenes], vg_name, _flickr_caption, "flickr")
+    # one caption entry per image (MDETR writes one per sentence); keep the first shape's entry per image
+    keep, out_images = set(), []
+    for img in flickr["images"]:
+        if img["original_id"] not in keep:
+            keep.add(img["original_id"])
+            out_images.append(img)
+    ids = {img["id"] for img in out_images}
+    flickr["images"] = out_images
+    flickr["annotations"] = [a for a in flickr["annotations"] if a["image_id"] in ids]
+    _write_json(folder / "final_flickr_separateGT_train.json", flickr)
+
+
+def _write_llava(root: Path, train: list[Scene], rng: random.Random) -> None:
+    items = []
+    for s in train:
+        names = [x.name for x in s.shapes]
+        conv = [{"from": "human", "value": "<image>\nWhat shapes can you see in the image?" if rng.random() < 0.5
+                 else "What shapes can you see in the image?\n<image>"},
+                {"from": "gpt", "value": "I can see " + ", ".join(article(n) for n in names) + "."}]
+        sh = rng.choice(s.shapes)
+        conv += [{"from": "human", "value": f"Where is the {sh.name}?"},
+                 {"from": "gpt", "value": f"The {sh.name} is {s.position(sh)} of the image."}]
+        items.append({"id": f"{s.image_id:012d}", "image": coco2017_name(s), "conversations": conv})
+    _write_json(root / "llava_instruct_150k.json", items)
+
+
+def _write_eval_files(root: Path, evals: list[Scene]) -> None:
+    """Held-out QA files in upstream's evaluation formats (spec §4.1 / §4.2)."""
+    qa = []
+    for s in evals:
+        for sh in s.shapes:
+            x, y, w, h = sh.box_xywh_abs
+            qa.append({"image_id": s.image_id, "filename": coco2017_name(s), "wh": [s.width, s.height],
+                       "catgory": sh.name, "question": f"Where is the {sh.name}?",
+                       "answer": f"<{sh.name}:[{x}, {y}, {w}, {h}]>", "gt_box": [x, y, w, h]})
+    _write_json(root / "eval" / "grounding_qa.json", qa)
