@@ -7,4 +7,9 @@ Modules (import the one you need; this package imports nothing heavy on its own)
   optional BERTScore, readers for upstream's referring output files.
 * ``cleaning``          - upstream's process.py / process_clean.py post-processing of referring answers.
 * ``reports``           - summary JSON, markdown tables, PNG visualisation of grounding predictions.
+* ``questions``         - question sets built from raw annotations as upstream builds them (COCO grounding,
+  RefCOCOg referring, RefCOCO/+/g REC) and CB-MRG evaluation dialogues.
+* ``runner``            - batched generation, resumable JSONL predictions, torchrun sharding.
+* ``benchmarks``        - single-round prediction records -> upstream's file formats -> metrics.
+* ``mrg``               - CB-MRG multi-round evaluation (per-round grounding and referring scores).
 """

@@ -1,0 +1,99 @@
+"""Single-round benchmarks on top of the runner: prediction records, upstream's file formats, metrics.
+
+* grounding (COCO val2017, RefCOCO/+/g REC): the box answering the prompt's ``[VG]`` ->
+  upstream's ``prediction.json`` entries (``out_boxes`` = xyxy pixels truncated to int, as upstream) ->
+  mIoU / success rate / mIoU@success (and Acc@0.5 per split), computed on exactly those entries, so
+  ``evaluation/eval_grounding.py`` on the written file prints the same numbers.
+* referring (RefCOCOg): the answer text -> upstream's ``raw_output`` entries (``text_output``) ->
+  BLEU/METEOR/ROUGE-L/CIDEr with the refer-toolkit procedure (optionally on upstream-cleaned answers).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from chatterbox.eval.grounding_metrics import GroundingEvaluation, evaluate_grounding, read_upstream_grounding_predictions
+from chatterbox.eval.questions import EvalItem
+from chatterbox.eval.runner import EVAL_IMAGE_PREFIX, GenerationRequest, RequestEncoder, generate_for_requests
+
+__all__ = ["single_round_predictor", "grounding_prediction_entries", "evaluate_grounding_file",
+           "referring_raw_output"]
+
+
+def single_round_predictor(model, encoder: RequestEncoder, *, max_new_tokens: int, box_threshold: float | None,
+                           image_prefix: str = EVAL_IMAGE_PREFIX) -> Callable[[list[EvalItem]], list[dict]]:
+    """``predict_batch`` for `run_items`: one generation per item.
+
+    Record: ``task, prompt, text, box_xyxy_abs, score`` (the box of the prompt's last ``[VG]``, None
+    without one) plus every box (``boxes_xyxy_abs``, ``scores``, ``vg_in_prompt``) for inspection.
+    """
+
+    def predict(items: list[EvalItem]) -> list[dict]:
+        requests = [GenerationRequest.single_turn(it.item_id, it.image_path, it.user_text, it.region_boxes_xyxy_abs,
+                                                  it.image_size, image_prefix) for it in items]
+        outputs = generate_for_requests(model, encoder, requests, max_new_tokens=max_new_tokens,
+                                        box_threshold=box_threshold)
+        records = []
+        for it, out in zip(items, outputs):
+            k = out["vg_in_prompt"]
+            records.append({
+                "task": it.task, "prompt": it.user_text, "text": out["text"],
+                "box_xyxy_abs": out["boxes_xyxy_abs"][k - 1] if k else None,
+                "score": out["scores"][k - 1] if k else None,
+                "boxes_xyxy_abs": out["boxes_xyxy_abs"], "scores": out["scores"], "vg_in_prompt": k,
+                "num_generated_tokens": len(out["token_ids"]),
+            })
+        return records
+
+    return predict
+
+
+def _xywh_of(box_xyxy_abs) -> list[float]:
+    x1, y1, x2, y2 = box_xyxy_abs
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+def grounding_prediction_entries(items: Sequence[EvalItem], records: Sequence[dict],
+                                 group_field: str | None = None) -> list[dict]:
+    """Upstream's ``prediction.json`` entries: ``{gt (xywh), out_category, image_abs_path, prompt, score,
+    out_boxes (int xyxy)}``; an entry without a box (no ``[VG]`` answered) has no ``out_boxes``, which
+    the metrics count as a miss only under their explicit "zero" policy. ``group_field`` adds e.g. "split"."""
+    if len(items) != len(records):
+        raise ValueError(f"{len(items)} items but {len(records)} prediction records")
+    entries = []
+    for it, rec in zip(items, records):
+        if rec["id"] != it.item_id:
+            raise ValueError(f"prediction record {rec['id']!r} does not line up with item {it.item_id!r}")
+        gt = it.upstream.get("gt_box") or _xywh_of(it.gt_boxes_xyxy_abs[0])
+        entry = {"gt": gt, "out_category": it.upstream.get("catgory", it.upstream.get("sentence")),
+                 "image_abs_path": it.image_path, "prompt": rec["prompt"], "score": rec["score"]}
+        if rec["box_xyxy_abs"] is not None:
+            entry["out_boxes"] = [int(v) for v in rec["box_xyxy_abs"]]  # upstream truncates to int pixels
+        if group_field is not None:
+            entry[group_field] = it.group
+        entries.append(entry)
+    return entries
+
+
+def evaluate_grounding_file(path, *, iou_threshold: float = 0.5, group_field: str | None = None,
+                            questions_path=None) -> GroundingEvaluation:
+    """The metrics of a written prediction.json, read by the same reader as evaluation/eval_grounding.py
+    (so both print the same numbers); an entry without a box counts as IoU 0 and is counted."""
+    predictions = read_upstream_grounding_predictions(path, missing="zero", questions_path=questions_path,
+                                                      group_field=group_field)
+    return evaluate_grounding(predictions, iou_threshold=iou_threshold)
+
+
+def referring_raw_output(items: Sequence[EvalItem], records: Sequence[dict]) -> list[dict]:
+    """Upstream's ``raw_output/refcocog_<split>.json`` entries: ``{gt, ref_id, id (image id),
+    image_abs_path, input_bbox, prompt, text_output}``."""
+    if len(items) != len(records):
+        raise ValueError(f"{len(items)} items but {len(records)} prediction records")
+    out = []
+    for it, rec in zip(items, records):
+        if rec["id"] != it.item_id:
+            raise ValueError(f"prediction record {rec['id']!r} does not line up with item {it.item_id!r}")
+        out.append({"gt": it.references, "ref_id": it.upstream["ref_id"], "id": it.upstream["image_id"],
+                    "image_abs_path": it.image_path,
+                    "input_bbox": [[int(v) for v in b] for b in it.region_boxes_xyxy_abs],
+                    "prompt": it.upstream["prompt"], "text_output": rec["text"]})
+    return out

@@ -1,0 +1,180 @@
+"""CB-MRG multi-round evaluation: run each dialogue's rounds in order, score every round, by round index.
+
+Protocol (also in evaluation/README.md, "CB-MRG"): rounds come from `questions.build_mrg_dialogue`.
+Round k's prompt is the dialogue so far plus round k's user text (``<bbox>`` regions / ``[VG]`` as the
+round allows). The earlier assistant turns are the model's own answers (``history="model"``, default)
+or the ground-truth answers (``history="ground_truth"``). Earlier user turns are given as plain text
+(``history_tokens="plain"``, the form of the training data's context rounds) or with their ``<bbox>``
+regions and ``[VG]`` kept (``"keep"``, as a chat session would). Rounds of a batch of dialogues run
+together, one batched generation per round index.
+
+Scores: ``[VG]`` rounds -> IoU of the box answering this round's ``[VG]`` with the answer's box
+(success = IoU >= 0.5, mIoU, mIoU@success); rounds with a region input -> BLEU/METEOR/ROUGE-L/CIDEr
+of the answer against the ground-truth answer; both overall and per round index. A round that could
+not run (its prompt would exceed the context) stays in every denominator: IoU 0 / empty answer,
+and is counted (``num_rounds_not_run``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from chatterbox.conversation import ASSISTANT, USER, Message
+from chatterbox.eval.grounding_metrics import iou_per_item, summarize_ious, summarize_ious_by_group
+from chatterbox.eval.questions import MrgDialogue
+from chatterbox.eval.runner import EVAL_IMAGE_PREFIX, GenerationRequest, RequestEncoder, generate_for_requests
+from chatterbox.tokens import VG_TOKEN
+
+__all__ = ["MrgRunOptions", "mrg_predictor", "evaluate_mrg", "EMPTY_ANSWER_IN_HISTORY"]
+
+HISTORY_MODES = ("model", "ground_truth")
+HISTORY_TOKEN_MODES = ("plain", "keep")
+#: what an earlier round's empty model answer becomes in the history (a turn cannot be empty); CB-MRG's
+#: own phrase for an unknown answer.
+EMPTY_ANSWER_IN_HISTORY = "I do not know."
+
+
+@dataclass(frozen=True)
+class MrgRunOptions:
+    history: str = "model"
+    history_tokens: str = "plain"
+    max_new_tokens: int = 512
+    box_threshold: float | None = None
+    image_prefix: str = EVAL_IMAGE_PREFIX
+
+    def __post_init__(self):
+        if self.history not in HISTORY_MODES:
+            raise ValueError(f"history must be one of {HISTORY_MODES}, got {self.history!r}")
+        if self.history_tokens not in HISTORY_TOKEN_MODES:
+            raise ValueError(f"history_tokens must be one of {HISTORY_TOKEN_MODES}, got {self.history_tokens!r}")
+
+
+def _history_answer(text: str) -> str:
+    # A [VG] the model generated has no box to go with it in a later prompt; the text stays.
+    cleaned = " ".join(text.replace(VG_TOKEN, " ").split())
+    return cleaned or EMPTY_ANSWER_IN_HISTORY
+
+
+def mrg_predictor(model, encoder: RequestEncoder, options: MrgRunOptions) -> Callable[[list[MrgDialogue]], list[dict]]:
+    """``predict_batch`` for `run_items` over dialogues: one record per dialogue with every round."""
+
+    def predict(dialogues: list[MrgDialogue]) -> list[dict]:
+        histories: list[list[Message]] = [[] for _ in dialogues]
+        history_boxes: list[list] = [[] for _ in dialogues]
+        stopped = [False] * len(dialogues)
+        results: list[list[dict]] = [[] for _ in dialogues]
+        for k in range(max(len(d.rounds) for d in dialogues)):
+            batch, requests = [], []
+            for j, d in enumerate(dialogues):
+                if k >= len(d.rounds):
+                    continue
+                rnd = d.rounds[k]
+                prefix = options.image_prefix if k == 0 else ""
+                request = GenerationRequest(f"{d.dialogue_id}/round{rnd.index}", d.image_path,
+                                            histories[j] + [Message(USER, prefix + rnd.user_text)],
+                                            history_boxes[j] + list(rnd.region_boxes_xyxy_abs),
+                                            image_size=d.image_size)
+                if not stopped[j] and len(encoder.prompt_ids(request)) + options.max_new_tokens > encoder.max_length:
+                    stopped[j] = True  # this and every later round would not fit the context
+                if stopped[j]:
+                    results[j].append(_round_record(rnd, None))
+                    continue
+                batch.append(j)
+                requests.append(request)
+            if not requests:
+                continue
+            outputs = generate_for_requests(model, encoder, requests, max_new_tokens=options.max_new_tokens,
+                                            box_threshold=options.box_threshold)
+            for j, out in zip(batch, outputs):
+                d, rnd = dialogues[j], dialogues[j].rounds[k]
+                results[j].append(_round_record(rnd, out))
+                prefix = options.image_prefix if k == 0 else ""
+                if options.history_tokens == "keep":
+                    histories[j].append(Message(USER, prefix + rnd.user_text))
+                    history_boxes[j] += list(rnd.region_boxes_xyxy_abs)
+                else:
+                    histories[j].append(Message(USER, prefix + rnd.plain_question))
+                answer = rnd.reference_answer if options.history == "ground_truth" else _history_answer(out["text"])
+                histories[j].append(Message(ASSISTANT, answer))
+        return [{"image_path": d.image_path, "history": options.history, "history_tokens": options.history_tokens,
+                 "rounds": results[j]} for j, d in enumerate(dialogues)]
+
+    return predict
+
+
+def _round_record(rnd, out: dict | None) -> dict:
+    record = {
+        "round": rnd.index, "user_text": rnd.user_text, "run": out is not None,
+        "region_boxes_xyxy_abs": [list(b) for b in rnd.region_boxes_xyxy_abs],
+        "target_box_xyxy_abs": list(rnd.target_box_xyxy_abs) if rnd.target_box_xyxy_abs is not None else None,
+        "reference_answer": rnd.reference_answer,
+        "text": out["text"] if out is not None else "",
+        "box_xyxy_abs": None, "score": None,
+    }
+    if out is not None and rnd.is_grounding and out["vg_in_prompt"]:
+        k = out["vg_in_prompt"] - 1  # this round's [VG] is the prompt's last one
+        record["box_xyxy_abs"], record["score"] = out["boxes_xyxy_abs"][k], out["scores"][k]
+    if out is not None:
+        record["generated_boxes_xyxy_abs"] = out["boxes_xyxy_abs"][out["vg_in_prompt"]:]
+    return record
+
+
+def evaluate_mrg(records: list[dict], scorer=None, iou_threshold: float = 0.5) -> dict:
+    """Summary of `mrg_predictor` records: grounding and referring metrics, overall and per round index.
+
+    ``scorer``: a `caption_metrics.CaptionScorer` (reused across calls); None skips the caption metrics.
+    """
+    ious, iou_rounds, missing = [], [], []
+    refs, hyps, ref_rounds = {}, {}, {}
+    num_rounds = num_not_run = 0
+    dialogues_with_vg = dialogues_all_success = 0
+    for d, rec in enumerate(records):
+        vg_success = []
+        for r in rec["rounds"]:
+            num_rounds += 1
+            num_not_run += not r["run"]
+            if r["target_box_xyxy_abs"] is not None:
+                if r["box_xyxy_abs"] is None:
+                    iou = 0.0
+                    missing.append(True)
+                else:
+                    iou = float(iou_per_item([r["box_xyxy_abs"]], [r["target_box_xyxy_abs"]])[0])
+                    missing.append(False)
+                ious.append(iou)
+                iou_rounds.append(str(r["round"]))
+                vg_success.append(iou >= iou_threshold)
+            if r["region_boxes_xyxy_abs"]:
+                key = f"{rec['id']}/round{r['round']}"
+                refs[key] = [r["reference_answer"]]
+                hyps[key] = r["text"].strip()
+                ref_rounds[key] = str(r["round"])
+        if vg_success:
+            dialogues_with_vg += 1
+            dialogues_all_success += all(vg_success)
+
+    summary: dict = {"num_dialogues": len(records), "num_rounds": num_rounds, "num_rounds_not_run": num_not_run}
+    if ious:
+        overall = summarize_ious(ious, iou_threshold=iou_threshold, num_missing=sum(missing))
+        by_round = summarize_ious_by_group(ious, iou_rounds, iou_threshold=iou_threshold, missing_mask=missing)
+        summary["grounding"] = {**overall.to_dict(), "by_round": {k: v.to_dict() for k, v in _by_index(by_round)},
+                                # consistency over a dialogue: every [VG] round of it succeeded
+                                "dialogue_all_success_rate": dialogues_all_success / dialogues_with_vg,
+                                "num_dialogues": dialogues_with_vg}
+    else:
+        summary["grounding"] = None
+    if refs and scorer is not None:
+        referring = {**scorer.score(refs, hyps), "num_samples": len(refs)}
+        by_round = {}
+        for rnd in sorted(set(ref_rounds.values()), key=int):
+            keys = [k for k, v in ref_rounds.items() if v == rnd]
+            by_round[rnd] = {**scorer.score({k: refs[k] for k in keys}, {k: hyps[k] for k in keys}),
+                             "num_samples": len(keys)}
+        referring["by_round"] = by_round
+        summary["referring"] = referring
+    else:
+        summary["referring"] = None if not refs else {"num_samples": len(refs), "skipped": "no caption scorer"}
+    return summary
+
+
+def _by_index(groups: dict):
+    return sorted(groups.items(), key=lambda kv: int(kv[0]))

@@ -1,0 +1,410 @@
+"""Batched inference for the evaluation runners: prompts -> tensors -> ``model.generate`` -> JSONL.
+
+Three layers, each usable alone:
+
+* `RequestEncoder` / `collate_requests`: a `GenerationRequest` (image, messages, region boxes) becomes
+  right-padded tensors in the batch contract's layout (BOS first, ``<image>`` expanded, ``<bbox>``
+  boxes mapped to the CLIP input, a DINO image for the boxes of any ``[VG]``).
+* `generate_for_requests`: one batched ``model.generate`` (KV cache) for a list of requests.
+* `run_items`: the driver. Items are cut into fixed batches in item order; with torchrun, rank r runs
+  batches r, r + world, ... (whole batches, so every batch is the same as in a one-process run and
+  the results are identical, not merely equal up to padding numerics). Each rank appends one JSON line
+  per finished item to its own file and flushes it; a restart skips the ids already written (a
+  truncated last line from a killed run is dropped). Rank 0 then merges everything into one file in
+  item order, the same file a single process writes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from chatterbox.conversation import USER, Message, generation_prompt
+from chatterbox.data.errors import DataError, parse_sample_id
+from chatterbox.data.transforms import check_boxes_in_image, clip_image, dino_image, load_image, region_boxes_for_model
+from chatterbox.tokens import expand_image_placeholder, special_token_ids
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EVAL_IMAGE_PREFIX", "GenerationRequest", "EncodedRequest", "RequestEncoder", "collate_requests",
+    "generate_for_requests", "upstream_answer_text", "DistContext", "init_eval_distributed",
+    "read_jsonl", "run_items", "shard_path", "RunStats",
+]
+
+#: upstream's evaluation message: "<image>" + " " + prompt (eval_grounding.py / refcocog_referring_test.py).
+EVAL_IMAGE_PREFIX = "<image> "
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt: a dialogue about one image that ends with a user message."""
+
+    request_id: str  # "<file>#<record>" style: names the item in errors
+    image_path: str
+    messages: list[Message]  # user/assistant alternating, ending with the user turn to answer
+    region_boxes_xyxy_abs: list = field(default_factory=list)  # one per <bbox> in all messages, in order
+    clip_resize: str = "crop"
+    image_size: tuple[int, int] | None = None  # (width, height) from the annotation, checked against the file
+
+    @classmethod
+    def single_turn(cls, request_id: str, image_path: str, user_text: str, region_boxes_xyxy_abs=(),
+                    image_size=None, image_prefix: str = EVAL_IMAGE_PREFIX) -> "GenerationRequest":
+        return cls(request_id, image_path, [Message(USER, image_prefix + user_text)], list(region_boxes_xyxy_abs),
+                   image_size=image_size)
+
+
+@dataclass
+class EncodedRequest:
+    request_id: str
+    input_ids: torch.Tensor  # [T]
+    image_clip: torch.Tensor
+    image_dino: torch.Tensor
+    region_boxes_xyxy_clip_norm: torch.Tensor  # [n, 4]
+    image_size_hw: tuple[int, int]
+
+
+class RequestEncoder:
+    """Tokenises prompts and prepares images exactly as the training data path does (data/transforms)."""
+
+    def __init__(self, tokenizer, clip_image_size: int = 224, dino_image_size: int = 512,
+                 region_box_normalisation: str = "crop", max_length: int = 2048):
+        self.tokenizer = tokenizer
+        self.ids = special_token_ids(tokenizer)
+        self.clip_image_size = clip_image_size
+        self.dino_image_size = dino_image_size
+        self.region_box_normalisation = region_box_normalisation
+        self.max_length = max_length
+
+    @classmethod
+    def from_config(cls, tokenizer, cfg) -> "RequestEncoder":
+        """``cfg``: the project config (data sizes + model_max_length)."""
+        return cls(tokenizer, cfg.data.clip_image_size, cfg.data.dino_image_size, cfg.data.region_box_normalisation,
+                   min(cfg.data.max_length, cfg.model.language.model_max_length))
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        text = expand_image_placeholder(generation_prompt(request.messages))
+        return [self.ids.bos] + list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, request: GenerationRequest) -> EncodedRequest:
+        file, record = parse_sample_id(request.request_id)
+        file, record = file or request.request_id, record or None
+        input_ids = torch.tensor(self.prompt_ids(request), dtype=torch.long)
+        n_bbox = int((input_ids == self.ids.bbox).sum())
+        if n_bbox != len(request.region_boxes_xyxy_abs):
+            raise DataError(f"prompt has {n_bbox} <bbox> tokens but {len(request.region_boxes_xyxy_abs)} region "
+                            f"boxes", file, record, "region boxes")
+        if len(input_ids) > self.max_length:
+            raise DataError(f"prompt is {len(input_ids)} tokens, more than max_length={self.max_length}", file,
+                            record, "prompt")
+        image = load_image(request.image_path, request.request_id)
+        width, height = image.size
+        if request.image_size is not None and tuple(request.image_size) != (width, height):
+            raise DataError(f"annotation says {request.image_size[0]}x{request.image_size[1]} but the image file "
+                            f"{request.image_path} is {width}x{height}", file, record, "image_size")
+        image_clip, geometry = clip_image(image, self.clip_image_size, request.clip_resize)
+        if request.region_boxes_xyxy_abs:
+            boxes_xyxy_abs = check_boxes_in_image(request.region_boxes_xyxy_abs, width, height, request.request_id,
+                                                  "region boxes")
+        else:
+            boxes_xyxy_abs = torch.zeros(0, 4, dtype=torch.float64)
+        regions = region_boxes_for_model(boxes_xyxy_abs, geometry, self.region_box_normalisation)
+        # Always prepared: the model may also generate a [VG] in its reply, which needs the DINO image.
+        return EncodedRequest(request.request_id, input_ids, image_clip, dino_image(image, self.dino_image_size),
+                              regions, (height, width))
+
+
+def collate_requests(encoded: Sequence[EncodedRequest], pad_token_id: int) -> dict:
+    """Right-padded prompts, one image per row (offset = [0, 1, ..., B])."""
+    if not encoded:
+        raise ValueError("cannot collate an empty batch")
+    length = max(len(e.input_ids) for e in encoded)
+    input_ids = torch.full((len(encoded), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    for b, e in enumerate(encoded):
+        input_ids[b, : len(e.input_ids)] = e.input_ids
+        attention_mask[b, : len(e.input_ids)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "images_clip": torch.stack([e.image_clip for e in encoded]),
+        "images_dino": torch.stack([e.image_dino for e in encoded]),
+        "offset": torch.arange(len(encoded) + 1, dtype=torch.long),
+        "image_sizes": torch.tensor([e.image_size_hw for e in encoded], dtype=torch.long),
+        "region_boxes": [e.region_boxes_xyxy_clip_norm for e in encoded],
+        "sample_ids": [e.request_id for e in encoded],
+    }
+
+
+def upstream_answer_text(tokenizer, prompt_ids: Sequence[int], generated_ids: Sequence[int]) -> str:
+    """Upstream's answer: decode the sequence, keep the text after the last "ASSISTANT:" up to "</s>".
+
+    Only the prompt's last tokens are decoded with the reply; they hold "ASSISTANT:", and decoding them
+    together keeps the reply's leading space as upstream's text_output has it (" It is a red truck.").
+    """
+    text = tokenizer.decode(list(prompt_ids[-8:]) + list(generated_ids), skip_special_tokens=False)
+    marker = "ASSISTANT:"
+    if marker not in text:
+        raise RuntimeError(f"decoded prompt tail has no {marker!r}: {text!r}")
+    return text.rsplit(marker, 1)[1].split("</s>", 1)[0]
+
+
+@torch.no_grad()
+def generate_for_requests(model, encoder: RequestEncoder, requests: Sequence[GenerationRequest], *,
+                          max_new_tokens: int, box_threshold: float | None = None, device=None) -> list[dict]:
+    """Generate for a batch; one dict per request: answer text (upstream's cut), token ids, boxes.
+
+    ``boxes_xyxy_abs`` / ``scores`` have one row per ``[VG]`` (prompt ones first, then generated ones);
+    ``vg_in_prompt`` says how many answer the prompt.
+    """
+    encoded = [encoder.encode(r) for r in requests]
+    batch = collate_requests(encoded, encoder.ids.pad)
+    device = device if device is not None else next(model.parameters()).device
+    tensors = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    tensors["region_boxes"] = [b.to(device) for b in batch["region_boxes"]]
+    results = model.generate(**tensors, max_new_tokens=max_new_tokens, box_threshold=box_threshold)
+    out = []
+    for e, r in zip(encoded, results):
+        out.append({
+            "text": upstream_answer_text(encoder.tokenizer, e.input_ids.tolist(), r.token_ids),
+            "token_ids": list(r.token_ids),
+            "boxes_xyxy_abs": r.boxes_xyxy_abs.tolist(),
+            "scores": r.scores.tolist(),
+            "vg_in_prompt": int(r.vg_in_prompt),
+            "prompt_tokens": len(e.input_ids),
+        })
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+def init_eval_distributed(device: torch.device) -> DistContext:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (NCCL on GPUs, gloo on CPU); else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return DistContext(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL predictions: incremental, resumable, sharded
+# ----------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | Path, *, repair: bool = False) -> list[dict]:
+    """Records of a predictions file. A last line without its newline is what a killed writer leaves:
+    it is ignored (``repair``: also cut from the file). Any other bad line is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]
+    if tail:
+        logger.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted run", path, len(tail))
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(len(raw) - len(tail))
+    records = []
+    for n, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"line {n} is not valid JSON ({e.msg}); delete the file to start over", str(path), n,
+                            "line") from None
+        if not isinstance(record, dict) or "id" not in record:
+            raise DataError(f"line {n} has no 'id'", str(path), n, "id")
+        records.append(record)
+    return records
+
+
+def shard_path(path: Path, rank: int, world_size: int) -> Path:
+    return path.with_name(f"{path.stem}.rank{rank}-of-{world_size}{path.suffix}")
+
+
+def _partial_files(path: Path) -> list[Path]:
+    """The merged file and every shard file a previous run (of any world size) may have left."""
+    return ([path] if path.is_file() else []) + sorted(path.parent.glob(f"{path.stem}.rank*-of-*{path.suffix}"))
+
+
+@dataclass
+class RunStats:
+    num_items: int = 0
+    num_resumed: int = 0  # found in a partial file of an earlier run
+    num_generated: int = 0  # by this process
+
+
+def run_items(items: Sequence, item_id: Callable[[object], str], predict_batch: Callable[[list], list[dict]],
+              out_path: str | Path, *, batch_size: int, dist: DistContext = DistContext(),
+              log_every: int = 10) -> tuple[list[dict] | None, RunStats]:
+    """Run ``predict_batch`` over ``items`` with resume and sharding; return (records in item order, stats).
+
+    ``predict_batch(list_of_items) -> list of JSON-able dicts`` (one per item, in order; the runner adds
+    ``"id"``). Records are written to ``out_path`` (JSONL, one line per item, item order). Every rank
+    returns the merged records after the final barrier.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ids = [item_id(it) for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"duplicate item id {dup!r}: ids must be unique to resume")
+    known = set(ids)
+    done: dict[str, dict] = {}
+    own = out_path if dist.world_size == 1 else shard_path(out_path, dist.rank, dist.world_size)
+    for f in _partial_files(out_path):
+        for rec in read_jsonl(f, repair=(f == own)):
+            if rec["id"] not in known:
+                raise DataError(f"id {rec['id']!r} is not in this question set (a file of another run?); "
+                                f"delete it or choose another output", str(f), rec["id"], "id")
+            done.setdefault(rec["id"], rec)
+    dist.barrier()  # everyone has read the old files before anyone appends
+
+    stats = RunStats(num_items=len(items), num_resumed=len(done))
+    batches = [list(range(s, min(s + batch_size, len(items)))) for s in range(0, len(items), batch_size)]
+    mine = batches[dist.rank:: dist.world_size]
+    with open(own, "a") as f:
+        for n, batch in enumerate(mine):
+            todo = [i for i in batch if ids[i] not in done]
+            if not todo:
+                continue
+            records = predict_batch([items[i] for i in todo])
+            if len(records) != len(todo):
+                raise RuntimeError(f"predict_batch returned {len(records)} records for {len(todo)} items")
+            for i, rec in zip(todo, records):
+                rec = {"id": ids[i], **rec}
+                f.write(json.dumps(rec, allow_nan=False) + "\n")
+                done[ids[i]] = rec
+            f.flush()
+            os.fsync(f.fileno())
+            stats.num_generated += len(todo)
+            if log_every and (n + 1) % log_every == 0:
+                logger.info("rank %d: %d/%d batches", dist.rank, n + 1, len(mine))
+    dist.barrier()
+
+    if dist.is_main:
+        merged: dict[str, dict] = {}
+        for f in _partial_files(out_path):
+            for rec in read_jsonl(f):
+                merged.setdefault(rec["id"], rec)
+        missing = [i for i in ids if i not in merged]
+        if missing:
+            raise RuntimeError(f"{len(missing)} items have no prediction after the run (first: {missing[:3]})")
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        with open(tmp, "w") as f:
+            for i in ids:
+                f.write(json.dumps(merged[i], allow_nan=False) + "\n")
+        os.replace(tmp, out_path)
+        for f in _partial_files(out_path):
+            if f != out_path:
+                f.unlink()
+    dist.barrier()
+    return [r for r in read_jsonl(out_path)], stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Model + command-line set-up shared by evaluation/*.py
+# ----------------------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bf16 on a GPU (the project's default), fp32 on a CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def load_eval_model(cfg, checkpoint: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """``checkpoint``: a ``ChatterBox.save_pretrained`` directory; empty = the config's model (base
+    weights from its paths; random parts drawn from ``seed``, so every rank builds the same model)."""
+    from chatterbox.model.chatterbox import ChatterBox
+
+    if checkpoint:
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: not a directory (expected a save_pretrained export)")
+        model = ChatterBox.from_pretrained(checkpoint, dtype=dtype, device=device)
+    else:
+        torch.manual_seed(seed)
+        model = ChatterBox.build(cfg.model, dtype=dtype, device=device, verbose=False)
+    return model.eval()
+
+
+def add_runner_arguments(parser) -> None:
+    from chatterbox.config import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--checkpoint", default="", help="ChatterBox.save_pretrained directory; empty = the config's model")
+    parser.add_argument("--data", default="", help="dataset location (see the command's help); default from the config")
+    parser.add_argument("--output-dir", default="", help="default: <eval.output_dir>/<benchmark>")
+    parser.add_argument("--batch-size", type=int, default=0, help="default: eval.batch_size")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="default: eval.max_new_tokens")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N items (0 = all)")
+    parser.add_argument("--device", default="", help="default: the config's device (auto = cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--seed", type=int, default=0, help="seed for randomly initialised parts (no checkpoint)")
+
+
+@dataclass
+class RunnerSetup:
+    cfg: object
+    model: object
+    encoder: RequestEncoder
+    dist: DistContext
+    device: torch.device
+    output_dir: Path
+    batch_size: int
+    max_new_tokens: int
+
+
+def setup_runner(args, benchmark: str) -> RunnerSetup:
+    """Config + overrides, distributed group, model on its device, encoder, output folder."""
+    from chatterbox.config import config_from_args
+
+    cfg = config_from_args(args)
+    device_name = args.device or cfg.device
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    dist = init_eval_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    model = load_eval_model(cfg, args.checkpoint, device, resolve_dtype(args.dtype, device), args.seed)
+    encoder = RequestEncoder.from_config(model.tokenizer, cfg)
+    output_dir = Path(args.output_dir or os.path.join(cfg.eval.output_dir, benchmark))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return RunnerSetup(cfg, model, encoder, dist, device, output_dir, args.batch_size or cfg.eval.batch_size,
+                       args.max_new_tokens or cfg.eval.max_new_tokens)

@@ -1,0 +1,83 @@
+"""COCO val2017 single-round grounding with a model: questions -> generation -> prediction.json -> metrics.
+
+    python evaluation/coco_grounding.py --config CONFIG [--checkpoint EXPORT_DIR] [--data COCO2017_DIR]
+        [--questions grounding_qa.json] [--image-dir DIR] [--output-dir DIR] [--batch-size N] [--limit N]
+    torchrun --nproc_per_node 8 evaluation/coco_grounding.py ...      # sharded; same files as one process
+
+Questions: built from <data>/annotations/instances_val2017.json as upstream does (3,422 on COCO;
+written to <output-dir>/grounding_qa.json), or read from upstream's grounding_qa.json (--questions).
+Prompt = question + " [VG]". Writes predictions.jsonl (incremental; a rerun resumes), upstream's
+prediction.json, summary.json and summary.md; the last line printed is the metrics JSON (miou,
+success_rate, miou_at_success, num_samples, ...), the same as eval_grounding.py on prediction.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from chatterbox.data.errors import DataError
+
+
+def parse_args(argv=None):
+    from chatterbox.eval.runner import add_runner_arguments
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_runner_arguments(p)
+    p.add_argument("--questions", default="", help="upstream grounding_qa.json instead of building from instances")
+    p.add_argument("--image-dir", default="", help="default: <data>/val2017")
+    p.add_argument("--iou-threshold", type=float, default=0.5)
+    p.add_argument("--box-threshold", type=float, default=None, help="default: eval.box_threshold")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from chatterbox.eval import questions as Q
+    from chatterbox.eval.benchmarks import evaluate_grounding_file, grounding_prediction_entries, single_round_predictor
+    from chatterbox.eval.reports import write_markdown_report, write_summary_json
+    from chatterbox.eval.runner import run_items, setup_runner
+
+    args = parse_args(argv)
+    s = setup_runner(args, "coco_grounding")
+    data = args.data or s.cfg.data.paths.coco2017_dir
+    if args.questions:
+        with open(args.questions) as f:
+            records, source = json.load(f), args.questions
+    else:
+        source = os.path.join(data, "annotations", "instances_val2017.json")
+        records = Q.coco_grounding_qa(source)
+        if s.dist.is_main:
+            Q.write_grounding_qa(records, str(s.output_dir / "grounding_qa.json"))
+    items = Q.coco_grounding_items(records, args.image_dir or os.path.join(data, "val2017"),
+                                   os.path.basename(source), s.cfg.data.vg_separator)
+    if args.limit:
+        items = items[: args.limit]
+    box_threshold = args.box_threshold if args.box_threshold is not None else s.cfg.eval.box_threshold
+    predict = single_round_predictor(s.model, s.encoder, max_new_tokens=s.max_new_tokens, box_threshold=box_threshold)
+    records_out, stats = run_items(items, lambda it: it.item_id, predict, s.output_dir / "predictions.jsonl",
+                                   batch_size=s.batch_size, dist=s.dist)
+    if not s.dist.is_main:
+        return 0
+    entries = grounding_prediction_entries(items, records_out)
+    with open(s.output_dir / "prediction.json", "w") as f:
+        json.dump(entries, f, indent=1)
+    evaluation = evaluate_grounding_file(s.output_dir / "prediction.json", iou_threshold=args.iou_threshold)
+    result = evaluation.to_dict()
+    summary = {"benchmark": "coco_grounding", "questions": source, "checkpoint": args.checkpoint or "(config model)",
+               "num_resumed": stats.num_resumed, "world_size": s.dist.world_size, **result}
+    write_summary_json(s.output_dir / "summary.json", summary)
+    write_markdown_report(s.output_dir / "summary.md", "COCO val2017 grounding", {"all": result},
+                          ["miou", "success_rate", "miou_at_success", "num_success", "num_samples", "num_fallback"],
+                          notes=[f"questions: {source}", f"checkpoint: {summary['checkpoint']}"])
+    print(f"wrote {s.output_dir}/prediction.json ({len(entries)} entries, {stats.num_resumed} resumed)")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
