@@ -94,10 +94,13 @@ class DataStream:
 
     def _make_iterator(self):
         self.sampler.position = self.consumed
+        # A private generator: creating a loader iterator draws a base seed, which must not consume the
+        # global torch RNG (a resumed run would otherwise diverge from the uninterrupted one).
+        generator = torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + self.consumed)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=self.collate_fn,
             num_workers=self.num_workers, pin_memory=self.pin_memory, worker_init_fn=_worker_init,
-            persistent_workers=False, prefetch_factor=2 if self.num_workers > 0 else None,
+            persistent_workers=False, prefetch_factor=2 if self.num_workers > 0 else None, generator=generator,
         )
         return iter(loader)
 
@@ -118,6 +121,9 @@ class DataStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+        # Restart the loader at the restored position: prefetched batches of the old one are dropped.
+        self.consumed = self.sampler.position
+        self._iterator = None
         self.consumed = int(state["position"])
         self._iterator = None
 
