@@ -39,7 +39,10 @@ setup(
     description="ChatterBox: multi-round multimodal referring and grounding (arXiv 2401.13307)",
     python_requires=">=3.11",
     packages=find_packages(include=["chatterbox", "chatterbox.*", "model", "model.*"]),
-    package_data={"model.GroundingDINO.ms_deform_attn": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"]},
+    package_data={
+        "model.GroundingDINO.ms_deform_attn": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"],
+        "chatterbox.serve": ["static/*.html"],
+    },
     install_requires=_read_requirements(),
     ext_modules=ext_modules,
     cmdclass=cmdclass,

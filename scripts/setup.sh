@@ -7,12 +7,19 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
-if ! command -v java >/dev/null 2>&1; then
-  # pycocoevalcap's METEOR scorer and PTB tokenizer are Java programs.
-  echo "[setup] installing a Java runtime (needed by the METEOR scorer)"
+# System packages: a Java runtime for pycocoevalcap's METEOR scorer and PTB tokenizer, and Chromium +
+# ChromeDriver for the web demo's browser test (CHATTERBOX_SKIP_BROWSER=1 skips those).
+apt_packages=()
+command -v java >/dev/null 2>&1 || apt_packages+=(default-jre-headless)
+if [ "${CHATTERBOX_SKIP_BROWSER:-0}" != 1 ]; then
+  command -v chromium >/dev/null 2>&1 || apt_packages+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || apt_packages+=(chromium-driver)
+fi
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  echo "[setup] installing system packages: ${apt_packages[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq default-jre-headless >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -60,7 +60,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-_to_rgb = to_rgb  # kept for callers that imported the private name
 
 
 @dataclass(frozen=True)

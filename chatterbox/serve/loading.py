@@ -1,0 +1,51 @@
+"""Model loading shared by the chat CLI and the web demo: config -> device, dtype and weights."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from chatterbox.config import ChatterBoxConfig, add_config_arguments, config_from_args
+from chatterbox.serve.session import PromptOptions
+
+logger = logging.getLogger(__name__)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--checkpoint", default="",
+                        help="export directory written by ChatterBox.save_pretrained (default: the base weights "
+                             "the config points at, random where a path is empty)")
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                        help="weights dtype (auto: bf16 on a GPU, fp32 on the CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
+
+
+def resolve_device(cfg: ChatterBoxConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_chat_model(args: argparse.Namespace):
+    """(model, config, prompt options) from parsed ``add_model_arguments`` arguments."""
+    from chatterbox.model.chatterbox import ChatterBox
+
+    cfg = config_from_args(args)
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+    if args.checkpoint:
+        model = ChatterBox.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+    else:
+        logger.warning("no --checkpoint: using the base weights of config %r (random where a path is empty)",
+                       args.config)
+        model = ChatterBox.build(cfg.model, dtype=dtype, device=device, verbose=False)
+    return model.eval(), cfg, PromptOptions.from_data_config(cfg.data)

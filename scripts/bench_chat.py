@@ -1,0 +1,240 @@
+"""Chat latency benchmark: time to first token, decode tokens/s and time to boxes for rounds 1..N of
+one dialogue, against the memory-bandwidth bound of decoding (issue 8, item 5).
+
+    python scripts/bench_chat.py --preset 13b --out outputs/bench_chat_13b.json        # on an H100/H200
+    python scripts/bench_chat.py --preset tiny --device cpu --rounds 3 --answer-tokens 8   # smoke test
+
+Random weights in bf16 (the timing of a forward pass does not depend on the values). Every round asks
+about a region (`<bbox>`) and for a box (`[VG]`), and every answer is forced to the same length
+(``min_new_tokens = max_new_tokens``) so rounds are comparable. Each dialogue runs with the session's
+KV cache reused across rounds and, as a baseline, re-encoding the whole dialogue every round; with
+``--merge-lora`` also with LoRA folded into the weights.
+
+Bound: one decode step reads every weight of the LLM once (embedding rows aside), so
+``tokens/s <= bandwidth / weight_bytes``. The card's nominal bandwidth comes from --bandwidth-gbs or
+the device name; the bandwidth a large device-to-device copy reaches is measured and reported too.
+Results go to --out as JSON; summarise them in docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+# Nominal HBM bandwidth (GB/s, 1e9 bytes) by device-name fragment, most specific first.
+NOMINAL_BANDWIDTH_GBS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),
+                         ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0))
+QUESTIONS = ("What is <bbox>? [VG]", "What is the object in <bbox> made of? [VG]", "Is <bbox> near it? [VG]",
+             "Describe <bbox> in detail. [VG]", "What colour is <bbox>? [VG]", "Where else is <bbox>? [VG]",
+             "What is next to <bbox>? [VG]", "Which one is bigger, <bbox>? [VG]")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="13b", choices=("tiny", "7b", "13b"))
+    parser.add_argument("--tokenizer", default="",
+                        help="LLaMA-2 tokenizer folder (gives the real 32000-row vocabulary); default: the tiny "
+                             "tokenizer, whose 1005-row vocabulary makes lm_head ~2%% of the weights smaller")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--answer-tokens", type=int, default=64, help="tokens generated per round (forced)")
+    parser.add_argument("--repeats", type=int, default=3, help="dialogues per variant; per-round medians reported")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(640, 480), metavar=("W", "H"))
+    parser.add_argument("--bandwidth-gbs", type=float, default=None, help="card bandwidth (default: by name)")
+    parser.add_argument("--merge-lora", action="store_true", help="also measure with LoRA merged into the weights")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the re-encode-every-round baseline")
+    parser.add_argument("--out", default="outputs/bench_chat.json")
+    return parser.parse_args(argv)
+
+
+def build_model(args, device: torch.device, dtype: torch.dtype):
+    from chatterbox.model.chatterbox import ChatterBox
+    from chatterbox.model.presets import preset
+    from chatterbox.model.weights import build_tokenizer
+
+    cfg = preset(args.preset)
+    cfg.language.gradient_checkpointing = False
+    cfg.language.lora_dropout = 0.0
+    if args.tokenizer:
+        cfg.language.tokenizer_path = args.tokenizer
+    tokenizer = build_tokenizer(cfg)
+    if not args.tokenizer:
+        cfg.language.vocab_size = min(cfg.language.vocab_size, len(tokenizer) - 5)
+    torch.manual_seed(0)
+    # Built directly on the device (random init there is fast), then cast.
+    with torch.device(device):
+        model = ChatterBox.build(cfg, tokenizer=tokenizer, verbose=False)
+    return model.to(device=device, dtype=dtype).eval(), cfg
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes one decode step reads: the LLM's parameters except the embedding table and mm_projector."""
+    lm = model.causal_lm
+    skip = {id(p) for p in lm.get_input_embeddings().parameters()}
+    skip |= {id(p) for p in lm.model.mm_projector.parameters()}
+    return sum(p.numel() * p.element_size() for p in model.language_model.parameters() if id(p) not in skip)
+
+
+def nominal_bandwidth(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override * 1e9, "--bandwidth-gbs"
+    if device.type != "cuda":
+        return None, "unknown (not a CUDA device)"
+    name = torch.cuda.get_device_name(device)
+    for fragment, gbs in NOMINAL_BANDWIDTH_GBS:
+        if fragment in name:
+            return gbs * 1e9, f"nominal for {fragment}"
+    return None, f"unknown for {name!r}: pass --bandwidth-gbs"
+
+
+def measured_copy_bandwidth(device: torch.device, gib: float = 2.0) -> float | None:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    if device.type != "cuda":
+        return None
+    n = int(gib * (1 << 30)) // 2
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 2 * reps / elapsed
+
+
+def run_dialogue(model, image, args, reuse_cache: bool) -> list[dict]:
+    from chatterbox.serve.session import ChatSession
+
+    chat = ChatSession(model, image, max_new_tokens=args.answer_tokens, reuse_cache=reuse_cache,
+                       max_image_pixels=None)
+    width, height = image.size
+    rows = []
+    for r in range(args.rounds):
+        # A different region every round, inside the image.
+        fx = (r % 4) / 4
+        fy = (r // 4 % 2) / 2
+        box = [fx * width, fy * height, fx * width + width / 4, fy * height + height / 2]
+        reply = chat.ask(QUESTIONS[r % len(QUESTIONS)], [box], max_new_tokens=args.answer_tokens,
+                         min_new_tokens=args.answer_tokens)
+        stats = reply.stats
+        rows.append({"round": r + 1, "prompt_tokens": stats.prompt_tokens, "context_tokens": stats.context_tokens,
+                     "generated_tokens": stats.generated_tokens, "prefill_s": stats.prefill_s,
+                     "time_to_first_token_s": stats.first_token_s, "decode_s": stats.decode_s,
+                     "decode_tokens_per_s": stats.decode_tokens_per_s, "boxes_s": stats.boxes_s,
+                     "time_to_boxes_s": stats.total_s, "boxes": len(reply.boxes_xyxy_abs)})
+    return rows
+
+
+def median_rows(runs: list[list[dict]]) -> list[dict]:
+    out = []
+    for per_round in zip(*runs):
+        row = dict(per_round[0])
+        for key, value in row.items():
+            if isinstance(value, float):
+                row[key] = statistics.median(r[key] for r in per_round)
+        out.append(row)
+    return out
+
+
+def measure_variant(model, image, args, reuse_cache: bool) -> list[dict]:
+    run_dialogue(model, image, argparse.Namespace(**{**vars(args), "rounds": 2}), reuse_cache)  # warm-up
+    return median_rows([run_dialogue(model, image, args, reuse_cache) for _ in range(args.repeats)])
+
+
+def summarise(rows: list[dict], bound_tokens_per_s: float | None) -> dict:
+    decode = statistics.median(r["decode_tokens_per_s"] for r in rows)
+    summary = {"decode_tokens_per_s_median": decode,
+               "round_last_over_round_1_latency": rows[-1]["time_to_boxes_s"] / rows[0]["time_to_boxes_s"],
+               "time_to_first_token_s_round_1": rows[0]["time_to_first_token_s"],
+               "time_to_first_token_s_last_round": rows[-1]["time_to_first_token_s"]}
+    if bound_tokens_per_s:
+        summary["decode_fraction_of_bound"] = decode / bound_tokens_per_s
+    return summary
+
+
+def main(argv=None) -> int:
+    import transformers
+    from PIL import Image, ImageDraw
+
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_chat: no CUDA device; use --device cpu (with --preset tiny) for a smoke test", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    t0 = time.perf_counter()
+    model, cfg = build_model(args, device, dtype)
+    build_s = time.perf_counter() - t0
+    image = Image.new("RGB", tuple(args.image_size), (120, 140, 160))
+    ImageDraw.Draw(image).ellipse([50, 60, 300, 320], fill=(200, 40, 40))
+
+    weight_bytes = decode_weight_bytes(model)
+    bandwidth, bandwidth_source = nominal_bandwidth(device, args.bandwidth_gbs)
+    copy_bandwidth = measured_copy_bandwidth(device)
+    bound = bandwidth / weight_bytes if bandwidth else None
+    measured_bound = copy_bandwidth / weight_bytes if copy_bandwidth else None
+
+    variants = {"cache_reuse": measure_variant(model, image, args, reuse_cache=True)}
+    if not args.no_baseline:
+        variants["reencode_every_round"] = measure_variant(model, image, args, reuse_cache=False)
+    if args.merge_lora and hasattr(model.language_model, "merge_adapter"):
+        model.language_model.merge_adapter()
+        variants["cache_reuse_merged_lora"] = measure_variant(model, image, args, reuse_cache=True)
+
+    result = {
+        "benchmark": "chat latency (scripts/bench_chat.py)",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "preset": args.preset, "dtype": args.dtype, "tokenizer": args.tokenizer or "tiny (vocabulary 1005)",
+        "llm_vocab_rows": model.causal_lm.get_input_embeddings().weight.shape[0],
+        "rounds": args.rounds, "answer_tokens": args.answer_tokens, "repeats": args.repeats,
+        "image_size": list(args.image_size), "build_s": build_s,
+        "decode_weight_bytes": weight_bytes,
+        "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": bandwidth_source,
+        "measured_copy_bandwidth_bytes_per_s": copy_bandwidth,
+        "bound_decode_tokens_per_s": bound, "bound_decode_tokens_per_s_measured_bandwidth": measured_bound,
+        "targets": {"decode_fraction_of_bound": 0.6, "round_last_over_round_1_latency": 1.2},
+        "variants": {name: {"summary": summarise(rows, bound), "rounds": rows} for name, rows in variants.items()},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"{result['device']}: decode reads {weight_bytes / 1e9:.2f} GB per token; bound "
+          + (f"{bound:.1f} tokens/s ({bandwidth_source})" if bound else "unknown")
+          + (f", {measured_bound:.1f} tokens/s at the measured copy bandwidth" if measured_bound else ""))
+    for name, rows in variants.items():
+        s = result["variants"][name]["summary"]
+        print(f"\n{name}: decode {s['decode_tokens_per_s_median']:.1f} tokens/s"
+              + (f" = {s['decode_fraction_of_bound']:.0%} of the bound" if bound else "")
+              + f"; round {args.rounds} / round 1 latency {s['round_last_over_round_1_latency']:.2f}")
+        print("round  prompt  context  TTFT_s  decode_tok/s  boxes_s  total_s")
+        for r in rows:
+            print(f"{r['round']:>5}  {r['prompt_tokens']:>6}  {r['context_tokens']:>7}  "
+                  f"{r['time_to_first_token_s']:.4f}"
+                  f"  {r['decode_tokens_per_s']:>12.1f}  {r['boxes_s']:.4f}  {r['time_to_boxes_s']:.4f}")
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
