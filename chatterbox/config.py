@@ -116,10 +116,27 @@ def _resolve_path(path: str | Path) -> Path:
     raise ConfigError(f"no config file {str(path)!r} and no preset of that name; presets: {known}")
 
 
+def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
+    """Cross-field rules: values the data pipeline and the model must agree on."""
+    pairs = [
+        ("data.dino_image_size", cfg.data.dino_image_size, "model.vision.image_size", cfg.model.vision.image_size),
+        ("data.clip_image_size", cfg.data.clip_image_size, "model.clip.image_size", cfg.model.clip.image_size),
+        ("model.query_head.out_dim", cfg.model.query_head.out_dim,
+         "model.vision.hidden_dim", cfg.model.vision.hidden_dim),
+    ]
+    for key_a, a, key_b, b in pairs:
+        if a != b:
+            raise ConfigError(f"{key_a}={a} must equal {key_b}={b}")
+    if cfg.data.max_length > cfg.model.language.model_max_length:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds "
+                          f"model.language.model_max_length={cfg.model.language.model_max_length}")
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides=()) -> ChatterBoxConfig:
     """Load a config file (or preset name) and apply ``key=value`` overrides; strict."""
     resolved = _resolve_path(path) if path is not None else None
-    return config_schema.load(ChatterBoxConfig, resolved, overrides)
+    return check_consistency(config_schema.load(ChatterBoxConfig, resolved, overrides))
 
 
 def config_to_dict(cfg: ChatterBoxConfig) -> dict:

@@ -86,3 +86,10 @@ def test_7b_stage2_keeps_the_7b_model_and_stage2_streams():
     assert cfg.model.language.hidden_size == 4096 and cfg.model.language.num_hidden_layers == 32
     assert cfg.train.stage == 2 and set(cfg.train.streams) == {"referring", "grounding", "vqa"}
     assert cfg.train.init_from == load_config("7b_stage1").train.output_dir
+
+
+def test_values_shared_by_data_and_model_must_agree():
+    with pytest.raises(ConfigError, match=r"data.dino_image_size=512 must equal model.vision.image_size=128"):
+        load_config("tiny_stage1", ["data.dino_image_size=512"])
+    with pytest.raises(ConfigError, match=r"model.query_head.out_dim=256 must equal model.vision.hidden_dim=32"):
+        load_config("tiny_stage1", ["model.query_head.out_dim=256"])
