@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from chatterbox.config_schema import ConfigError
 from model.GroundingDINO.config import VisionBranchConfig, load_vision_config
 
 
@@ -32,17 +33,17 @@ def test_loss_weights_cover_final_aux_and_interm_terms():
 def test_unknown_key_is_named(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("hidden_dim: 256\nnum_querys: 900\n")
-    with pytest.raises(KeyError, match="num_querys"):
+    with pytest.raises(ConfigError, match="num_querys"):
         load_vision_config(path)
 
 
 def test_wrong_type_is_named(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("enc_layers: six\n")
-    with pytest.raises(TypeError, match="enc_layers"):
+    with pytest.raises(ConfigError, match="enc_layers"):
         load_vision_config(path)
     path.write_text("swin_depths: [2, 2, x, 2]\n")
-    with pytest.raises(TypeError, match=r"swin_depths\[2\]"):
+    with pytest.raises(ConfigError, match=r"swin_depths\[2\]"):
         load_vision_config(path)
 
 

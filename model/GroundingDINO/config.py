@@ -7,12 +7,11 @@ The dataclass holds plain values only so that the project-wide config can nest i
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from chatterbox import config_schema
 
 __all__ = ["VisionBranchConfig", "SWIN_PRESETS", "load_vision_config", "VISION_CONFIG_DIR"]
 
@@ -187,35 +186,9 @@ class VisionBranchConfig:
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "VisionBranchConfig":
-        """Build from a mapping; unknown keys and wrongly typed values raise errors naming them."""
-        if not isinstance(values, dict):
-            raise TypeError(f"{source}: expected a mapping of field names to values, got {type(values).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise KeyError(f"{source}: unknown vision-branch config key(s) {unknown}")
-        defaults = cls.__new__(cls)  # defaults without running validation on a half-built object
-        for f in dataclasses.fields(cls):
-            setattr(defaults, f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        checked = {name: _check_type(name, value, getattr(defaults, name), source) for name, value in values.items()}
-        try:
-            return cls(**checked)
-        except ValueError as err:
-            raise ValueError(f"{source}: {err}") from None
-
-    @classmethod
     def from_yaml(cls, path: str | Path) -> "VisionBranchConfig":
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise FileNotFoundError(f"vision config {path}: cannot read ({err})") from None
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ValueError(f"vision config {path}: invalid YAML ({err})") from None
-        return cls.from_dict(values or {}, source=str(path))
+        """Strict load (unknown keys and wrong types are errors naming the key), as every project config."""
+        return config_schema.load(cls, path)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -235,30 +208,3 @@ def load_vision_config(name_or_path: str | Path) -> VisionBranchConfig:
 
 def _as_list(value):
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _check_type(name: str, value: Any, default: Any, source: str) -> Any:
-    where = f"{source}: field {name!r}"
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise TypeError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise TypeError(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise TypeError(f"{where}: expected a string, got {value!r}")
-        return value
-    if isinstance(default, list):
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
-        if default:
-            return [_check_type(f"{name}[{i}]", v, default[0], source) for i, v in enumerate(value)]
-        return list(value)
-    return value
