@@ -50,6 +50,22 @@ def _where(sample_ids: Sequence[str] | None, row: int) -> str:
     return f"sample {sample_ids[row]!r} (batch row {row})" if sample_ids is not None else f"batch row {row}"
 
 
+def causal_mask_suffices(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None when ``attention_mask`` only marks right padding, else the mask itself.
+
+    With right padding no real token ever sees a padding position under the causal mask, so the
+    padding mask changes nothing for real tokens (positions are 0..T-1 either way); dropping it lets
+    SDPA run its causal flash kernel instead of the masked one. Outputs at padding positions differ,
+    but they are never supervised nor read as `[VG]` queries.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1, keepdim=True)
+    right_padded = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths
+    return None if bool((right_padded == mask).all()) else attention_mask
+
+
 class ChatterBox(nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer, language_model: nn.Module, clip_tower: ClipTower,
                  vision_branch: VisionBranch):
@@ -120,6 +136,49 @@ class ChatterBox(nn.Module):
 
     def parameter_table(self) -> str:
         return parameter_table(self)
+
+    # ------------------------------------------------------------------------------------------------
+    # speed / precision knobs
+    def set_gradient_checkpointing(self, num_layers: int = -1) -> int:
+        """Recompute the activations of the first ``num_layers`` LLM decoder layers in backward.
+
+        -1 = every layer, 0 = none. Short micro-batches fit without it (and run ~1/3 faster: the
+        frozen weights make backward only 2x the forward, so a recompute adds half); long ones
+        checkpoint only as many layers as memory needs. Can be changed between micro-batches.
+        Returns the number of checkpointed layers.
+        """
+        layers = self.causal_lm.model.layers
+        count = len(layers) if num_layers < 0 else num_layers
+        if count > len(layers):
+            raise ValueError(f"gradient checkpointing of {count} layers: the LLM has only {len(layers)}")
+        if count and not getattr(layers[0], "_gradient_checkpointing_func", None):
+            # Installs the (non-reentrant) checkpoint function on every layer and turns all of them on.
+            self.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index < count
+        return count
+
+    @property
+    def gradient_checkpointing_layers(self) -> int:
+        return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in self.causal_lm.model.layers)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Every ``.to()``/``.half()``/``.bfloat16()`` (DeepSpeed's too) ends here: keep RoPE in fp32.
+
+        transformers keeps the rotary inverse frequencies as a floating buffer, so a cast to bf16 would
+        round them (0.3162 -> 0.3164) and shift every rotation angle by up to ~0.1 rad at position
+        600 — a different positional code than LLaMA was trained with. They are recomputed in fp32.
+        """
+        super()._apply(fn, recurse)
+        for module in self.modules():
+            inv_freq = getattr(module, "inv_freq", None)
+            if (isinstance(inv_freq, torch.Tensor) and not inv_freq.is_meta and inv_freq.dtype != torch.float32
+                    and hasattr(module, "rope_type") and hasattr(module, "config")):
+                fresh = type(module)(config=module.config)
+                for name in ("inv_freq", "original_inv_freq"):
+                    if isinstance(getattr(module, name, None), torch.Tensor):
+                        setattr(module, name, getattr(fresh, name).to(inv_freq.device))
+        return self
 
     def print_trainable_parameters(self) -> None:
         print(self.parameter_table())
@@ -200,7 +259,7 @@ class ChatterBox(nn.Module):
         ``cfg.zero_lm_loss_on_grounding`` the LM loss of a batch with grounding targets is multiplied by 0.
         """
         inputs_embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes, sample_ids)
-        hidden = self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+        hidden = self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=causal_mask_suffices(attention_mask),
                                       use_cache=False).last_hidden_state
         result: dict[str, torch.Tensor] = {}
         lm_loss = self._lm_loss(hidden, labels) if labels is not None else hidden.sum() * 0.0

@@ -29,6 +29,9 @@ class LanguageConfig:
     initializer_range: float = 0.02
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = True
+    # How many decoder layers (the first ones) recompute their activations in backward when
+    # gradient_checkpointing is on; -1 = all. Fewer layers = less recompute, more activation memory.
+    gradient_checkpointing_layers: int = -1
     # LoRA on the LLM (upstream: r 16, alpha 16, dropout 0.05 on q_proj and v_proj).
     lora_r: int = 16
     lora_alpha: int = 16

@@ -162,8 +162,6 @@ def build_model(cfg: ModelConfig, tokenizer=None):
         lm = LlavaLlamaForCausalLM(llama_config(lang, mm_hidden_size=cfg.clip.hidden_size))
     resize_vocabulary(lm, len(tokenizer), std=lm.config.initializer_range)
     lm.config.use_cache = False
-    if lang.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm = apply_lora(lm, lang)
 
     clip_model = load_clip_vision(cfg.clip.clip_path) if cfg.clip.clip_path else None
@@ -178,7 +176,9 @@ def build_model(cfg: ModelConfig, tokenizer=None):
     vision = VisionBranch(cfg.vision)
     if cfg.vision_weights:
         load_groundingdino_checkpoint(vision, cfg.vision_weights)
-    return ChatterBox(cfg, tokenizer, lm, clip_tower, vision)
+    model = ChatterBox(cfg, tokenizer, lm, clip_tower, vision)
+    model.set_gradient_checkpointing(lang.gradient_checkpointing_layers if lang.gradient_checkpointing else 0)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,608 @@
+#!/usr/bin/env python
+"""Stage-2 training-step throughput of ChatterBox on one GPU, ours vs upstream's configuration.
+
+    python scripts/bench_train_step.py --compare --out outputs/bench_train     # both modes, one GPU
+    python scripts/bench_train_step.py --mode ours --preset 13b --json r.json  # one mode
+    python scripts/bench_train_step.py --tiny                                   # CPU smoke run, seconds
+
+Model: the preset (13b = LLaMA-2-13B + CLIP-L/14 + GroundingDINO Swin-B) with random weights, LoRA and
+the trainable policy of training; through the project's DeepSpeed ZeRO-2 engine (chatterbox.train.engine).
+Batches have the real shapes (micro-batch 6; DINO 512²; CLIP 224²) and these sequence lengths, an
+assumption from the data (1 BOS + 258 image positions + text):
+
+* grounding: 40-90 text tokens (system prompt ~35 + question + short answer with 1-2 `[VG]`, 1-3 boxes
+  each) -> 299-349 tokens;
+* referring: 300-420 text tokens (multi-round CB-MRG / VG region dialogues, 1-4 `<bbox>` regions)
+  -> 559-679 tokens;
+* vqa: 200-420 text tokens (LLaVA-instruct conversations) -> 459-679 tokens.
+
+Modes (each in its own process when --compare):
+* ``ours``: bf16, SDPA attention (causal flash kernel: right padding needs no mask), gradient
+  checkpointing only on as many LLM layers as memory needs (planned from the measured activation bytes
+  per token), vision-branch checkpointing off, ONE engine;
+* ``upstream``: fp16 with dynamic loss scaling, eager attention, gradient checkpointing of every LLM
+  layer and of the vision transformer (upstream's settings), THREE engines built around the one model
+  (referring, VQA, grounding; all work through the last), as upstream's stage 2 does.
+
+Per stream: the median micro-step (forward + engine.backward + engine.step inside an accumulation
+cycle), the extra time of the step that ends a cycle (optimizer), and the time per micro-batch
+amortised over upstream's 20 accumulation steps; samples/s, tokens/s (real tokens), and MFU of the LLM
+part = chatterbox.model.flops.llm_step_flops (formula there) / time / measured bf16 matmul peak — both
+over the whole training micro-step and over the LLM's own forward+backward timed alone. The stage-2 mix
+weights streams by upstream's cadence: per 10 global steps 10 grounding, 1 referring, 2 VQA cycles.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from chatterbox.conversation import IGNORE_INDEX  # noqa: E402
+from chatterbox.tokens import (BBOX_TOKEN, IMAGE_END_TOKEN, IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN,  # noqa: E402
+                               NUM_IMAGE_PATCHES, VG_TOKEN, SpecialTokenIds)
+
+STREAMS = ("grounding", "referring", "vqa")
+#: optimizer steps of each stream per 10 global steps of stage 2 (spec/upstream.md §2.5)
+STAGE2_CADENCE = {"referring": 1, "grounding": 10, "vqa": 2}
+UPSTREAM_ACCUMULATION = 20
+#: ours; upstream (fp16, eager, full checkpointing, three engines); the same with one engine
+MODES = ("ours", "upstream", "upstream-1engine")
+
+
+# ----------------------------------------------------------------------------------------------------
+# shapes
+@dataclass(frozen=True)
+class StreamShape:
+    text_tokens: tuple[int, int]  # inclusive range of text tokens after BOS + image block
+    vg_per_row: tuple[int, int] = (0, 0)
+    boxes_per_vg: tuple[int, int] = (1, 1)
+    regions_per_row: tuple[int, int] = (0, 0)
+    answer_fraction: float = 0.4  # trailing share of the text that is supervised (assistant replies)
+
+
+STREAM_SHAPES = {
+    "grounding": StreamShape(text_tokens=(40, 90), vg_per_row=(1, 2), boxes_per_vg=(1, 3)),
+    "referring": StreamShape(text_tokens=(300, 420), regions_per_row=(1, 4)),
+    "vqa": StreamShape(text_tokens=(200, 420), answer_fraction=0.6),
+}
+
+
+class LlamaShapedTokenizer:
+    """The parts of the LLaMA-2 tokenizer + ChatterBox tokens that the model reads, without its files.
+
+    Ids as upstream: base vocabulary ``base_vocab`` (32000), then `[VG]`, `<im_patch>`, `<im_start>`,
+    `<im_end>`, `<bbox>`; unk = pad = 0, BOS 1, EOS 2. Benchmarks only (it cannot encode text).
+    """
+
+    ADDED = (VG_TOKEN, IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, BBOX_TOKEN)
+
+    def __init__(self, base_vocab: int = 32000):
+        self.base_vocab = base_vocab
+        self.added = {token: base_vocab + i for i, token in enumerate(self.ADDED)}
+        self.unk_token_id = self.pad_token_id = 0
+        self.bos_token_id, self.eos_token_id = 1, 2
+        self.unk_token = self.pad_token = "<unk>"
+        self.padding_side = "right"
+
+    def __len__(self) -> int:
+        return self.base_vocab + len(self.ADDED)
+
+    def convert_tokens_to_ids(self, tokens):
+        return [self.added.get(t, self.unk_token_id) for t in tokens]
+
+    def __call__(self, text, add_special_tokens: bool = False):
+        if text not in self.added:
+            raise ValueError("LlamaShapedTokenizer only knows ChatterBox's added tokens")
+        return {"input_ids": [self.added[text]]}
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def build_batch(ids: SpecialTokenIds, shape: StreamShape, task: str, micro_batch: int, text_vocab: int,
+                clip_size: int, dino_size: int | None, generator: torch.Generator,
+                num_patches: int = NUM_IMAGE_PATCHES) -> dict:
+    """One collated batch of the data contract (docs/model.md) with random content of ``shape``."""
+
+    def draw(low_high: tuple[int, int]) -> int:
+        low, high = low_high
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+    rows, labels, region_boxes, grounding_targets = [], [], [], []
+    for _ in range(micro_batch):
+        n_text = draw(shape.text_tokens)
+        text = torch.randint(3, text_vocab, (n_text,), generator=generator)
+        answer_start = n_text - max(2, int(n_text * shape.answer_fraction))
+        n_regions = draw(shape.regions_per_row)
+        n_vg = draw(shape.vg_per_row)
+        if n_regions:  # `<bbox>` tokens sit in the user turns, before the answer
+            where = torch.randperm(answer_start - 1, generator=generator)[:n_regions].sort().values
+            text[where] = ids.bbox
+            xy = torch.rand(n_regions, 2, generator=generator) * 0.6
+            wh = 0.05 + torch.rand(n_regions, 2, generator=generator) * 0.35
+            region_boxes.append(torch.cat([xy, xy + wh], dim=1))
+        else:
+            region_boxes.append(torch.zeros(0, 4))
+        targets = []
+        if n_vg:  # `[VG]` in the answer, never first (its query is read from the token before it)
+            span = n_text - 1 - (answer_start + 1)
+            where = answer_start + 1 + torch.randperm(span, generator=generator)[:n_vg].sort().values
+            text[where] = ids.vg
+            for _ in range(n_vg):
+                k = draw(shape.boxes_per_vg)
+                centre = 0.2 + torch.rand(k, 2, generator=generator) * 0.6
+                size = 0.05 + torch.rand(k, 2, generator=generator) * 0.3
+                targets.append(torch.cat([centre, size], dim=1))
+        grounding_targets.append(targets)
+        text[-1] = ids.eos
+        row = torch.cat([torch.tensor([ids.bos, ids.im_start]), torch.full((num_patches,), ids.im_patch),
+                         torch.tensor([ids.im_end]), text])
+        label = torch.full_like(row, IGNORE_INDEX)
+        prefix = len(row) - n_text
+        label[prefix + answer_start:] = row[prefix + answer_start:]
+        rows.append(row)
+        labels.append(label)
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((micro_batch, length), ids.pad, dtype=torch.long)
+    attention_mask = torch.zeros((micro_batch, length), dtype=torch.long)
+    label_tensor = torch.full((micro_batch, length), IGNORE_INDEX, dtype=torch.long)
+    for b, (row, label) in enumerate(zip(rows, labels)):
+        input_ids[b, :len(row)] = row
+        attention_mask[b, :len(row)] = 1
+        label_tensor[b, :len(row)] = label
+    has_grounding = any(grounding_targets)
+    return dict(
+        input_ids=input_ids, attention_mask=attention_mask, labels=label_tensor,
+        images_clip=torch.randn(micro_batch, 3, clip_size, clip_size, generator=generator),
+        images_dino=(torch.randn(micro_batch, 3, dino_size, dino_size, generator=generator)
+                     if has_grounding and dino_size else None),
+        offset=torch.arange(micro_batch + 1), image_sizes=torch.tensor([[480, 640]] * micro_batch),
+        region_boxes=region_boxes, grounding_targets=grounding_targets, task=[task] * micro_batch,
+        sample_ids=[f"bench/{task}#{b}" for b in range(micro_batch)],
+    )
+
+
+def row_lengths(batch: dict) -> list[int]:
+    return [int(n) for n in batch["attention_mask"].sum(dim=1)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# memory plan and timing helpers
+def plan_checkpoint_layers(tokens: int, act_bytes_per_token: float, num_layers: int, free_bytes: float,
+                           checkpointed_fraction: float = 0.1) -> int:
+    """Fewest LLM layers to checkpoint so that ``tokens`` fit in ``free_bytes`` of activation memory.
+
+    ``act_bytes_per_token`` is the measured activation memory per token with no checkpointing (all
+    layers); a checkpointed layer is assumed to keep ``checkpointed_fraction`` of its activations (its
+    input; the recompute of one layer at a time is transient).
+    """
+    per_layer = act_bytes_per_token / num_layers
+    for k in range(num_layers + 1):
+        need = tokens * per_layer * ((num_layers - k) + checkpointed_fraction * k)
+        if need <= free_bytes:
+            return k
+    return num_layers
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak(device: torch.device, size: int = 8192, reps: int = 20) -> float:
+    """bf16 matmul TFLOP/s of ``size``³ products on random data (median of ``reps`` after warm-up)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * size ** 3 / statistics.median(times) / 1e12
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# one mode
+@dataclass
+class StreamResult:
+    stream: str
+    micro_batch: int
+    mean_tokens: float  # real tokens per micro-batch
+    mean_padded_length: float
+    checkpointed_layers: int
+    micro_step_s: float  # median forward+backward+engine.step inside an accumulation cycle
+    optimizer_extra_s: float  # extra time of the micro-step that ends the cycle
+    amortised_s: float  # per micro-batch with 20 accumulation steps
+    samples_per_s: float
+    tokens_per_s: float
+    llm_tflop: float  # model FLOPs of the LLM part per micro-batch (chatterbox.model.flops)
+    mfu_step: float  # llm_tflop / amortised_s / peak
+    llm_only_s: float | None = None  # LLM forward+backward (lm_head + CE included) timed alone
+    mfu_llm_only: float | None = None
+    peak_memory_gb: float | None = None
+    error: str | None = None
+
+
+def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
+    from chatterbox.model.chatterbox import ChatterBox
+    from chatterbox.model.presets import preset
+    from chatterbox.model.weights import build_tokenizer
+
+    cfg = preset(args.preset)
+    cfg.language.attn_implementation = "eager" if mode == "upstream" else "sdpa"
+    cfg.language.gradient_checkpointing = mode == "upstream"
+    cfg.language.gradient_checkpointing_layers = -1
+    if mode == "ours":
+        cfg.vision.use_transformer_ckpt = False
+        cfg.vision.fusion_use_checkpoint = False
+    tokenizer = build_tokenizer(cfg) if args.preset == "tiny" else LlamaShapedTokenizer(cfg.language.vocab_size)
+    torch.manual_seed(args.seed)
+    # Built on the device in the training dtype: a 13B random init on the host would take minutes.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = ChatterBox.build(cfg, tokenizer=tokenizer, verbose=False)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to(device=device, dtype=dtype)
+    return model, cfg
+
+
+def llm_only_time(model, batch: dict, reps: int, device: torch.device) -> float:
+    """Median forward+backward of the LLM alone (decoder, lm_head, CE) on the batch's embeddings."""
+    from chatterbox.model.chatterbox import causal_mask_suffices
+
+    with torch.no_grad():
+        embeds = model.build_inputs_embeds(batch["input_ids"], batch["images_clip"], batch["offset"],
+                                           batch["region_boxes"], batch["sample_ids"])
+    embeds = embeds.detach().requires_grad_(True)
+    mask = causal_mask_suffices(batch["attention_mask"])
+    times = []
+    for i in range(reps + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        hidden = model.causal_lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        model._lm_loss(hidden, batch["labels"]).backward()
+        synchronize(device)
+        if i:  # the first is a warm-up
+            times.append(time.perf_counter() - t0)
+        del hidden
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def run_mode(args) -> dict:
+    from chatterbox.config import StreamConfig, TrainConfig
+    from chatterbox.model.flops import llm_matmul_params, llm_step_flops
+    from chatterbox.train.distributed import init_distributed
+    from chatterbox.train.engine import build_engine, use_stream
+    from chatterbox.train.loop import PRECISION_DTYPES, move_batch
+
+    mode = args.mode
+    upstream_like = mode.startswith("upstream")
+    if args.hang_dump:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.hang_dump, exit=False)
+    dist = init_distributed(args.device)
+    device = dist.device
+    on_gpu = device.type == "cuda"
+    precision = ("fp16" if upstream_like else "bf16") if on_gpu else "bf16"  # no fp16 on CPU DeepSpeed
+    dtype = PRECISION_DTYPES[precision]
+    result: dict = {"mode": mode, "preset": args.preset, "precision": precision, "device": str(device),
+                    "device_name": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+                    "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+    try:
+        import deepspeed
+        result["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    result["bf16_matmul_peak_tflops"] = measure_matmul_peak(device, args.peak_size, args.peak_reps)
+    peak_flops = result["bf16_matmul_peak_tflops"] * 1e12
+
+    t0 = time.perf_counter()
+    model, cfg = build_model(args, mode, device, dtype)
+    model.train()
+    if on_gpu:
+        # Load + self-test the deformable-attention kernel now, outside any checkpointed region: its
+        # first use inside a checkpointed vision encoder deadlocks (the self-test's backward triggers a
+        # recompute that re-enters the op's lock; seen on an H200, 2026-11-26).
+        from model.GroundingDINO.ms_deform_attn import kernel_status
+
+        result["msda_kernel"] = kernel_status(device) or "cuda kernel"
+    synchronize(device)
+    result["build_seconds"] = time.perf_counter() - t0
+    print(f"[{mode}] {result['device_name']}: bf16 matmul peak {result['bf16_matmul_peak_tflops']:.0f} TFLOP/s; "
+          f"model built in {result['build_seconds']:.1f} s", flush=True)
+    counts = llm_matmul_params(model.causal_lm)
+    result["llm_matmul_params"] = asdict(counts)
+    result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    num_layers = counts.num_layers
+    streams = [s for s in args.streams.split(",") if s]
+    unknown = sorted(set(streams) - set(STREAMS))
+    if unknown:
+        raise SystemExit(f"--streams: unknown {unknown}; known {list(STREAMS)}")
+    streams.sort(key=STREAMS.index)  # grounding first: its activation memory calibrates the plan
+
+    generator = torch.Generator().manual_seed(args.seed)
+    text_vocab = min(cfg.language.vocab_size, len(model.tokenizer) - 5)
+    batches = {}
+    for s in streams:
+        dino = cfg.vision.image_size if s == "grounding" else None
+        batches[s] = [move_batch(build_batch(model.token_ids, STREAM_SHAPES[s], s, args.micro_batch, text_vocab,
+                                             cfg.clip.image_size, dino, generator), device, dtype)
+                      for _ in range(args.distinct_batches)]
+
+    # Phase A: the LLM alone, before the engine exists; calibrates activation bytes per token.
+    capacity = torch.cuda.get_device_properties(device).total_memory if on_gpu else None
+    engine_extra = 16 * result["trainable_parameters"] + 2 * 2 * 5e8  # fp32 grads + Adam m,v; 2 grad buckets
+    checkpoint_plan: dict[str, int] = {}
+    llm_only: dict[str, float] = {}
+    act_per_token = None
+    base_memory = torch.cuda.memory_allocated(device) if on_gpu else 0  # weights + batches
+    for s in streams:
+        tokens = max(b["input_ids"].numel() for b in batches[s])
+        if upstream_like:
+            k = num_layers
+        elif act_per_token is None or not on_gpu:
+            k = 0
+        else:
+            free = args.memory_fraction * capacity - base_memory - engine_extra
+            k = plan_checkpoint_layers(tokens, act_per_token, num_layers, free)
+        model.set_gradient_checkpointing(k)
+        reset_peak(device)
+        try:
+            llm_only[s] = llm_only_time(model, batches[s][0], args.llm_only_reps, device)
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            k = num_layers
+            model.set_gradient_checkpointing(k)
+            llm_only[s] = llm_only_time(model, batches[s][0], args.llm_only_reps, device)
+        checkpoint_plan[s] = k
+        print(f"[{mode}] {s}: LLM alone {llm_only[s]:.3f} s with {k} checkpointed layers", flush=True)
+        if on_gpu and k == 0 and act_per_token is None:
+            act_per_token = (torch.cuda.max_memory_allocated(device) - base_memory) / tokens
+    result["activation_bytes_per_token"] = act_per_token
+    result["checkpoint_plan"] = checkpoint_plan
+
+    # Phase B: the whole training micro-step through the engine(s).
+    def stream_config():
+        return StreamConfig(micro_batch_size=args.micro_batch, gradient_accumulation_steps=args.gas, every_n_steps=1)
+
+    train = TrainConfig(stage=2, precision=precision, streams={s: stream_config() for s in streams})
+    if on_gpu:
+        torch.cuda.empty_cache()
+    memory_before_engine = torch.cuda.memory_allocated(device) if on_gpu else 0
+    engine_order = ("referring", "vqa", "grounding") if mode == "upstream" else ("grounding",)
+    engines = []
+    for name in engine_order:  # upstream: one engine per stream around the same model; the last trains
+        one = TrainConfig(stage=2, precision=precision, streams={name: stream_config()})
+        engines.append(build_engine(model, one, dist.world_size)[0])
+    engine = engines[-1]
+    result["engines"] = len(engines)
+    if on_gpu:
+        result["engine_memory_gb"] = (torch.cuda.memory_allocated(device) - memory_before_engine) / 2**30
+        print(f"[{mode}] {len(engines)} engine(s) hold {result['engine_memory_gb']:.1f} GiB", flush=True)
+
+    per_stream: list[StreamResult] = []
+    for s in streams:
+        use_stream(engine, train.streams[s], dist.world_size)
+        model.set_gradient_checkpointing(checkpoint_plan[s])
+        reset_peak(device)
+        times, boundary_times, flops, tokens_seen = [], [], [], []
+        error = None
+        try:
+            total = args.gas * (1 + args.cycles)
+            for i in range(total):
+                batch = batches[s][i % len(batches[s])]
+                synchronize(device)
+                t0 = time.perf_counter()
+                out = engine(**batch)
+                engine.backward(out["loss"])
+                engine.step()
+                synchronize(device)
+                elapsed = time.perf_counter() - t0
+                if i >= args.gas:  # the first cycle warms up (and allocates the optimizer state)
+                    (boundary_times if (i + 1) % args.gas == 0 else times).append(elapsed)
+                    flops.append(llm_step_flops(counts, row_lengths(batch)))
+                    tokens_seen.append(sum(row_lengths(batch)))
+        except torch.OutOfMemoryError as oom:
+            error = f"out of memory: {str(oom).splitlines()[0]}"
+        except Exception as failure:  # noqa: BLE001 - report it and go on with the next stream
+            error = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+            traceback.print_exc()
+        print(f"[{mode}] {s}: {len(times) + len(boundary_times)} timed micro-steps, "
+              f"median {statistics.median(times) if times else float('nan'):.3f} s, error {error}", flush=True)
+        if error or not times:
+            per_stream.append(StreamResult(s, args.micro_batch, 0, 0, checkpoint_plan[s], math.nan, math.nan,
+                                           math.nan, 0, 0, 0, 0, peak_memory_gb=peak_memory_gb(device),
+                                           error=error or "no timed micro-steps (raise --cycles / --gas)"))
+            if on_gpu:
+                torch.cuda.empty_cache()
+            continue
+        micro = statistics.median(times)
+        extra = max(0.0, statistics.mean(boundary_times) - micro) if boundary_times else 0.0
+        amortised = micro + extra / UPSTREAM_ACCUMULATION
+        mean_tokens = statistics.mean(tokens_seen)
+        llm_flops = statistics.mean(flops)
+        ref = batches[s][0]
+        llm_alone = llm_only[s]
+        per_stream.append(StreamResult(
+            stream=s, micro_batch=args.micro_batch, mean_tokens=mean_tokens,
+            mean_padded_length=statistics.mean(b["input_ids"].shape[1] for b in batches[s]),
+            checkpointed_layers=checkpoint_plan[s], micro_step_s=micro, optimizer_extra_s=extra,
+            amortised_s=amortised, samples_per_s=args.micro_batch / amortised, tokens_per_s=mean_tokens / amortised,
+            llm_tflop=llm_flops / 1e12, mfu_step=llm_flops / amortised / peak_flops,
+            llm_only_s=llm_alone, mfu_llm_only=llm_step_flops(counts, row_lengths(ref)) / llm_alone / peak_flops,
+            peak_memory_gb=peak_memory_gb(device)))
+    result["streams"] = [asdict(r) for r in per_stream]
+    result["stage2"] = stage2_summary(per_stream)
+    return result
+
+
+def stage2_summary(per_stream: list[StreamResult]) -> dict | None:
+    """Cadence-weighted stage-2 mix over the streams that ran (upstream's 10 : 1 : 2 optimizer steps)."""
+    ok = [r for r in per_stream if r.error is None and r.stream in STAGE2_CADENCE]
+    if not ok:
+        return None
+    weights = {r.stream: STAGE2_CADENCE[r.stream] for r in ok}
+    seconds = sum(weights[r.stream] * r.amortised_s for r in ok)
+    samples = sum(weights[r.stream] * r.micro_batch for r in ok)
+    tokens = sum(weights[r.stream] * r.mean_tokens for r in ok)
+    flops = sum(weights[r.stream] * r.llm_tflop for r in ok) * 1e12
+    mfu = sum(weights[r.stream] * r.mfu_step * r.amortised_s for r in ok) / seconds
+    return {"streams": sorted(weights, key=STREAMS.index), "samples_per_s": samples / seconds,
+            "tokens_per_s": tokens / seconds, "llm_tflops_per_s": flops / seconds / 1e12, "mfu_step": mfu}
+
+
+# ----------------------------------------------------------------------------------------------------
+# driver
+def format_table(results: dict[str, dict]) -> str:
+    lines = ["| mode | stream | ckpt layers | tokens/mb | micro-step s | opt. extra s | samples/s | tokens/s | "
+             "LLM TFLOP/mb | MFU step | LLM alone s | MFU LLM alone | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for mode, res in results.items():
+        if "error" in res:
+            lines.append(f"| {mode} | failed: {res['error']} |" + " |" * 11)
+            continue
+        for r in res["streams"]:
+            if r["error"]:
+                lines.append(f"| {mode} | {r['stream']} | {r['checkpointed_layers']} | {r['error']} |" + " |" * 9)
+                continue
+            mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
+            lines.append(
+                f"| {mode} | {r['stream']} | {r['checkpointed_layers']} | {r['mean_tokens']:.0f} | "
+                f"{r['micro_step_s']:.3f} | {r['optimizer_extra_s']:.3f} | {r['samples_per_s']:.2f} | "
+                f"{r['tokens_per_s']:.0f} | {r['llm_tflop']:.1f} | {100 * r['mfu_step']:.1f}% | "
+                f"{r['llm_only_s']:.3f} | {100 * r['mfu_llm_only']:.1f}% | {mem} |")
+        if res.get("stage2"):
+            st = res["stage2"]
+            lines.append(f"| {mode} | stage-2 mix ({'+'.join(st['streams'])}) | | | | | {st['samples_per_s']:.2f} | "
+                         f"{st['tokens_per_s']:.0f} | | {100 * st['mfu_step']:.1f}% | | | |")
+    return "\n".join(lines)
+
+
+def compare(args) -> dict:
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    modes = [m for m in args.modes.split(",") if m]
+    if "ours" not in modes or not set(modes) <= set(MODES):
+        raise SystemExit(f"--modes {args.modes!r}: 'ours' plus any of {list(MODES[1:])}")
+    for mode in modes:
+        path = out_dir / f"bench_train_{mode}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--json", str(path)]
+        if args.mode_timeout:
+            cmd += ["--hang-dump", str(max(1, args.mode_timeout - 20))]
+        for key in ("preset", "device", "streams", "micro_batch", "gas", "cycles", "distinct_batches",
+                    "llm_only_reps", "peak_size", "peak_reps", "seed", "memory_fraction"):
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        print("+ " + " ".join(cmd), flush=True)  # the child prints its progress and table
+        started = time.perf_counter()
+        try:
+            code = subprocess.run(cmd, env=os.environ.copy(), timeout=args.mode_timeout or None).returncode
+        except subprocess.TimeoutExpired:
+            code = f"timed out after {args.mode_timeout} s"
+        if code == 0 and path.is_file():
+            results[mode] = json.loads(path.read_text())
+        else:
+            results[mode] = {"error": f"exit code {code}"}
+        results[mode]["wall_seconds"] = time.perf_counter() - started
+    summary = {"results": results}
+    for baseline in modes[1:]:
+        ours, theirs = results["ours"].get("stage2"), results[baseline].get("stage2")
+        suffix = "" if baseline == "upstream" else f"_vs_{baseline}"
+        if ours and theirs and ours["streams"] == theirs["streams"]:
+            summary["speedup_samples_per_s" + suffix] = ours["samples_per_s"] / theirs["samples_per_s"]
+        per_stream = {}
+        for r in results["ours"].get("streams", []):
+            other = next((o for o in results[baseline].get("streams", []) if o["stream"] == r["stream"]), None)
+            if other and not r["error"] and not other["error"]:
+                per_stream[r["stream"]] = r["samples_per_s"] / other["samples_per_s"]
+        summary["speedup_per_stream" + suffix] = per_stream
+    table = format_table(results)
+    (out_dir / "bench_train_step.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / "bench_train_step.md").write_text(table + "\n")
+    print(table)
+    print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
+    return summary
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare", action="store_true", help="run both modes (one process each) and compare")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny preset, both modes, few steps")
+    parser.add_argument("--mode", choices=MODES, default="ours")
+    parser.add_argument("--modes", default="ours,upstream", help="--compare: modes to run, in order")
+    parser.add_argument("--hang-dump", type=int, default=0,
+                        help="print every thread's stack after this many seconds (diagnoses a stuck run)")
+    parser.add_argument("--preset", default="13b")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--streams", default="grounding,referring,vqa")
+    parser.add_argument("--micro-batch", type=int, default=6)
+    parser.add_argument("--gas", type=int, default=3, help="accumulation steps of the timed cycles")
+    parser.add_argument("--cycles", type=int, default=2, help="timed accumulation cycles (after one warm-up)")
+    parser.add_argument("--distinct-batches", type=int, default=3)
+    parser.add_argument("--llm-only-reps", type=int, default=3)
+    parser.add_argument("--peak-size", type=int, default=8192)
+    parser.add_argument("--peak-reps", type=int, default=20)
+    parser.add_argument("--memory-fraction", type=float, default=0.9,
+                        help="share of GPU memory the checkpointing plan may fill")
+    parser.add_argument("--mode-timeout", type=int, default=0, help="--compare: seconds per mode (0 = none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="", help="write this mode's result here")
+    parser.add_argument("--out", default="outputs/bench_train", help="--compare: folder of the results")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.compare, args.preset, args.device = True, "tiny", "cpu"
+        args.streams, args.micro_batch, args.gas, args.cycles = "grounding,referring", 2, 2, 1
+        args.distinct_batches, args.llm_only_reps, args.peak_size, args.peak_reps = 1, 1, 256, 2
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if args.compare:
+        summary = compare(args)
+        failed = [m for m, r in summary["results"].items() if "error" in r]
+        return 1 if failed else 0
+    result = run_mode(args)
+    text = json.dumps(result, indent=1)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    print(format_table({args.mode: result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
