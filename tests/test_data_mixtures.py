@@ -96,3 +96,19 @@ def test_missing_path_for_weighted_source_is_named():
     from chatterbox.data.streams import load_stream_sources
     with pytest.raises(DataError, match="cb_materials_dir"):
         load_stream_sources(cfg, "grounding")
+
+
+@pytest.mark.parametrize("old_world, new_world", [(2, 1), (1, 3), (3, 2)])
+def test_sampler_reshards_to_another_world_size_without_repeating_or_skipping_draws(old_world, new_world):
+    weights = {"a": 1.0, "b": 3.0}
+    old = [_sampler(weights, seed=3, rank=r, world_size=old_world) for r in range(old_world)]
+    seen = [next(iter(s)).draw_index for _ in range(5) for s in old]  # lockstep: 5 draws per rank
+    state = old[0].state_dict()
+    new = [_sampler(weights, seed=3, rank=r, world_size=new_world) for r in range(new_world)]
+    for s in new:
+        s.load_state_dict(state, reshard=True)
+    iters = [iter(s) for s in new]
+    later = [next(it).draw_index for _ in range(4) for it in iters]
+    assert sorted(seen + later) == list(range(5 * old_world + 4 * new_world))
+    with pytest.raises(ValueError, match="world_size"):
+        _sampler(weights, seed=3, rank=0, world_size=new_world).load_state_dict(state)

@@ -340,3 +340,30 @@ def test_unavailable_kernel_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setenv(msda_op.BACKEND_ENV, "cuda")
     with pytest.raises(RuntimeError, match="simulated build failure"):
         ms_deform_attn(*inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("context", ["no_grad", "checkpoint"])
+def test_first_call_from_inference_or_a_checkpointed_forward(context, monkeypatch):
+    """The kernel's one-time self-test must work wherever the first call happens (no hang, no error)."""
+    import torch.utils.checkpoint
+
+    from model.GroundingDINO.ms_deform_attn import op
+
+    monkeypatch.setattr(op, "_device_status", {})  # force the self-test to run again here
+    shapes = torch.tensor([[4, 6], [2, 3]], dtype=torch.int64, device="cuda")
+    starts = torch.tensor([0, 24], dtype=torch.int64, device="cuda")
+    value = torch.randn(1, 30, 2, 8, device="cuda", requires_grad=True)
+    locations = torch.rand(1, 5, 2, 2, 2, 2, device="cuda")
+    weights = torch.rand(1, 5, 2, 2, 2, device="cuda")
+    if context == "no_grad":
+        with torch.no_grad():
+            out = op.ms_deform_attn(value, shapes, starts, locations, weights)
+    else:
+        out = torch.utils.checkpoint.checkpoint(op.ms_deform_attn, value, shapes, starts, locations, weights,
+                                                use_reentrant=False)
+        out.sum().backward()
+        assert value.grad is not None
+    assert op._device_status[torch.cuda.current_device()] is None
+    ref = ms_deform_attn_pytorch(value.detach(), shapes, starts, locations, weights)
+    assert torch.allclose(out.detach(), ref, rtol=1e-5, atol=1e-6)

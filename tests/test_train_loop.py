@@ -1,5 +1,6 @@
 """The training recipe end to end on the tiny preset (CPU, DeepSpeed over gloo, synthetic data)."""
 import json
+import math
 import os
 import random
 import signal
@@ -135,3 +136,25 @@ def test_export_from_checkpoint_matches_the_final_export(synthetic_data, tmp_pat
     a, b = final.state_dict(), again.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_two_rank_run_resumes_on_one_rank(synthetic_data, tmp_path):
+    """Stage 1 on 2 CPU ranks (gloo), checkpoint, then finish on 1 rank from that checkpoint."""
+    out = tmp_path / "run"
+    sets = overrides(synthetic_data, out, 6, extra=["train.save_every_steps=3"])
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "chatterbox.train.run", "--config", "tiny_stage1", "--max-steps", "3"]
+    for s in sets:
+        two += ["--set", s]
+    proc = subprocess.run(two, env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tag = out / "checkpoints" / "step_00000003"
+    assert sorted(p.name for p in tag.glob("trainer_state_rank*.pt")) == ["trainer_state_rank0.pt",
+                                                                          "trainer_state_rank1.pt"]
+    one = subprocess.run(_train_cmd("tiny_stage1", sets + ["train.resume=auto"]), env=_env(), cwd=REPO,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "saved by 2 rank(s), now 1" in one.stderr
+    losses = _losses(out)
+    assert sorted(losses) == [3, 4, 5] and all(math.isfinite(v) for v in losses.values())
+    assert (out / "export" / "export.json").is_file()

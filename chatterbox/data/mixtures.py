@@ -78,11 +78,13 @@ class MixtureSampler(torch.utils.data.Sampler):
         self.rank = rank
         self.world_size = world_size
         self.position = position  # draws this rank has handed out
+        # Global draws made before this run's layout began (non-zero after resuming on another world size).
+        self.base_draw = 0
         self._cumulative = np.cumsum(mixture.probabilities)
         self._stream_key = _stream_key(stream)
 
     def key_at(self, local_position: int) -> DrawKey:
-        draw_index = local_position * self.world_size + self.rank
+        draw_index = self.base_draw + local_position * self.world_size + self.rank
         rng = np.random.default_rng([self.seed, self._stream_key, draw_index])
         u = rng.random()
         source = self.mixture.names[min(int(np.searchsorted(self._cumulative, u, side="right")),
@@ -98,15 +100,24 @@ class MixtureSampler(torch.utils.data.Sampler):
             yield key
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "stream": self.stream, "rank": self.rank,
-                "world_size": self.world_size, "sources": list(self.mixture.names)}
+        return {"position": self.position, "base_draw": self.base_draw, "seed": self.seed, "stream": self.stream,
+                "rank": self.rank, "world_size": self.world_size, "sources": list(self.mixture.names)}
 
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "stream", "world_size"):
+    def load_state_dict(self, state: dict, reshard: bool = False) -> None:
+        """Restore a position. ``reshard=True`` accepts a state saved with another world size: the run
+        then continues after every draw the old ranks made (all ranks advance in lockstep, so the state
+        of any one old rank tells how many that was)."""
+        for key in ("seed", "stream") + (() if reshard else ("world_size",)):
             if state[key] != getattr(self, key):
                 raise ValueError(f"sampler state was saved with {key}={state[key]!r}, this sampler has "
                                  f"{getattr(self, key)!r}")
         if list(state["sources"]) != list(self.mixture.names):
             raise ValueError(f"sampler state was saved for sources {state['sources']}, this mixture has "
                              f"{list(self.mixture.names)}")
-        self.position = int(state["position"])
+        base = int(state.get("base_draw", 0))
+        if reshard and state["world_size"] != self.world_size:
+            self.base_draw = base + int(state["position"]) * int(state["world_size"])
+            self.position = 0
+        else:
+            self.base_draw = base
+            self.position = int(state["position"])

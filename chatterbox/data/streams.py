@@ -119,8 +119,8 @@ class DataStream:
         state["position"] = self.consumed
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
+    def load_state_dict(self, state: dict, reshard: bool = False) -> None:
+        self.sampler.load_state_dict(state, reshard=reshard)
         # Restart the loader at the restored position: prefetched batches of the old one are dropped.
         self.consumed = self.sampler.position
         self._iterator = None

@@ -117,8 +117,21 @@ class CheckpointManager:
         barrier()
         return final
 
+    def saved_world_size(self, tag: str) -> int:
+        """Number of ranks that wrote ``tag`` (one trainer-state file each)."""
+        ranks = sorted(int(p.stem.rsplit("rank", 1)[1]) for p in (self.root / tag).glob("trainer_state_rank*.pt"))
+        if not ranks or ranks != list(range(len(ranks))):
+            raise CheckpointError(f"{self.root / tag}: trainer_state_rank*.pt files missing or incomplete ({ranks})")
+        return len(ranks)
+
+    def trainer_state(self, tag: str, rank: int) -> dict:
+        state_file = self.root / tag / f"trainer_state_rank{rank}.pt"
+        if not state_file.is_file():
+            raise CheckpointError(f"{self.root / tag} has no {state_file.name}: incomplete checkpoint")
+        return torch.load(state_file, weights_only=False)
+
     def load(self, engine, tag: str) -> dict:
-        """Restore engine state from ``tag`` and return this rank's trainer state."""
+        """Restore engine state from ``tag`` (saved with this world size); return this rank's trainer state."""
         path = self.root / tag
         state_file = path / f"trainer_state_rank{self.rank}.pt"
         if not state_file.is_file():

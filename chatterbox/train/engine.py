@@ -31,6 +31,9 @@ def deepspeed_config(train: TrainConfig, stream: StreamConfig, world_size: int) 
         "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "bf16": {"enabled": train.precision == "bf16"},
     }
+    if train.precision == "bf16":
+        # Accumulate the micro-batch gradients (20 of them in upstream's recipe) in fp32, not bf16.
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     return cfg
 
 
@@ -53,8 +56,10 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    on_gpu = params[0].is_cuda
     optimizer = torch.optim.AdamW(
-        params, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay
+        params, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay,
+        fused=True if on_gpu else None,
     )
     scheduler = WarmupDecaySchedule(
         optimizer, total_optimizer_steps(train), train.warmup_steps, train.lr, train.warmup_min_lr

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from chatterbox.config import ChatterBoxConfig, dump_config
@@ -21,6 +23,7 @@ from chatterbox.data.mixtures import STREAM_ORDER, streams_due
 from chatterbox.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from chatterbox.train.distributed import DistInfo
 from chatterbox.train.engine import build_engine, use_stream
+from chatterbox.train.reshard import load_resharded
 from chatterbox.train.schedule import upstream_extra_steps
 
 logger = logging.getLogger(__name__)
@@ -100,13 +103,28 @@ class Trainer:
         tag = self.checkpoints.resolve(self.train_cfg.resume)
         if tag is None:
             return False
-        state = self.checkpoints.load(self.engine, tag)
+        saved_world = self.checkpoints.saved_world_size(tag)
+        reshard = saved_world != self.dist.world_size
+        if reshard:
+            # Another number of ranks: re-partition the ZeRO state; data continues after every draw the
+            # old ranks made; per-rank RNG streams cannot carry over, so they are re-seeded.
+            load_resharded(self.engine, self.checkpoints.root, tag, self.dist.rank)
+            state = self.checkpoints.trainer_state(tag, rank=0)
+        else:
+            state = self.checkpoints.load(self.engine, tag)
         self.step = state["step"]
         for name, stream_state in state["streams"].items():
-            self.streams[name].load_state_dict(stream_state)
-        set_rng_state(state["rng"])
+            self.streams[name].load_state_dict(stream_state, reshard=reshard)
+        if reshard:
+            seed = self.train_cfg.seed + self.step * self.dist.world_size + self.dist.rank
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+        else:
+            set_rng_state(state["rng"])
         if self.dist.is_main:
-            logger.info("resumed from %s at global step %d", self.checkpoints.root / tag, self.step)
+            logger.info("resumed from %s at global step %d (saved by %d rank(s), now %d)",
+                        self.checkpoints.root / tag, self.step, saved_world, self.dist.world_size)
         return True
 
     def save(self) -> Path:

@@ -19,7 +19,7 @@ from .pytorch_ref import WHERE, check_shapes, ms_deform_attn_pytorch
 
 BACKEND_ENV = "CHATTERBOX_MSDA_BACKEND"
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a checkpoint recompute may call the op while the lock is held
 _extension = None            # the loaded extension module, once loaded
 _load_error: str | None = None
 _device_status: dict[int, str | None] = {}  # device index -> None (kernel verified) or the failure reason
@@ -73,9 +73,13 @@ def _self_test(extension, device: torch.device) -> str | None:
         torch.cuda.synchronize(device)
     except Exception as error:  # noqa: BLE001 - e.g. "no kernel image is available for this device"
         return f"the kernel failed on {device}: {type(error).__name__}: {error}"
-    leaves = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
-    ref = ms_deform_attn_pytorch(leaves[0], shapes, starts, leaves[1], leaves[2])
-    ref_grads = torch.autograd.grad(ref, leaves, grad_out)
+    # The first call may come from inside torch.no_grad (inference) or a checkpointed forward, whose
+    # saved-tensor hooks would turn this reference backward into a recomputation that re-enters the op:
+    # compute the reference in an autograd context of its own.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        leaves = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
+        ref = ms_deform_attn_pytorch(leaves[0], shapes, starts, leaves[1], leaves[2])
+        ref_grads = torch.autograd.grad(ref, leaves, grad_out)
     for name, got, want in zip(("output", "grad_value", "grad_locations", "grad_weights"),
                                (out, *grads), (ref, *ref_grads)):
         if not torch.allclose(got.cpu(), want.detach(), rtol=1e-3, atol=1e-4):
