@@ -9,7 +9,7 @@ from chatterbox.config import ChatConfig
 from chatterbox.conversation import ASSISTANT, Message, tokenize_conversation
 from chatterbox.data.transforms import ClipGeometry
 from chatterbox.serve import session as session_module
-from chatterbox.serve.session import ChatInputError, ChatSession, chat_session, open_image
+from chatterbox.serve.session import ChatInputError, ChatSession, open_image
 
 MAX_NEW = 12
 # (question, region boxes in pixels, max_new_tokens): regions, a [VG] in the question, a round cut by
@@ -88,7 +88,7 @@ def test_without_cache_reuse_the_results_are_the_same(model):
 
 
 def test_dialogue_tokens_are_the_training_tokenisation(model, tokenizer):
-    chat = chat_session(model, sample_image(), max_new_tokens=MAX_NEW)
+    chat = model.chat_session(sample_image(), max_new_tokens=MAX_NEW)
     for question, boxes, max_new in ROUNDS:
         chat.ask(question, boxes, max_new_tokens=max_new)
     assert sum((t.prompt_token_ids + t.reply.token_ids for t in chat.history), []) == chat.dialogue_token_ids

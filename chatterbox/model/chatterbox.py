@@ -183,6 +183,15 @@ class ChatterBox(nn.Module):
     def print_trainable_parameters(self) -> None:
         print(self.parameter_table())
 
+    def chat_session(self, image, **kwargs):
+        """A multi-round chat about ``image`` (path, bytes or PIL image) that keeps its KV cache across rounds.
+
+        ``reply = chat.ask("What is <bbox> holding?", boxes=[[x1, y1, x2, y2]])`` — see docs/chat.md.
+        """
+        from chatterbox.serve.session import ChatSession
+
+        return ChatSession(self, image, **kwargs)
+
     # ------------------------------------------------------------------------------------------------
     # inputs
     @staticmethod

@@ -1,8 +1,7 @@
 """Talking to a ChatterBox model about one image: a multi-round session with a KV cache (``session``),
 box rendering (``draw``), a terminal chat (``cli``) and a small web demo (``web``).
 
-    from chatterbox.serve import chat_session
-    chat = chat_session(model, "photo.jpg")
+    chat = model.chat_session("photo.jpg")     # a chatterbox.serve.ChatSession
     reply = chat.ask("What is <bbox> holding?", boxes=[[10, 20, 200, 310]])
     reply.text, reply.boxes_xyxy_abs, reply.scores
 """
@@ -12,7 +11,6 @@ _LAZY = {
     "ChatSession": "chatterbox.serve.session",
     "ChatReply": "chatterbox.serve.session",
     "ChatInputError": "chatterbox.serve.session",
-    "chat_session": "chatterbox.serve.session",
     "open_image": "chatterbox.serve.session",
     "draw_boxes": "chatterbox.serve.draw",
 }

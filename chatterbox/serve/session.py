@@ -1,6 +1,6 @@
 """A multi-round chat about one image, with a KV cache kept across rounds.
 
-    chat = ChatSession(model, "photo.jpg")            # or chat_session(model, image)
+    chat = model.chat_session("photo.jpg")            # or ChatSession(model, image)
     reply = chat.ask("What is <bbox> holding?", boxes=[[x1, y1, x2, y2]])   # boxes in original pixels
     reply = chat.ask("Where is the cup? [VG]")        # reply.boxes_xyxy_abs: one box per [VG], in pixels
     chat.reset()
@@ -423,8 +423,3 @@ def _truncate_cache(cache, length: int) -> None:
         extra = layer.get_seq_length() - length
         if extra > 0:
             layer.crop(-extra)  # a negative count removes that many positions
-
-
-def chat_session(model, image, **kwargs) -> ChatSession:
-    """``model.chat_session(image)``: a new :class:`ChatSession` (keyword arguments as its constructor)."""
-    return ChatSession(model, image, **kwargs)
