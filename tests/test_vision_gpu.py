@@ -28,29 +28,24 @@ def test_swinb_branch_trains_in_half_precision_on_gpu(dtype):
                torch.tensor([[0.4, 0.6, 0.5, 0.4]], device="cuda")]
     losses = GroundingCriterion(cfg)(out, targets)
     assert len(losses) == 22 and torch.isfinite(losses["loss"])
-    losses["loss"].backward()
+    # Random weights give ~1e5 of loss (uncalibrated contrastive logits on 900 queries), whose unscaled
+    # gradients exceed fp16's range; fp16 training scales the loss (DeepSpeed's dynamic loss scaler).
+    scale = 2.0**-10 if dtype == torch.float16 else 1.0
+    (losses["loss"] * scale).backward()
     assert torch.isfinite(queries.grad).all() and queries.grad.abs().sum() > 0
     assert all(p.grad is None for p in branch.backbone.parameters())
 
 
 def test_tiny_branch_agrees_between_gpu_and_cpu():
+    # float64 on both devices: in float32 the encoder's top-k proposal selection can break near-ties
+    # differently on the two devices, which swaps whole query slots; in float64 no tie is that close.
     torch.manual_seed(0)
     cfg = dataclasses.replace(load_vision_config("tiny"))
-    branch = VisionBranch(cfg).eval()
-    images, queries = torch.randn(2, 3, 128, 128), 0.1 * torch.randn(3, cfg.hidden_dim)
+    branch = VisionBranch(cfg).double().eval()
+    images, queries = torch.randn(2, 3, 128, 128).double(), 0.1 * torch.randn(3, cfg.hidden_dim).double()
     index = torch.tensor([0, 1, 1])
     with torch.no_grad():
         cpu = branch(images, queries, index)
         gpu = branch.cuda()(images.cuda(), queries.cuda(), index.cuda())
-    # The encoder's top-k proposal selection can order near-equal scores differently on the two devices,
-    # which permutes a few query slots: compare what does not depend on that order exactly, and slots.
-    torch.testing.assert_close(gpu["pred_logits"].cpu().sort(dim=1).values, cpu["pred_logits"].sort(dim=1).values,
-                               atol=1e-3, rtol=1e-4)
-    same_slot = (gpu["pred_boxes"].cpu() - cpu["pred_boxes"]).abs().amax(-1) <= 1e-4
-    assert same_slot.float().mean() >= 0.95, f"only {same_slot.float().mean():.1%} of query slots agree"
-    best_gpu = gpu["pred_logits"].cpu()[..., 0].argmax(1)
-    best_cpu = cpu["pred_logits"][..., 0].argmax(1)
-    assert torch.equal(best_gpu, best_cpu)
-    rows = torch.arange(3)
-    torch.testing.assert_close(gpu["pred_boxes"].cpu()[rows, best_gpu], cpu["pred_boxes"][rows, best_cpu],
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu["pred_boxes"].cpu(), cpu["pred_boxes"], atol=1e-5, rtol=1e-5)  # boxes are kept in fp32
+    torch.testing.assert_close(gpu["pred_logits"].cpu(), cpu["pred_logits"], atol=1e-6, rtol=1e-6)
