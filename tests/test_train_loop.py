@@ -158,3 +158,22 @@ def test_a_two_rank_run_resumes_on_one_rank(synthetic_data, tmp_path):
     losses = _losses(out)
     assert sorted(losses) == [3, 4, 5] and all(math.isfinite(v) for v in losses.values())
     assert (out / "export" / "export.json").is_file()
+
+
+def test_tensorboard_scalars_use_upstreams_names(synthetic_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    subprocess.run(_train_cmd("tiny_stage2", overrides(synthetic_data, out, 2, stage=2, extra=["train.init_from="])),
+                   check=True, env=_env(), cwd=REPO, capture_output=True)
+    logs = EventAccumulator(str(out / "runs" / "tiny_stage2"))
+    logs.Reload()
+    tags = set(logs.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/vg_losses", "train/vqa_losses", "metrics/total_secs_per_batch",
+            "metrics/data_secs_per_batch", "metrics/samples_per_sec", "metrics/tokens_per_sec"} <= tags
+    assert {"streams/referring/lm_loss", "streams/grounding/grounding_loss", "streams/vqa/lm_loss"} <= tags
+    step0 = {tag: logs.Scalars(tag)[0].value for tag in tags}
+    assert step0["train/loss"] == pytest.approx(
+        step0["streams/referring/loss"] + step0["streams/grounding/loss"] + step0["streams/vqa/loss"], rel=1e-6)
+    assert step0["train/vqa_losses"] == pytest.approx(
+        step0["streams/referring/lm_loss"] + step0["streams/vqa/lm_loss"], rel=1e-6)

@@ -9,7 +9,6 @@ exactly (model, optimizer, scheduler, data positions, RNG).
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -203,12 +202,11 @@ class Trainer:
         total = sum(v for k, v in log.losses.items() if k.endswith("/loss"))
         w.add_scalar("train/loss", total, s)
         w.add_scalar("train/lr", log.lr, s)
+        # upstream's names: vg_losses = grounding loss, vqa_losses = LM loss (summed over the streams run)
+        w.add_scalar("train/vg_losses", sum(v for k, v in log.losses.items() if k.endswith("/grounding_loss")), s)
+        w.add_scalar("train/vqa_losses", sum(v for k, v in log.losses.items() if k.endswith("/lm_loss")), s)
         for key, value in log.losses.items():
-            stream, term = key.split("/")
-            # upstream's names: vg_losses = grounding loss, vqa_losses = LM loss
-            alias = {"grounding_loss": "vg_losses", "lm_loss": "vqa_losses"}.get(term, term)
-            w.add_scalar(f"train/{alias}" if stream == "grounding" or term == "loss" else f"train/{stream}_{alias}",
-                         value, s)
+            w.add_scalar(f"streams/{key}", value, s)
         w.add_scalar("metrics/total_secs_per_batch", log.total_seconds, s)
         w.add_scalar("metrics/data_secs_per_batch", log.data_seconds, s)
         if log.total_seconds > 0:
@@ -218,5 +216,3 @@ class Trainer:
             progress.update(1)
             if self.step % max(1, self.train_cfg.print_every_steps) == 0:
                 progress.set_postfix(loss=f"{total:.4f}", lr=f"{log.lr:.2e}", refresh=False)
-        if math.isnan(total):
-            logger.warning("NaN loss at step %d", s)
