@@ -62,21 +62,44 @@ def train_tiny_sentencepiece(model_prefix: str, vocab_size: int = 1000) -> str:
     return model_prefix + ".model"
 
 
+def tiny_tokenizer_fingerprint(vocab_size: int = 1000) -> str:
+    """Changes whenever the corpus, the vocabulary size or SentencePiece changes (cache key)."""
+    import hashlib
+
+    import sentencepiece
+
+    text = f"{vocab_size}|{sentencepiece.__version__}|{tiny_corpus()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def build_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1000) -> Path:
-    """Write a folder loadable by ``transformers.AutoTokenizer`` (a LLaMA tokenizer); reuse it if present."""
+    """Write a folder loadable by ``transformers.AutoTokenizer`` (a LLaMA tokenizer); reuse it if present.
+
+    The folder appears atomically (built beside it, then renamed), so processes that build it at the
+    same time (several ranks) never read a half-written tokenizer.
+    """
     out = Path(out_dir)
     if (out / "tokenizer_config.json").is_file():
         return out
     from transformers import LlamaTokenizer
 
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         model_file = train_tiny_sentencepiece(os.path.join(tmp, "tokenizer"), vocab_size)
         staging = Path(tmp) / "hf"
         staging.mkdir()
         os.replace(model_file, staging / "tokenizer.model")
         tokenizer = LlamaTokenizer.from_pretrained(str(staging), legacy=False, add_bos_token=True, add_eos_token=False)
         tokenizer.save_pretrained(str(staging))
-        for item in staging.iterdir():
-            os.replace(item, out / item.name)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if not (out / "tokenizer_config.json").is_file():  # not a concurrent builder that won: a real error
+                raise
     return out
+
+
+def default_tiny_tokenizer_dir() -> Path:
+    """Per-user cache of the tiny tokenizer, keyed by its fingerprint (``$CHATTERBOX_CACHE`` overrides)."""
+    root = Path(os.environ.get("CHATTERBOX_CACHE", Path.home() / ".cache" / "chatterbox"))
+    return root / f"tiny_tokenizer-{tiny_tokenizer_fingerprint()}"

@@ -129,16 +129,12 @@ def load_clip_vision(folder: str | os.PathLike):
     return model
 
 
-def default_tiny_tokenizer_dir() -> Path:
-    return Path(os.environ.get("CHATTERBOX_CACHE", Path.home() / ".cache" / "chatterbox")) / "tiny_tokenizer"
-
-
 def build_tokenizer(cfg: ModelConfig):
     from chatterbox.tokens import load_tokenizer
 
     path = cfg.language.tokenizer_path or cfg.language.llm_path
     if not path:
-        from chatterbox.tiny_tokenizer import build_tiny_tokenizer
+        from chatterbox.tiny_tokenizer import build_tiny_tokenizer, default_tiny_tokenizer_dir
 
         path = str(build_tiny_tokenizer(default_tiny_tokenizer_dir()))
         logger.info("no tokenizer path configured: using the tiny tokenizer in %s", path)
