@@ -11,19 +11,14 @@ summary.md (overall and per round index); the last line printed is the metrics J
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 
-from chatterbox.data.errors import DataError
+from chatterbox.eval.cli import (add_grounding_arguments, add_meteor_argument, entry_point, print_outcome,
+                                 resolve_box_threshold, run_fields, runner_parser)
 
 
 def parse_args(argv=None):
-    from chatterbox.eval.runner import add_runner_arguments
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_runner_arguments(p)
+    p = runner_parser(__doc__)
     p.add_argument("--image-dir", default="", help="default: data.paths.vg_dir")
     p.add_argument("--history", default="model", choices=["model", "ground_truth"])
     p.add_argument("--history-tokens", default="plain", choices=["plain", "keep"])
@@ -31,9 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--grounding", default="auto", choices=["auto", "off"])
     p.add_argument("--max-rounds", type=int, default=0, help="use at most N rounds per dialogue (0 = all)")
     p.add_argument("--bad-records", default="error", choices=["error", "skip-and-count"])
-    p.add_argument("--iou-threshold", type=float, default=0.5)
-    p.add_argument("--box-threshold", type=float, default=None, help="default: eval.box_threshold")
-    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (no Java start-up)")
+    add_grounding_arguments(p)
+    add_meteor_argument(p)
     return p.parse_args(argv)
 
 
@@ -54,9 +48,8 @@ def main(argv=None) -> int:
                               MrgOptions(regions=args.regions, grounding=args.grounding,
                                          vg_separator=s.cfg.data.vg_separator, max_rounds=args.max_rounds),
                               policy, limit=args.limit)
-    box_threshold = args.box_threshold if args.box_threshold is not None else s.cfg.eval.box_threshold
     options = MrgRunOptions(history=args.history, history_tokens=args.history_tokens,
-                            max_new_tokens=s.max_new_tokens, box_threshold=box_threshold)
+                            max_new_tokens=s.max_new_tokens, box_threshold=resolve_box_threshold(args, s.cfg))
     records, stats = run_items(dialogues, lambda d: d.dialogue_id, mrg_predictor(s.model, s.encoder, options),
                                s.output_dir / "predictions.jsonl", batch_size=s.batch_size, dist=s.dist)
     if not s.dist.is_main:
@@ -65,9 +58,8 @@ def main(argv=None) -> int:
         result = evaluate_mrg(records, scorer, iou_threshold=args.iou_threshold)
     result.update({"history": args.history, "history_tokens": args.history_tokens,
                    "num_records_skipped": policy.skipped})
-    write_summary_json(s.output_dir / "summary.json", {"benchmark": "cb_mrg", "data": path, "checkpoint":
-                                                       args.checkpoint or "(config model)",
-                                                       "num_resumed": stats.num_resumed, **result})
+    write_summary_json(s.output_dir / "summary.json", {"benchmark": "cb_mrg", "data": path,
+                                                       **run_fields(args, stats), **result})
     rows = {}
     g, r = result["grounding"], result["referring"]
     for rnd in sorted({*(g["by_round"] if g else {}), *((r or {}).get("by_round") or {})}, key=int):
@@ -89,14 +81,9 @@ def main(argv=None) -> int:
         write_markdown_report(s.output_dir / "summary.md", f"CB-MRG ({args.history} history)", rows,
                               ["vg_rounds", "success_rate", "miou", "ref_rounds", "METEOR", "CIDEr"],
                               notes=[f"data: {path}", f"rounds not run (context full): {result['num_rounds_not_run']}"])
-    print(f"wrote {s.output_dir}/predictions.jsonl ({len(records)} dialogues, {stats.num_resumed} resumed)")
-    print(json.dumps(result))
+    print_outcome(s.output_dir / "predictions.jsonl", len(records), stats, result, unit="dialogues")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    entry_point(main)

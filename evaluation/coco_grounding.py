@@ -12,31 +12,26 @@ success_rate, miou_at_success, num_samples, ...), the same as eval_grounding.py 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 
-from chatterbox.data.errors import DataError
+from chatterbox.eval.cli import (add_grounding_arguments, entry_point, print_outcome, resolve_box_threshold,
+                                 run_fields, run_single_round, runner_parser, write_upstream_json)
 
 
 def parse_args(argv=None):
-    from chatterbox.eval.runner import add_runner_arguments
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_runner_arguments(p)
+    p = runner_parser(__doc__)
     p.add_argument("--questions", default="", help="upstream grounding_qa.json instead of building from instances")
     p.add_argument("--image-dir", default="", help="default: <data>/val2017")
-    p.add_argument("--iou-threshold", type=float, default=0.5)
-    p.add_argument("--box-threshold", type=float, default=None, help="default: eval.box_threshold")
+    add_grounding_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     from chatterbox.eval import questions as Q
-    from chatterbox.eval.benchmarks import evaluate_grounding_file, grounding_prediction_entries, single_round_predictor
+    from chatterbox.eval.benchmarks import evaluate_grounding_file, grounding_prediction_entries
     from chatterbox.eval.reports import write_markdown_report, write_summary_json
-    from chatterbox.eval.runner import run_items, setup_runner
+    from chatterbox.eval.runner import setup_runner
 
     args = parse_args(argv)
     s = setup_runner(args, "coco_grounding")
@@ -51,33 +46,23 @@ def main(argv=None) -> int:
             Q.write_grounding_qa(records, str(s.output_dir / "grounding_qa.json"))
     items = Q.coco_grounding_items(records, args.image_dir or os.path.join(data, "val2017"),
                                    os.path.basename(source), s.cfg.data.vg_separator)
-    if args.limit:
-        items = items[: args.limit]
-    box_threshold = args.box_threshold if args.box_threshold is not None else s.cfg.eval.box_threshold
-    predict = single_round_predictor(s.model, s.encoder, max_new_tokens=s.max_new_tokens, box_threshold=box_threshold)
-    records_out, stats = run_items(items, lambda it: it.item_id, predict, s.output_dir / "predictions.jsonl",
-                                   batch_size=s.batch_size, dist=s.dist)
+    items, records_out, stats = run_single_round(s, items, limit=args.limit,
+                                                 box_threshold=resolve_box_threshold(args, s.cfg))
     if not s.dist.is_main:
         return 0
     entries = grounding_prediction_entries(items, records_out)
-    with open(s.output_dir / "prediction.json", "w") as f:
-        json.dump(entries, f, indent=1)
+    write_upstream_json(s.output_dir / "prediction.json", entries)
     evaluation = evaluate_grounding_file(s.output_dir / "prediction.json", iou_threshold=args.iou_threshold)
     result = evaluation.to_dict()
-    summary = {"benchmark": "coco_grounding", "questions": source, "checkpoint": args.checkpoint or "(config model)",
-               "num_resumed": stats.num_resumed, "world_size": s.dist.world_size, **result}
+    summary = {"benchmark": "coco_grounding", "questions": source, **run_fields(args, stats),
+               "world_size": s.dist.world_size, **result}
     write_summary_json(s.output_dir / "summary.json", summary)
     write_markdown_report(s.output_dir / "summary.md", "COCO val2017 grounding", {"all": result},
                           ["miou", "success_rate", "miou_at_success", "num_success", "num_samples", "num_fallback"],
                           notes=[f"questions: {source}", f"checkpoint: {summary['checkpoint']}"])
-    print(f"wrote {s.output_dir}/prediction.json ({len(entries)} entries, {stats.num_resumed} resumed)")
-    print(json.dumps(result))
+    print_outcome(s.output_dir / "prediction.json", len(entries), stats, result)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    entry_point(main)

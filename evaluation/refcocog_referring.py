@@ -14,34 +14,30 @@ the written raw_output file.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 
 from chatterbox.data.errors import DataError
+from chatterbox.eval.cli import (add_meteor_argument, entry_point, print_outcome, run_fields, run_single_round,
+                                 runner_parser, write_upstream_json)
 
 
 def parse_args(argv=None):
-    from chatterbox.eval.runner import add_runner_arguments
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_runner_arguments(p)
+    p = runner_parser(__doc__)
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--split-by", default="umd")
     p.add_argument("--image-dir", default="", help="default: <data.paths.coco2014_dir>/train2014")
     p.add_argument("--clean", action="store_true", help="score upstream's cleaned answers (process_clean.py)")
-    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (no Java start-up)")
+    add_meteor_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     from chatterbox.eval import questions as Q
-    from chatterbox.eval.benchmarks import referring_raw_output, single_round_predictor
+    from chatterbox.eval.benchmarks import referring_raw_output
     from chatterbox.eval.caption_metrics import CaptionScorer, refer_reference
     from chatterbox.eval.cleaning import clean_caption_upstream
     from chatterbox.eval.reports import write_markdown_report, write_summary_json
-    from chatterbox.eval.runner import run_items, setup_runner
+    from chatterbox.eval.runner import setup_runner
 
     args = parse_args(argv)
     s = setup_runner(args, f"refcocog_referring_{args.split}")
@@ -53,20 +49,14 @@ def main(argv=None) -> int:
     if not records:
         raise DataError(f"no refs of split {args.split!r} (splits present: {sorted(by_split)})", folder, None, "split")
     if s.dist.is_main:
-        with open(s.output_dir / f"{args.split}.json", "w") as f:
-            json.dump(records, f, indent=1)
+        write_upstream_json(s.output_dir / f"{args.split}.json", records)
     image_dir = args.image_dir or os.path.join(s.cfg.data.paths.coco2014_dir, "train2014")
     items = Q.referring_items(records, image_dir, s.cfg.eval.referring_suffix, source=f"refcocog_{args.split}.json")
-    if args.limit:
-        items = items[: args.limit]
-    predict = single_round_predictor(s.model, s.encoder, max_new_tokens=s.max_new_tokens, box_threshold=None)
-    records_out, stats = run_items(items, lambda it: it.item_id, predict, s.output_dir / "predictions.jsonl",
-                                   batch_size=s.batch_size, dist=s.dist)
+    items, records_out, stats = run_single_round(s, items, limit=args.limit, box_threshold=None)
     if not s.dist.is_main:
         return 0
     raw = referring_raw_output(items, records_out)
-    with open(s.output_dir / f"refcocog_{args.split}.json", "w") as f:
-        json.dump(raw, f, indent=1)
+    write_upstream_json(s.output_dir / f"refcocog_{args.split}.json", raw)
     clean = args.clean or s.cfg.eval.clean_referring_output
     refs = {str(e["ref_id"]): [refer_reference(g) for g in e["gt"]] for e in raw}
     hyps = {str(e["ref_id"]): clean_caption_upstream(e["text_output"]) if clean else e["text_output"] for e in raw}
@@ -74,19 +64,13 @@ def main(argv=None) -> int:
         result = scorer.score(refs, hyps)
     result.update({"num_refs": len(refs), "clean": clean})
     write_summary_json(s.output_dir / "summary.json", {"benchmark": "refcocog_referring", "split": args.split,
-                                                        "checkpoint": args.checkpoint or "(config model)",
-                                                        "num_resumed": stats.num_resumed, **result})
+                                                        **run_fields(args, stats), **result})
     write_markdown_report(s.output_dir / "summary.md", f"RefCOCOg {args.split} referring",
                           {f"{args.split}{' (clean)' if clean else ''}": result},
                           [k for k in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "num_refs") if k in result])
-    print(f"wrote {s.output_dir}/refcocog_{args.split}.json ({len(raw)} entries, {stats.num_resumed} resumed)")
-    print(json.dumps(result))
+    print_outcome(s.output_dir / f"refcocog_{args.split}.json", len(raw), stats, result)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    entry_point(main)

@@ -1,0 +1,80 @@
+"""Command-line plumbing shared by the benchmark runners in evaluation/*.py.
+
+Each runner is a thin entry point: its own flags and question set, then these pieces, so every
+runner has the same common flags, the same run (limit, predictor, resumable JSONL), the same
+upstream-style JSON files, the same last-line metrics JSON and the same exit codes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from chatterbox.data.errors import DataError
+from chatterbox.eval.benchmarks import single_round_predictor
+from chatterbox.eval.runner import RunnerSetup, RunStats, add_runner_arguments, run_items
+
+__all__ = ["runner_parser", "add_grounding_arguments", "add_meteor_argument", "resolve_box_threshold",
+           "run_single_round", "run_fields", "write_upstream_json", "print_outcome", "entry_point"]
+
+
+def runner_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the script's docstring as help and the flags every runner has (config, model, output)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_runner_arguments(parser)
+    return parser
+
+
+def add_grounding_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--iou-threshold`` (success) and ``--box-threshold`` (DINO score cut; default from the config)."""
+    parser.add_argument("--iou-threshold", type=float, default=0.5)
+    parser.add_argument("--box-threshold", type=float, default=None, help="default: eval.box_threshold")
+
+
+def add_meteor_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (no Java start-up)")
+
+
+def resolve_box_threshold(args: argparse.Namespace, cfg) -> float:
+    return args.box_threshold if args.box_threshold is not None else cfg.eval.box_threshold
+
+
+def run_single_round(setup: RunnerSetup, items: Sequence, *, limit: int,
+                     box_threshold: float | None) -> tuple[list, list[dict] | None, RunStats]:
+    """One generation per item (the first ``limit`` items; 0 = all) into <output_dir>/predictions.jsonl,
+    resumable and sharded; returns (the items run, their records in item order, stats)."""
+    if limit:
+        items = items[:limit]
+    predict = single_round_predictor(setup.model, setup.encoder, max_new_tokens=setup.max_new_tokens,
+                                     box_threshold=box_threshold)
+    records, stats = run_items(items, lambda it: it.item_id, predict, setup.output_dir / "predictions.jsonl",
+                               batch_size=setup.batch_size, dist=setup.dist)
+    return items, records, stats
+
+
+def run_fields(args: argparse.Namespace, stats: RunStats) -> dict:
+    """The summary.json fields every runner records about its run."""
+    return {"checkpoint": args.checkpoint or "(config model)", "num_resumed": stats.num_resumed}
+
+
+def write_upstream_json(path: str | Path, obj) -> None:
+    """A file in upstream's layout (prediction.json, raw_output, question sets), indented as upstream's."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def print_outcome(path: str | Path, count: int, stats: RunStats, result: dict, unit: str = "entries") -> None:
+    """What was written, then the metrics JSON as the last line (the runners' output contract)."""
+    print(f"wrote {path} ({count} {unit}, {stats.num_resumed} resumed)")
+    print(json.dumps(result))
+
+
+def entry_point(main: Callable[[], int]) -> None:
+    """Run ``main`` as a command: bad data or a missing file is one ``error:`` line and exit status 1."""
+    try:
+        sys.exit(main())
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
