@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 from chatterbox.data.errors import BadRecordPolicy, DataError
 from chatterbox.data.readers.cb300k import read_conversation_file
-from chatterbox.data.readers.common import display_name, load_json, load_pickle, require, top_level_list
+from chatterbox.data.readers.common import (display_name, load_json, load_pickle, read_categories, require,
+                                            top_level_list)
 from chatterbox.data.records import DialogueRecord, DialogueTurn
 from chatterbox.tokens import BBOX_TOKEN, VG_TOKEN
 
@@ -82,10 +83,7 @@ def coco_grounding_qa(instances_path: str) -> list[dict]:
     """
     data = load_json(instances_path)
     file = display_name(instances_path)
-    categories: dict[int, str] = {}
-    for i, cat in enumerate(top_level_list(data, instances_path, "categories")):
-        categories[require(cat, "id", int, file, f"categories[{i}]")] = require(cat, "name", str, file,
-                                                                               f"categories[{i}]")
+    categories = read_categories(data, instances_path, file)
     images: dict[int, dict] = {}
     for i, img in enumerate(top_level_list(data, instances_path, "images")):
         rec = f"images[{i}]"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from chatterbox.data.errors import BadRecordPolicy, DataError
-from chatterbox.data.readers.common import box_to_xyxy, display_name, load_json, read_records, require, top_level_list
+from chatterbox.data.errors import BadRecordPolicy
+from chatterbox.data.readers.common import (box_to_xyxy, display_name, load_json, read_categories, read_records,
+                                            require, require_image_entry, require_known, top_level_list)
 from chatterbox.data.records import Region, RegionRecord
 
 
@@ -30,18 +31,10 @@ class CocoInstances:
 def read_coco_instances(path: str, image_dir: str, policy: BadRecordPolicy | None = None) -> CocoInstances:
     data = load_json(path)
     file = display_name(path)
-    categories = {}
-    for i, cat in enumerate(top_level_list(data, path, "categories")):
-        cid = require(cat, "id", int, file, f"categories[{i}]")
-        categories[cid] = require(cat, "name", str, file, f"categories[{i}]")
+    categories = read_categories(data, path, file)
 
     def parse_image(img, i):
-        iid = require(img, "id", int, file, f"images[{i}]")
-        require(img, "file_name", str, file, f"images[{i}]")
-        for key in ("width", "height"):
-            if require(img, key, int, file, f"images[{i}]") <= 0:
-                raise DataError("must be positive", file, f"images[{i}]", key)
-        return iid, img
+        return require_image_entry(img, file, f"images[{i}]"), img
 
     images = dict(read_records(top_level_list(data, path, "images"), file, parse_image, policy))
     by_image: dict[int, list[Region]] = {}
@@ -49,12 +42,8 @@ def read_coco_instances(path: str, image_dir: str, policy: BadRecordPolicy | Non
 
     def parse_annotation(ann, i):
         rec = f"annotations[{i}]"
-        image_id = require(ann, "image_id", int, file, rec)
-        if image_id not in images:
-            raise DataError(f"unknown image id {image_id}", file, rec, "image_id")
-        category_id = require(ann, "category_id", int, file, rec)
-        if category_id not in categories:
-            raise DataError(f"unknown category {category_id}", file, rec, "category_id")
+        image_id = require_known(ann, "image_id", images, file, rec, "image id")
+        category_id = require_known(ann, "category_id", categories, file, rec, "category")
         img = images[image_id]
         box = box_to_xyxy(require(ann, "bbox", list, file, rec), "xywh", file, rec, "bbox",
                           (img["width"], img["height"]))

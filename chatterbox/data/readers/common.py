@@ -75,6 +75,34 @@ def box_to_xyxy(box: Any, layout: str, file: str, record: int | str, field: str,
     return tuple(boxes_xyxy_abs[0].tolist())
 
 
+def read_categories(data: Any, path: str, file: str) -> dict[int, str]:
+    """A COCO-style ``categories`` list as ``{id: name}``."""
+    categories = {}
+    for i, cat in enumerate(top_level_list(data, path, "categories")):
+        categories[require(cat, "id", int, file, f"categories[{i}]")] = require(cat, "name", str, file,
+                                                                                f"categories[{i}]")
+    return categories
+
+
+def require_image_entry(img: Any, file: str, record: str) -> int:
+    """Check a COCO-style ``images`` entry (int ``id``, str ``file_name``, positive int ``width`` and
+    ``height``); return its id."""
+    image_id = require(img, "id", int, file, record)
+    require(img, "file_name", str, file, record)
+    for key in ("width", "height"):
+        if require(img, key, int, file, record) <= 0:
+            raise DataError("must be positive", file, record, key)
+    return image_id
+
+
+def require_known(obj: Any, key: str, known, file: str, record: str, what: str) -> int:
+    """An int id field that must name an entry of ``known`` (e.g. an annotation's ``image_id``)."""
+    value = require(obj, key, int, file, record)
+    if value not in known:
+        raise DataError(f"unknown {what} {value}", file, record, key)
+    return value
+
+
 def read_records(items: list, path: str, parse: Callable[[Any, int], Any], policy: BadRecordPolicy | None) -> list:
     """Parse every item; apply the bad-record policy to DataErrors (default: raise)."""
     policy = policy or BadRecordPolicy()

@@ -12,7 +12,8 @@ import logging
 import os
 
 from chatterbox.data.errors import BadRecordPolicy, DataError
-from chatterbox.data.readers.common import box_to_xyxy, display_name, load_json, read_records, require, top_level_list
+from chatterbox.data.readers.common import (box_to_xyxy, display_name, load_json, read_records, require,
+                                            require_image_entry, require_known, top_level_list)
 from chatterbox.data.records import Region, RegionRecord
 
 
@@ -27,12 +28,8 @@ def read_mdetr(path: str, image_dir: str, min_caption_words: int = 0, text_from:
 
     def parse_entry(img, i):
         rec = f"images[{i}]"
-        eid = require(img, "id", int, file, rec)
-        require(img, "file_name", str, file, rec)
+        eid = require_image_entry(img, file, rec)
         caption = require(img, "caption", str, file, rec)
-        for key in ("width", "height"):
-            if require(img, key, int, file, rec) <= 0:
-                raise DataError("must be positive", file, rec, key)
         if not caption.strip():
             raise DataError("empty caption", file, rec, "caption")
         entries[eid] = (i, img)
@@ -43,9 +40,7 @@ def read_mdetr(path: str, image_dir: str, min_caption_words: int = 0, text_from:
 
     def parse_annotation(ann, i):
         rec = f"annotations[{i}]"
-        eid = require(ann, "image_id", int, file, rec)
-        if eid not in entries:
-            raise DataError(f"unknown image id {eid}", file, rec, "image_id")
+        eid = require_known(ann, "image_id", entries, file, rec, "image id")
         img = entries[eid][1]
         box = box_to_xyxy(require(ann, "bbox", list, file, rec), "xywh", file, rec, "bbox", (img["width"], img["height"]))
         text = img["caption"]

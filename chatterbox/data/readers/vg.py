@@ -9,25 +9,19 @@ from __future__ import annotations
 import os
 
 from chatterbox.data.errors import BadRecordPolicy, DataError
-from chatterbox.data.readers.common import box_to_xyxy, display_name, load_json, read_records, require, top_level_list
+from chatterbox.data.readers.common import (box_to_xyxy, display_name, load_json, read_categories, read_records,
+                                            require, require_image_entry, require_known, top_level_list)
 from chatterbox.data.records import Region, RegionRecord
 
 
 def read_vg_regions(path: str, image_dir: str, policy: BadRecordPolicy | None = None) -> list[RegionRecord]:
     data = load_json(path)
     file = display_name(path)
-    categories = {}
-    for i, cat in enumerate(top_level_list(data, path, "categories")):
-        categories[require(cat, "id", int, file, f"categories[{i}]")] = require(cat, "name", str, file,
-                                                                                f"categories[{i}]")
+    categories = read_categories(data, path, file)
     images = {}
 
     def parse_image(img, i):
-        iid = require(img, "id", int, file, f"images[{i}]")
-        require(img, "file_name", str, file, f"images[{i}]")
-        for key in ("width", "height"):
-            if require(img, key, int, file, f"images[{i}]") <= 0:
-                raise DataError("must be positive", file, f"images[{i}]", key)
+        iid = require_image_entry(img, file, f"images[{i}]")
         images[iid] = (i, img)
         return iid
 
@@ -36,12 +30,8 @@ def read_vg_regions(path: str, image_dir: str, policy: BadRecordPolicy | None = 
 
     def parse_annotation(ann, i):
         rec = f"annotations[{i}]"
-        iid = require(ann, "image_id", int, file, rec)
-        if iid not in images:
-            raise DataError(f"unknown image id {iid}", file, rec, "image_id")
-        cid = require(ann, "category_id", int, file, rec)
-        if cid not in categories:
-            raise DataError(f"unknown category {cid}", file, rec, "category_id")
+        iid = require_known(ann, "image_id", images, file, rec, "image id")
+        cid = require_known(ann, "category_id", categories, file, rec, "category")
         if categories[cid] != "object":
             return None
         caption = require(ann, "caption", str, file, rec).strip()
