@@ -87,18 +87,25 @@ def _self_test(extension, device: torch.device) -> str | None:
     return None
 
 
+def _verified_status(device: torch.device) -> str | None:
+    """None if the kernel is loaded and passed its self-test on this CUDA device, else the reason it did
+    not; the load and the self-test run once per device, the outcome is remembered."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _lock:
+        if index not in _device_status:
+            extension = _load_extension()
+            _device_status[index] = _load_error if extension is None else _self_test(extension, device)
+        return _device_status[index]
+
+
 def _kernel_for(device: torch.device):
     """The verified extension for this CUDA device, or None (after warning once) to use PyTorch."""
     global _warned
     choice = _backend_choice()
     if choice == "pytorch":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
     with _lock:
-        if index not in _device_status:
-            extension = _load_extension()
-            _device_status[index] = _load_error if extension is None else _self_test(extension, device)
-        reason = _device_status[index]
+        reason = _verified_status(device)
         if reason is None:
             return _extension
         if choice == "cuda":
@@ -119,12 +126,7 @@ def kernel_status(device: torch.device | str = "cuda") -> str | None:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return "no CUDA device"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with _lock:
-        if index not in _device_status:
-            extension = _load_extension()
-            _device_status[index] = _load_error if extension is None else _self_test(extension, device)
-        return _device_status[index]
+    return _verified_status(device)
 
 
 class _MSDeformAttnCUDA(torch.autograd.Function):
