@@ -8,7 +8,9 @@ Random weights in bf16 (the timing of a forward pass does not depend on the valu
 about a region (`<bbox>`) and for a box (`[VG]`), and every answer is forced to the same length
 (``min_new_tokens = max_new_tokens``) so rounds are comparable. Each dialogue runs with the session's
 KV cache reused across rounds and, as a baseline, re-encoding the whole dialogue every round; with
-``--merge-lora`` also with LoRA folded into the weights.
+``--merge-lora`` also with LoRA folded into the weights. Sessions use the static KV cache whose decode
+step is a CUDA graph (captured when the session is created, outside the timed rounds);
+``--compare-dynamic`` adds the eager growing-``DynamicCache`` decoder for comparison.
 
 Bound: one decode step reads every weight of the LLM once (embedding rows aside), so
 ``tokens/s <= bandwidth / weight_bytes``. The card's nominal bandwidth comes from --bandwidth-gbs or
@@ -54,6 +56,11 @@ def parse_args(argv=None):
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="card bandwidth (default: by name)")
     parser.add_argument("--merge-lora", action="store_true", help="also measure with LoRA merged into the weights")
     parser.add_argument("--no-baseline", action="store_true", help="skip the re-encode-every-round baseline")
+    parser.add_argument("--compare-dynamic", action="store_true",
+                        help="also measure the eager DynamicCache decoder (cache reused across rounds)")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="static cache, but decode steps run eagerly")
+    parser.add_argument("--compile-step", action="store_true",
+                        help="also measure with the decode step compiled by torch.compile (then CUDA-graphed)")
     parser.add_argument("--out", default="outputs/bench_chat.json")
     return parser.parse_args(argv)
 
@@ -119,11 +126,15 @@ def measured_copy_bandwidth(device: torch.device, gib: float = 2.0) -> float | N
     return 2 * n * 2 * reps / elapsed
 
 
-def run_dialogue(model, image, args, reuse_cache: bool) -> list[dict]:
+def run_dialogue(model, image, args, reuse_cache: bool, cache: str = "static", compile_step: bool = False) -> list[dict]:
     from chatterbox.serve.session import ChatSession
 
     chat = ChatSession(model, image, max_new_tokens=args.answer_tokens, reuse_cache=reuse_cache,
-                       max_image_pixels=None)
+                       max_image_pixels=None, cache=cache, cuda_graph=False if args.no_cuda_graph else None,
+                       compile_step=compile_step)
+    decoder = chat._decoder_for(chat.max_context)
+    decoder_info = {"decoder": type(decoder).__name__, "cuda_graph": bool(decoder.uses_cuda_graph),
+                    "compiled_step": compile_step, "graph_capture_s": getattr(decoder, "capture_s", 0.0)}
     width, height = image.size
     rows = []
     for r in range(args.rounds):
@@ -138,7 +149,7 @@ def run_dialogue(model, image, args, reuse_cache: bool) -> list[dict]:
                      "generated_tokens": stats.generated_tokens, "prefill_s": stats.prefill_s,
                      "time_to_first_token_s": stats.first_token_s, "decode_s": stats.decode_s,
                      "decode_tokens_per_s": stats.decode_tokens_per_s, "boxes_s": stats.boxes_s,
-                     "time_to_boxes_s": stats.total_s, "boxes": len(reply.boxes_xyxy_abs)})
+                     "time_to_boxes_s": stats.total_s, "boxes": len(reply.boxes_xyxy_abs), **decoder_info})
     return rows
 
 
@@ -153,14 +164,18 @@ def median_rows(runs: list[list[dict]]) -> list[dict]:
     return out
 
 
-def measure_variant(model, image, args, reuse_cache: bool) -> list[dict]:
-    run_dialogue(model, image, argparse.Namespace(**{**vars(args), "rounds": 2}), reuse_cache)  # warm-up
-    return median_rows([run_dialogue(model, image, args, reuse_cache) for _ in range(args.repeats)])
+def measure_variant(model, image, args, reuse_cache: bool, cache: str = "static", compile_step: bool = False) -> list[dict]:
+    warm_up = argparse.Namespace(**{**vars(args), "rounds": 2})
+    run_dialogue(model, image, warm_up, reuse_cache, cache, compile_step)
+    return median_rows([run_dialogue(model, image, args, reuse_cache, cache, compile_step)
+                        for _ in range(args.repeats)])
 
 
 def summarise(rows: list[dict], bound_tokens_per_s: float | None) -> dict:
     decode = statistics.median(r["decode_tokens_per_s"] for r in rows)
-    summary = {"decode_tokens_per_s_median": decode,
+    summary = {"decoder": rows[0]["decoder"], "cuda_graph": rows[0]["cuda_graph"],
+               "compiled_step": rows[0]["compiled_step"],
+               "decode_tokens_per_s_median": decode,
                "round_last_over_round_1_latency": rows[-1]["time_to_boxes_s"] / rows[0]["time_to_boxes_s"],
                "time_to_first_token_s_round_1": rows[0]["time_to_first_token_s"],
                "time_to_first_token_s_last_round": rows[-1]["time_to_first_token_s"]}
@@ -194,9 +209,16 @@ def main(argv=None) -> int:
     variants = {"cache_reuse": measure_variant(model, image, args, reuse_cache=True)}
     if not args.no_baseline:
         variants["reencode_every_round"] = measure_variant(model, image, args, reuse_cache=False)
+    if args.compile_step:
+        variants["cache_reuse_compiled_step"] = measure_variant(model, image, args, reuse_cache=True, compile_step=True)
+    if args.compare_dynamic:
+        variants["cache_reuse_dynamic_cache"] = measure_variant(model, image, args, reuse_cache=True, cache="dynamic")
     if args.merge_lora and hasattr(model.language_model, "merge_adapter"):
         model.language_model.merge_adapter()
         variants["cache_reuse_merged_lora"] = measure_variant(model, image, args, reuse_cache=True)
+        if args.compile_step:
+            variants["cache_reuse_merged_lora_compiled_step"] = measure_variant(model, image, args, reuse_cache=True,
+                                                                                compile_step=True)
 
     result = {
         "benchmark": "chat latency (scripts/bench_chat.py)",
@@ -224,7 +246,8 @@ def main(argv=None) -> int:
           + (f", {measured_bound:.1f} tokens/s at the measured copy bandwidth" if measured_bound else ""))
     for name, rows in variants.items():
         s = result["variants"][name]["summary"]
-        print(f"\n{name}: decode {s['decode_tokens_per_s_median']:.1f} tokens/s"
+        print(f"\n{name} ({s['decoder']}, CUDA graph {'on' if s['cuda_graph'] else 'off'}"
+              f"{', compiled step' if s['compiled_step'] else ''}): decode {s['decode_tokens_per_s_median']:.1f} tokens/s"
               + (f" = {s['decode_fraction_of_bound']:.0%} of the bound" if bound else "")
               + f"; round {args.rounds} / round 1 latency {s['round_last_over_round_1_latency']:.2f}")
         print("round  prompt  context  TTFT_s  decode_tok/s  boxes_s  total_s")

@@ -22,6 +22,7 @@ from torch import nn
 
 from chatterbox.conversation import IGNORE_INDEX
 from chatterbox.model.clip_tower import ClipFeatures, ClipTower
+from chatterbox.model.decoding import KVDecoder, decode, make_kv_decoder
 from chatterbox.model.config import ModelConfig
 from chatterbox.model.llava_llama import (LlavaLlamaForCausalLM, check_image_layout, inject_region_features,
                                           splice_image_features)
@@ -339,9 +340,17 @@ class ChatterBox(nn.Module):
     def _next_token_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         logits = self.causal_lm.lm_head(hidden_last).float()
         # Image/region placeholders need external inputs and are never generated.
-        ids = self.token_ids
-        logits[:, [ids.im_patch, ids.im_start, ids.im_end, ids.bbox]] = float("-inf")
+        logits.index_fill_(-1, self._banned_token_index(logits.device), float("-inf"))
         return logits
+
+    def _banned_token_index(self, device: torch.device) -> torch.Tensor:
+        """The placeholder ids as a tensor on ``device``, made once (a per-step host list would copy each step)."""
+        cached = getattr(self, "_banned_index_cache", None)
+        if cached is None or cached.device != device:
+            ids = self.token_ids
+            cached = torch.tensor([ids.im_patch, ids.im_start, ids.im_end, ids.bbox], device=device)
+            self._banned_index_cache = cached
+        return cached
 
     @staticmethod
     def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
@@ -356,6 +365,16 @@ class ChatterBox(nn.Module):
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
+    def make_decoder(self, batch_size: int, capacity: int, cache: str = "static",
+                     cuda_graph: bool | None = None, compile_step: bool = False) -> "KVDecoder":
+        """A KV decoder over this model's LLM (chatterbox.model.decoding): ``cache`` "static" (fixed
+        ``capacity`` columns, decode steps replayed from a CUDA graph on CUDA unless ``cuda_graph=False``),
+        "dynamic" (growing DynamicCache, eager) or "none" (recompute everything each step).
+        ``compile_step=True`` also compiles the static decode step with torch.compile."""
+        param = self.causal_lm.get_input_embeddings().weight
+        return make_kv_decoder(self.causal_lm, cache, batch_size, capacity, param.device, param.dtype, cuda_graph,
+                               compile_step)
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  images_clip: torch.Tensor | None = None, images_dino: torch.Tensor | None = None,
@@ -363,15 +382,21 @@ class ChatterBox(nn.Module):
                  region_boxes: Sequence | None = None, sample_ids: Sequence[str] | None = None,
                  max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, use_cache: bool = True, box_threshold: float | None = None,
-                 generator: torch.Generator | None = None, **_ignored) -> list[GenerationResult]:
+                 generator: torch.Generator | None = None, cache: str = "static",
+                 cuda_graph: bool | None = None, **_ignored) -> list[GenerationResult]:
         """Generate replies for right-padded prompts; boxes for every `[VG]` in prompt or reply.
 
         Regions are injected in the prefill; the query of a prompt `[VG]` is read from the prefill hidden
-        states, that of a generated `[VG]` from the hidden state of the step that produced it. With
-        ``use_cache=False`` every step re-runs the whole sequence (for testing equivalence).
-        ``image_sizes`` [I,2] (height, width) of the original images map boxes to pixels.
+        states, that of a generated `[VG]` from the hidden state of the step that produced it. Decoding
+        runs through chatterbox.model.decoding: by default a static KV cache of prompt + ``max_new_tokens``
+        columns whose decode step is a CUDA graph on CUDA (``cuda_graph=False`` keeps it eager;
+        ``cache="dynamic"`` uses transformers' growing cache). ``use_cache=False`` re-runs the whole
+        sequence every step (for testing equivalence). ``image_sizes`` [I,2] (height, width) of the
+        original images map boxes to pixels.
         """
         self.eval()
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         batch, length = input_ids.shape
         device = input_ids.device
         if attention_mask is None:
@@ -383,16 +408,11 @@ class ChatterBox(nn.Module):
         source = (torch.arange(length, device=device)[None, :] - shift[:, None]) % length
         embeds = embeds.gather(1, source[:, :, None].expand_as(embeds))
         mask = attention_mask.gather(1, source).to(device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
 
-        inner = self.causal_lm.model
-        cache = None
-        if use_cache:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.causal_lm.config)
-        hidden = inner(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=use_cache).last_hidden_state
+        # The last picked token is never fed back: prompt + max_new_tokens - 1 columns at most.
+        decoder = self.make_decoder(batch, length + max_new_tokens, cache if use_cache else "none",
+                                    cuda_graph if use_cache else False)
+        hidden = decoder.prefill(embeds, mask)
 
         # Queries of the prompt's [VG] tokens: hidden state of the preceding token (left-padded column).
         vg_rows, vg_cols = positions_before_token(input_ids, self.token_ids.vg)
@@ -401,42 +421,14 @@ class ChatterBox(nn.Module):
             query_hidden[r].append(hidden[r, c + int(shift[r])])
         vg_in_prompt = [len(q) for q in query_hidden]
 
-        eos = self.token_ids.eos
-        generated = [[] for _ in range(batch)]
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        embed = self.causal_lm.get_input_embeddings()
-        all_embeds, all_mask, all_positions = embeds, mask, positions
-        last_hidden = hidden[:, -1]
-        for step in range(max_new_tokens):
-            next_tokens = self._pick(self._next_token_logits(last_hidden), do_sample, temperature, top_p, generator)
-            next_tokens = torch.where(finished, torch.full_like(next_tokens, self.token_ids.pad), next_tokens)
-            for r, tok in enumerate(next_tokens.tolist()):
-                if finished[r]:
-                    continue
-                if tok == eos:
-                    finished[r] = True
-                    continue
-                generated[r].append(tok)
-                if tok == self.token_ids.vg:
-                    query_hidden[r].append(last_hidden[r])
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            new_embeds = embed(next_tokens[:, None])
-            new_positions = all_positions[:, -1:] + 1
-            all_mask = torch.cat([all_mask, torch.ones_like(all_mask[:, :1])], dim=1)
-            if use_cache:
-                out = inner(inputs_embeds=new_embeds, attention_mask=all_mask, position_ids=new_positions,
-                            past_key_values=cache, use_cache=True).last_hidden_state
-            else:
-                all_embeds = torch.cat([all_embeds, new_embeds], dim=1)
-                out = inner(inputs_embeds=all_embeds, attention_mask=all_mask,
-                            position_ids=torch.cat([all_positions, new_positions], dim=1),
-                            use_cache=False).last_hidden_state
-            all_positions = torch.cat([all_positions, new_positions], dim=1)
-            last_hidden = out[:, -1]
-
-        results = [GenerationResult(token_ids=generated[r], text=self.tokenizer.decode(generated[r]),
-                                    vg_in_prompt=vg_in_prompt[r]) for r in range(batch)]
+        decoded = decode(self, decoder, hidden[:, -1], max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature, top_p=top_p, generator=generator)
+        results = []
+        for r in range(batch):
+            query_hidden[r].extend(decoded.vg_hidden[r])
+            tokens = decoded.token_ids[r]
+            results.append(GenerationResult(token_ids=tokens, text=self.tokenizer.decode(tokens),
+                                            vg_in_prompt=vg_in_prompt[r]))
         self._attach_boxes(results, query_hidden, images_dino, offset, image_sizes, box_threshold)
         return results
 

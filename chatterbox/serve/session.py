@@ -14,6 +14,10 @@ the dialogue the model saw. A new round feeds only what is not cached yet: the l
 is encoded in the first round (and again only when a later question has regions); the vision-branch
 backbone runs once per session.
 
+Decoding goes through chatterbox.model.decoding, the same code as ``ChatterBox.generate``: a static KV
+cache sized to the model's context, whose one-token step is captured as a CUDA graph when the session
+is created on a CUDA device (``cache="dynamic"`` / ``cuda_graph=False`` for the eager paths).
+
 Semantics equal ``ChatterBox.generate`` on the whole dialogue: the query of a `[VG]` is the final
 hidden state of the token before it (prompt `[VG]`s from the prefill, generated ones from the step
 that produced them), and greedy decoding gives the same tokens and boxes as re-running the dialogue
@@ -36,6 +40,7 @@ from chatterbox.boxes import BoxError, as_box_tensor, validate_xyxy
 from chatterbox.conversation import (ASSISTANT, USER, VICUNA_V1_1, ConversationError, Message, generation_prompt,
                                      render)
 from chatterbox.data.transforms import clip_image, dino_image, region_boxes_for_model, to_rgb
+from chatterbox.model.decoding import decode
 from chatterbox.model.query_head import positions_before_token
 from chatterbox.tokens import (BBOX_TOKEN, IMAGE_END_TOKEN, IMAGE_PATCH_TOKEN, IMAGE_PLACEHOLDER, IMAGE_START_TOKEN,
                                VG_TOKEN, expand_image_placeholder)
@@ -168,13 +173,23 @@ class ChatSession:
 
     def __init__(self, model, image, *, options: PromptOptions | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, box_threshold: float | None = None,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, reuse_cache: bool = True):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, reuse_cache: bool = True,
+                 cache: str = "static", cuda_graph: bool | None = None, compile_step: bool = False):
         self.model = model.eval()
         self.options = options or PromptOptions()
         self.max_new_tokens = max_new_tokens
         self.box_threshold = box_threshold
         #: False re-encodes the whole dialogue every round (a baseline for benchmarks; same results).
         self.reuse_cache = reuse_cache
+        #: KV cache kind (chatterbox.model.decoding): "static" (sized to ``max_context``; on CUDA its decode
+        #: step is a CUDA graph, captured here once per session unless ``cuda_graph=False``) or "dynamic".
+        if cache not in ("static", "dynamic"):
+            raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
+        self.cache_kind = cache
+        self.cuda_graph = cuda_graph
+        #: torch.compile the static decode step too (fuses its small kernels; compiles once per process).
+        self.compile_step = compile_step
+        self._decoder = None
         self.tokenizer = model.tokenizer
         self.token_ids = model.token_ids
         self.image = open_image(image, max_image_pixels)
@@ -188,12 +203,16 @@ class ChatSession:
         lm_config = model.causal_lm.config
         self.max_context = min(lm_config.max_position_embeddings, cfg.language.model_max_length)
         self.reset()
+        if cache == "static" and self.device.type == "cuda" and cuda_graph is not False:
+            # Capture the decode step now, so that no round pays for it.
+            self._decoder_for(self.max_context).capture()
 
     # ------------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the dialogue (history and KV cache); the image and its vision features are kept."""
         self.history: list[ChatTurn] = []
-        self._cache = None
+        if self._decoder is not None:
+            self._decoder.reset()  # buffers (and the captured graph) are kept for the next dialogue
         self._cached_ids: list[int] = []    # tokens whose keys/values are in the cache
         self._pending_ids: list[int] = []   # generated but not fed yet (generation stopped at the limit)
         self._regions_per_round: list[torch.Tensor] = []  # CLIP-normalised xyxy, one tensor per round
@@ -237,36 +256,32 @@ class ChatSession:
         if max_new_tokens < 1:
             raise ChatInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
 
-        if self.reuse_cache:
-            chunk = self._pending_ids + segment
-            regions = region_clip_norm
-            past = len(self._cached_ids)
-        else:  # everything again, from an empty cache
-            chunk = self._cached_ids + self._pending_ids + segment
-            regions = torch.cat([self.region_boxes_clip_norm, region_clip_norm])
-            past = 0
         context_before = len(self._cached_ids) + len(self._pending_ids)
         room = self.max_context - context_before - len(segment)
         if room < 1:
             raise ChatInputError(f"the dialogue would be {context_before + len(segment)} tokens, more than the "
                                  f"model's context of {self.max_context}; start over with reset()")
         max_new_tokens = min(max_new_tokens, room)
+        # Columns the decoder may hold by the end of the round (the last picked token is never fed).
+        decoder = self._decoder_for(context_before + len(segment) + max_new_tokens - 1)
+        reuse = self.reuse_cache and decoder.length == len(self._cached_ids)
+        if reuse:
+            chunk = self._pending_ids + segment
+            regions = region_clip_norm
+        else:  # everything again, from an empty cache
+            decoder.reset()
+            chunk = self._cached_ids + self._pending_ids + segment
+            regions = torch.cat([self.region_boxes_clip_norm, region_clip_norm])
         # Where this round's question starts inside ``chunk`` ([VG]s before it were answered already).
         segment_start = len(chunk) - len(segment)
 
-        cache = self._cache if self.reuse_cache else None
-        if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.model.causal_lm.config)
         try:
-            reply = self._run_round(chunk, regions, segment_start, past, cache, max_new_tokens, min_new_tokens,
+            reply = self._run_round(decoder, chunk, regions, segment_start, max_new_tokens, min_new_tokens,
                                     do_sample, temperature, top_p, generator, t_start)
         except BaseException:
-            if self.reuse_cache and self._cache is not None:
-                _truncate_cache(self._cache, len(self._cached_ids))  # keep the cache in step with the dialogue
+            # Keep the cache in step with the dialogue (a failed first encode leaves it empty).
+            decoder.truncate(min(decoder.length, len(self._cached_ids)) if reuse else 0)
             raise
-        self._cache = cache
         self._regions_per_round.append(region_clip_norm)
         self.history.append(ChatTurn(question, region_boxes_xyxy_abs, segment, reply))
         return reply
@@ -338,18 +353,22 @@ class ChatSession:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _decoder(self, embeds: torch.Tensor, past: int, cache) -> torch.Tensor:
-        positions = torch.arange(past, past + embeds.shape[1], device=embeds.device)[None]
-        return self.model.causal_lm.model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
-                                          use_cache=True).last_hidden_state
+    def _decoder_for(self, columns: int):
+        """The session's KV decoder, (re)built when it cannot hold ``columns`` (``max_context`` raised)."""
+        if self._decoder is None or getattr(self._decoder, "capacity", columns) < columns:
+            self._decoder = self.model.make_decoder(1, max(self.max_context, columns), self.cache_kind,
+                                                    self.cuda_graph, self.compile_step if self.cache_kind == "static"
+                                                    else False)
+        return self._decoder
 
-    def _run_round(self, chunk, regions, segment_start, past, cache, max_new_tokens, min_new_tokens,
+    def _run_round(self, decoder, chunk, regions, segment_start, max_new_tokens, min_new_tokens,
                    do_sample, temperature, top_p, generator, t_start) -> ChatReply:
         model, ids = self.model, self.token_ids
+        cached_before = decoder.length
         chunk_ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         embeds = model.build_inputs_embeds(chunk_ids, self._images_clip, None, [regions.to(self.device)],
                                            sample_ids=[f"chat round {len(self.history) + 1}"])
-        hidden = self._decoder(embeds, past, cache)
+        hidden = decoder.prefill(embeds)
         self._sync()
         t_prefill = time.perf_counter()
 
@@ -358,41 +377,23 @@ class ChatSession:
         query_hidden = [hidden[0, c] for c in vg_cols.tolist() if c + 1 >= segment_start]
         vg_in_question = len(query_hidden)
 
-        fed = list(chunk)
-        generated: list[int] = []
-        embed = model.causal_lm.get_input_embeddings()
-        last_hidden = hidden[:, -1]
-        position = past + len(chunk)
-        t_first = None
-        for step in range(max_new_tokens):
-            logits = model._next_token_logits(last_hidden)
-            if len(generated) < min_new_tokens:
-                logits[:, ids.eos] = float("-inf")
-            token = int(model._pick(logits, do_sample, temperature, top_p, generator)[0])
-            if t_first is None:
-                t_first = time.perf_counter()
-            if token == ids.eos:
-                break
-            generated.append(token)
-            if token == ids.vg:
-                query_hidden.append(last_hidden[0])
-            if step == max_new_tokens - 1:
-                break
-            out = self._decoder(embed(torch.tensor([[token]], device=self.device)), position, cache)
-            fed.append(token)
-            position += 1
-            last_hidden = out[:, -1]
+        decoded = decode(model, decoder, hidden[:, -1], max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                         do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator,
+                         on_first_token=self._sync)
+        generated = decoded.token_ids[0]
+        query_hidden.extend(decoded.vg_hidden[0])
+        # Drop what the device ran past the end (it stops only at its periodic end-of-sequence checks).
+        fed = chunk + generated[:decoded.fed_tokens(0)]
+        decoder.truncate(cached_before + len(fed))
+        self._sync()
         t_decoded = time.perf_counter()
-        t_first = t_first or t_decoded
+        t_first = decoded.first_token_s or t_decoded
 
         boxes_xyxy_abs, boxes_cxcywh_norm, scores, found = self._boxes(query_hidden)
         t_end = time.perf_counter()
 
-        if self.reuse_cache:
-            self._cached_ids = self._cached_ids + fed
-        else:
-            self._cached_ids = fed
-        self._pending_ids = generated[len(fed) - len(chunk):]
+        self._cached_ids = (self._cached_ids + fed) if cached_before else fed
+        self._pending_ids = generated[decoded.fed_tokens(0):]
         stats = RoundStats(round_index=len(self.history) + 1, prompt_tokens=len(chunk),
                            context_tokens=len(self.dialogue_token_ids), generated_tokens=len(generated),
                            prefill_s=t_prefill - t_start, first_token_s=t_first - t_start,
@@ -416,10 +417,3 @@ class ChatSession:
         return (best.boxes_xyxy_abs.float().cpu(), best.boxes_cxcywh_norm.float().cpu(), best.scores.float().cpu(),
                 best.found.cpu())
 
-
-def _truncate_cache(cache, length: int) -> None:
-    """Drop cached positions beyond ``length`` in every layer (layers may differ after an interrupted step)."""
-    for layer in cache.layers:
-        extra = layer.get_seq_length() - length
-        if extra > 0:
-            layer.crop(-extra)  # a negative count removes that many positions
