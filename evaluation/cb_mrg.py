@@ -2,7 +2,8 @@
 
     python evaluation/cb_mrg.py --config CONFIG [--checkpoint EXPORT_DIR] [--data CB_MRG.json or CB-300K dir]
         [--image-dir VG_DIR] [--history model|ground_truth] [--history-tokens plain|keep]
-        [--regions auto|off] [--grounding auto|off] [--max-rounds N] [--no-meteor] [--output-dir DIR]
+        [--regions auto|off] [--grounding auto|off] [--max-rounds N] [--no-meteor] [--visualize N]
+        [--output-dir DIR]
     torchrun --nproc_per_node 8 evaluation/cb_mrg.py ...
 
 Each dialogue's rounds run in order on the model's own earlier answers (default) or the ground-truth
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import os
 
-from chatterbox.eval.cli import (add_grounding_arguments, add_meteor_argument, entry_point, print_outcome,
-                                 resolve_box_threshold, run_fields, runner_parser)
+from chatterbox.eval.cli import (add_grounding_arguments, add_meteor_argument, add_visualize_argument, entry_point,
+                                 print_outcome, resolve_box_threshold, run_fields, runner_parser, write_visualizations)
 
 
 def parse_args(argv=None):
@@ -28,13 +29,14 @@ def parse_args(argv=None):
     p.add_argument("--bad-records", default="error", choices=["error", "skip-and-count"])
     add_grounding_arguments(p)
     add_meteor_argument(p)
+    add_visualize_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     from chatterbox.data.errors import BadRecordPolicy
     from chatterbox.eval.caption_metrics import CaptionScorer
-    from chatterbox.eval.mrg import MrgRunOptions, evaluate_mrg, mrg_predictor
+    from chatterbox.eval.mrg import MrgRunOptions, evaluate_mrg, mrg_grounding_records, mrg_predictor
     from chatterbox.eval.questions import MrgOptions, mrg_dialogues
     from chatterbox.eval.reports import write_markdown_report, write_summary_json
     from chatterbox.eval.runner import run_items, setup_runner
@@ -81,6 +83,12 @@ def main(argv=None) -> int:
         write_markdown_report(s.output_dir / "summary.md", f"CB-MRG ({args.history} history)", rows,
                               ["vg_rounds", "success_rate", "miou", "ref_rounds", "METEOR", "CIDEr"],
                               notes=[f"data: {path}", f"rounds not run (context full): {result['num_rounds_not_run']}"])
+    grounding_rounds = mrg_grounding_records(records) if args.visualize else []
+    if grounding_rounds:  # the [VG] rounds, IoUs as in the summary
+        from chatterbox.eval.grounding_metrics import evaluate_grounding
+
+        ious = evaluate_grounding(grounding_rounds, iou_threshold=args.iou_threshold).ious.tolist()
+        write_visualizations(grounding_rounds, ious, s.output_dir, args.visualize)
     print_outcome(s.output_dir / "predictions.jsonl", len(records), stats, result, unit="dialogues")
     return 0
 

@@ -2,6 +2,7 @@
 
     python evaluation/coco_grounding.py --config CONFIG [--checkpoint EXPORT_DIR] [--data COCO2017_DIR]
         [--questions grounding_qa.json] [--image-dir DIR] [--output-dir DIR] [--batch-size N] [--limit N]
+        [--visualize N]
     torchrun --nproc_per_node 8 evaluation/coco_grounding.py ...      # sharded; same files as one process
 
 Questions: built from <data>/annotations/instances_val2017.json as upstream does (3,422 on COCO;
@@ -9,14 +10,16 @@ written to <output-dir>/grounding_qa.json), or read from upstream's grounding_qa
 Prompt = question + " [VG]". Writes predictions.jsonl (incremental; a rerun resumes), upstream's
 prediction.json, summary.json and summary.md; the last line printed is the metrics JSON (miou,
 success_rate, miou_at_success, num_samples, ...), the same as eval_grounding.py on prediction.json.
+--visualize N draws the first N predictions (GT green, prediction red) to <output-dir>/visualizations.
 """
 from __future__ import annotations
 
 import json
 import os
 
-from chatterbox.eval.cli import (add_grounding_arguments, entry_point, print_outcome, resolve_box_threshold,
-                                 run_fields, run_single_round, runner_parser, write_upstream_json)
+from chatterbox.eval.cli import (add_grounding_arguments, add_visualize_argument, entry_point, print_outcome,
+                                 resolve_box_threshold, run_fields, run_single_round, runner_parser,
+                                 write_upstream_json, write_visualizations)
 
 
 def parse_args(argv=None):
@@ -24,12 +27,14 @@ def parse_args(argv=None):
     p.add_argument("--questions", default="", help="upstream grounding_qa.json instead of building from instances")
     p.add_argument("--image-dir", default="", help="default: <data>/val2017")
     add_grounding_arguments(p)
+    add_visualize_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     from chatterbox.eval import questions as Q
-    from chatterbox.eval.benchmarks import evaluate_grounding_file, grounding_prediction_entries
+    from chatterbox.eval.benchmarks import grounding_prediction_entries, read_grounding_file
+    from chatterbox.eval.grounding_metrics import evaluate_grounding
     from chatterbox.eval.reports import write_markdown_report, write_summary_json
     from chatterbox.eval.runner import setup_runner
 
@@ -52,7 +57,8 @@ def main(argv=None) -> int:
         return 0
     entries = grounding_prediction_entries(items, records_out)
     write_upstream_json(s.output_dir / "prediction.json", entries)
-    evaluation = evaluate_grounding_file(s.output_dir / "prediction.json", iou_threshold=args.iou_threshold)
+    predictions = read_grounding_file(s.output_dir / "prediction.json")
+    evaluation = evaluate_grounding(predictions, iou_threshold=args.iou_threshold)
     result = evaluation.to_dict()
     summary = {"benchmark": "coco_grounding", "questions": source, **run_fields(args, stats),
                "world_size": s.dist.world_size, **result}
@@ -60,6 +66,7 @@ def main(argv=None) -> int:
     write_markdown_report(s.output_dir / "summary.md", "COCO val2017 grounding", {"all": result},
                           ["miou", "success_rate", "miou_at_success", "num_success", "num_samples", "num_fallback"],
                           notes=[f"questions: {source}", f"checkpoint: {summary['checkpoint']}"])
+    write_visualizations(predictions.records, evaluation.ious.tolist(), s.output_dir, args.visualize)
     print_outcome(s.output_dir / "prediction.json", len(entries), stats, result)
     return 0
 

@@ -32,7 +32,7 @@ from chatterbox.eval.caption_metrics import (
     CaptionScorer,
     ReferringInputError,
     bertscore_availability,
-    compute_bertscore,
+    optional_bertscore,
     read_referring_predictions,
     read_referring_references,
 )
@@ -77,12 +77,9 @@ def main(argv=None) -> int:
                                 "predictions file unless --references is given)"), file=sys.stderr)
         return 1
 
-    bertscore_status = None
-    if args.bertscore:
-        available, reason = bertscore_availability()
-        bertscore_status = None if available else reason
-        if not available:
-            print(f"BERTScore unavailable: {reason}")
+    availability = bertscore_availability() if args.bertscore else None
+    if availability is not None and not availability[0]:
+        print(f"BERTScore unavailable: {availability[1]}")
 
     runs = []
     try:
@@ -95,10 +92,7 @@ def main(argv=None) -> int:
                     run = {**scores, "num_refs": len(references), "predictions": path, "clean": clean,
                            "references": references_path, "gt_procedure": args.gt_procedure}
                     if args.bertscore:
-                        run["BERTScore_F1"] = (compute_bertscore(references, hypotheses)
-                                               if bertscore_status is None else None)
-                        if bertscore_status is not None:
-                            run["bertscore_unavailable"] = bertscore_status
+                        run.update(optional_bertscore(references, hypotheses, availability))
                     runs.append((run, hypotheses, per_item))
     except ReferringInputError as e:
         print(f"error: {e} (predictions vs references {references_path})", file=sys.stderr)

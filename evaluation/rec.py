@@ -2,6 +2,7 @@
 
     python evaluation/rec.py --config CONFIG --dataset refcoco|refcoco+|refcocog [--checkpoint DIR]
         [--data REFER_DIR] [--splits val testA testB] [--template "Where is {expression}?"] [--output-dir DIR]
+        [--visualize N]
     torchrun --nproc_per_node 8 evaluation/rec.py ...
 
 One grounding question per referring expression (sentence) of each split: template(expression) +
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import os
 
-from chatterbox.eval.cli import (add_grounding_arguments, entry_point, print_outcome, resolve_box_threshold,
-                                 run_fields, run_single_round, runner_parser, write_upstream_json)
+from chatterbox.eval.cli import (add_grounding_arguments, add_visualize_argument, entry_point, print_outcome,
+                                 resolve_box_threshold, run_fields, run_single_round, runner_parser,
+                                 write_upstream_json, write_visualizations)
 
 
 def parse_args(argv=None):
@@ -28,13 +30,15 @@ def parse_args(argv=None):
     p.add_argument("--template", default=DEFAULT_REC_TEMPLATE)
     p.add_argument("--image-dir", default="", help="default: <data.paths.coco2014_dir>/train2014")
     add_grounding_arguments(p)
+    add_visualize_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     from chatterbox.data.readers.refcoco import DEFAULT_SPLIT_BY
     from chatterbox.eval import questions as Q
-    from chatterbox.eval.benchmarks import evaluate_grounding_file, grounding_prediction_entries
+    from chatterbox.eval.benchmarks import grounding_prediction_entries, read_grounding_file
+    from chatterbox.eval.grounding_metrics import evaluate_grounding
     from chatterbox.eval.reports import write_markdown_report, write_summary_json
     from chatterbox.eval.runner import setup_runner
 
@@ -51,8 +55,8 @@ def main(argv=None) -> int:
         return 0
     entries = grounding_prediction_entries(items, records_out, group_field="split")
     write_upstream_json(s.output_dir / "prediction.json", entries)
-    evaluation = evaluate_grounding_file(s.output_dir / "prediction.json", iou_threshold=args.iou_threshold,
-                                          group_field="split")
+    predictions = read_grounding_file(s.output_dir / "prediction.json", group_field="split")
+    evaluation = evaluate_grounding(predictions, iou_threshold=args.iou_threshold)
     result = {"dataset": args.dataset,
               "accuracy": {k: g.success_rate for k, g in evaluation.groups.items()},
               **evaluation.to_dict()}
@@ -61,6 +65,7 @@ def main(argv=None) -> int:
                     "miou": g.miou} for split, g in evaluation.groups.items()}
     write_markdown_report(s.output_dir / "summary.md", f"{args.dataset} REC", rows,
                           ["Acc@0.5", "num_correct", "num_samples", "miou"])
+    write_visualizations(predictions.records, evaluation.ious.tolist(), s.output_dir, args.visualize)
     print_outcome(s.output_dir / "prediction.json", len(entries), stats, result)
     return 0
 

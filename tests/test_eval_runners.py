@@ -150,7 +150,7 @@ def _write_refer(root: Path):
 
 def test_refcocog_referring_questions_and_items(tmp_path):
     folder = _write_refer(tmp_path)
-    by_split = Q.refcocog_referring_questions(str(folder / "refs(umd).p"), str(folder / "instances.json"))
+    by_split = Q.referring_questions(str(folder / "refs(umd).p"), str(folder / "instances.json"), "refcocog")
     assert sorted(by_split) == ["test", "val"]
     test = by_split["test"][0]
     # int() of x, y, x + w, y + h (not int(x) + int(w)): 10.7 + 20.6 = 31.3 -> 31, 5.2 + 30.9 = 36.1 -> 36
@@ -379,7 +379,7 @@ def test_referring_raw_output_format(tiny_setup, tmp_path):
 
     cfg, model, encoder = tiny_setup
     folder = _write_refer(tmp_path)
-    records = Q.refcocog_referring_questions(str(folder / "refs(umd).p"), str(folder / "instances.json"))["test"]
+    records = Q.referring_questions(str(folder / "refs(umd).p"), str(folder / "instances.json"), "refcocog")["test"]
     items = Q.referring_items(records, str(tmp_path / "MSCOCO2014" / "train2014"), cfg.eval.referring_suffix)
     predict = single_round_predictor(model, encoder, max_new_tokens=6, box_threshold=None)
     out, _ = run_items(items, lambda it: it.item_id, predict, tmp_path / "p.jsonl", batch_size=4)

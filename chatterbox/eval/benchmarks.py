@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from chatterbox.eval.grounding_metrics import GroundingEvaluation, evaluate_grounding, read_upstream_grounding_predictions
+from chatterbox.eval.grounding_metrics import (GroundingEvaluation, GroundingPredictions, evaluate_grounding,
+                                               read_upstream_grounding_predictions)
 from chatterbox.eval.questions import EvalItem
 from chatterbox.eval.runner import EVAL_IMAGE_PREFIX, GenerationRequest, RequestEncoder, generate_for_requests
 
-__all__ = ["single_round_predictor", "grounding_prediction_entries", "evaluate_grounding_file",
+__all__ = ["single_round_predictor", "grounding_prediction_entries", "read_grounding_file", "evaluate_grounding_file",
            "referring_raw_output"]
 
 
@@ -74,12 +75,17 @@ def grounding_prediction_entries(items: Sequence[EvalItem], records: Sequence[di
     return entries
 
 
+def read_grounding_file(path, *, group_field: str | None = None, questions_path=None) -> GroundingPredictions:
+    """A written prediction.json, read by the same reader as evaluation/eval_grounding.py (so both print
+    the same numbers); an entry without a box counts as IoU 0 and is counted."""
+    return read_upstream_grounding_predictions(path, missing="zero", questions_path=questions_path,
+                                               group_field=group_field)
+
+
 def evaluate_grounding_file(path, *, iou_threshold: float = 0.5, group_field: str | None = None,
                             questions_path=None) -> GroundingEvaluation:
-    """The metrics of a written prediction.json, read by the same reader as evaluation/eval_grounding.py
-    (so both print the same numbers); an entry without a box counts as IoU 0 and is counted."""
-    predictions = read_upstream_grounding_predictions(path, missing="zero", questions_path=questions_path,
-                                                      group_field=group_field)
+    """The metrics of a written prediction.json (see `read_grounding_file`)."""
+    predictions = read_grounding_file(path, group_field=group_field, questions_path=questions_path)
     return evaluate_grounding(predictions, iou_threshold=iou_threshold)
 
 

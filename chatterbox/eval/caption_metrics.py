@@ -35,6 +35,7 @@ __all__ = [
     "read_referring_references",
     "bertscore_availability",
     "compute_bertscore",
+    "optional_bertscore",
 ]
 
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -271,12 +272,17 @@ def bertscore_availability(model_type: str | None = None) -> tuple[bool, str]:
     except ImportError:
         return False, "the bert_score package is not installed"
     model_type = model_type or lang2model["en"]
+    if Path(model_type, "config.json").is_file():  # a model folder on disk
+        return True, f"model {model_type!r} found locally"
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return False, "huggingface_hub is not installed"
-    cached = try_to_load_from_cache(model_type, "config.json")
-    if not isinstance(cached, str) and not Path(model_type, "config.json").is_file():
+    try:
+        cached = try_to_load_from_cache(model_type, "config.json")
+    except ValueError as e:  # not a hub repo id (e.g. a path that does not exist)
+        return False, f"model {model_type!r} is neither a local folder nor a hub id ({e})"
+    if not isinstance(cached, str):
         return False, f"model {model_type!r} is not in the local Hugging Face cache (it is never downloaded)"
     return True, f"model {model_type!r} found locally"
 
@@ -301,3 +307,17 @@ def compute_bertscore(
     kwargs = {"model_type": model_type} if model_type else {"lang": "en"}
     _, _, f1 = score(cands, refs, **kwargs)
     return float(f1.mean())
+
+
+def optional_bertscore(
+    references: Mapping[Hashable, Sequence[str]],
+    hypotheses: Mapping[Hashable, str],
+    availability: tuple[bool, str] | None = None,
+) -> dict:
+    """The BERTScore fields of a report: ``{"BERTScore_F1": mean F1}`` when bert_score and its model are
+    on disk, else ``{"BERTScore_F1": None, "bertscore_unavailable": reason}`` (nothing is downloaded).
+    ``availability``: a :func:`bertscore_availability` result already at hand (checked once per run)."""
+    available, reason = availability if availability is not None else bertscore_availability()
+    if not available:
+        return {"BERTScore_F1": None, "bertscore_unavailable": reason}
+    return {"BERTScore_F1": compute_bertscore(references, hypotheses)}

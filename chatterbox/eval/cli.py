@@ -16,8 +16,12 @@ from chatterbox.data.errors import DataError
 from chatterbox.eval.benchmarks import single_round_predictor
 from chatterbox.eval.runner import RunnerSetup, RunStats, add_runner_arguments, run_items
 
-__all__ = ["runner_parser", "add_grounding_arguments", "add_meteor_argument", "resolve_box_threshold",
-           "run_single_round", "run_fields", "write_upstream_json", "print_outcome", "entry_point"]
+__all__ = ["runner_parser", "add_grounding_arguments", "add_meteor_argument", "add_visualize_argument",
+           "resolve_box_threshold", "run_single_round", "run_fields", "write_upstream_json", "write_visualizations",
+           "print_outcome", "entry_point"]
+
+#: where --visualize writes its PNGs, under the run's output folder
+VISUALIZATION_DIR = "visualizations"
 
 
 def runner_parser(description: str) -> argparse.ArgumentParser:
@@ -35,6 +39,19 @@ def add_grounding_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_meteor_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (no Java start-up)")
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {value}")
+    return value
+
+
+def add_visualize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--visualize", type=_count, default=0, metavar="N",
+                        help=f"draw the first N grounding predictions (GT green, prediction red) as PNGs "
+                             f"under <output-dir>/{VISUALIZATION_DIR}")
 
 
 def resolve_box_threshold(args: argparse.Namespace, cfg) -> float:
@@ -63,6 +80,20 @@ def write_upstream_json(path: str | Path, obj) -> None:
     """A file in upstream's layout (prediction.json, raw_output, question sets), indented as upstream's."""
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
+
+
+def write_visualizations(records: Sequence, ious: Sequence[float], output_dir: str | Path,
+                         num_images: int) -> list[Path]:
+    """PNGs of the first ``num_images`` grounding records (`GroundingRecord`) whose image exists, under
+    <output_dir>/visualizations; returns the files written (nothing for ``num_images`` 0)."""
+    if num_images <= 0:
+        return []
+    from chatterbox.eval.reports import visualize_grounding
+
+    folder = Path(output_dir) / VISUALIZATION_DIR
+    vis = visualize_grounding(records, ious, folder, num_images=num_images)
+    print(f"visualisations: {len(vis.written)} written to {folder}, {len(vis.skipped)} skipped (image not found)")
+    return vis.written
 
 
 def print_outcome(path: str | Path, count: int, stats: RunStats, result: dict, unit: str = "entries") -> None:

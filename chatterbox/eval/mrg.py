@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from chatterbox.conversation import ASSISTANT, USER, Message
-from chatterbox.eval.grounding_metrics import iou_per_item, summarize_ious, summarize_ious_by_group
+from chatterbox.eval.grounding_metrics import GroundingRecord, iou_per_item, summarize_ious, summarize_ious_by_group
 from chatterbox.eval.questions import MrgDialogue
 from chatterbox.eval.runner import EVAL_IMAGE_PREFIX, GenerationRequest, RequestEncoder, generate_for_requests
 from chatterbox.tokens import VG_TOKEN
 
-__all__ = ["MrgRunOptions", "mrg_predictor", "evaluate_mrg", "EMPTY_ANSWER_IN_HISTORY"]
+__all__ = ["MrgRunOptions", "mrg_predictor", "evaluate_mrg", "mrg_grounding_records", "EMPTY_ANSWER_IN_HISTORY"]
 
 HISTORY_MODES = ("model", "ground_truth")
 HISTORY_TOKEN_MODES = ("plain", "keep")
@@ -174,6 +174,23 @@ def evaluate_mrg(records: list[dict], scorer=None, iou_threshold: float = 0.5) -
     else:
         summary["referring"] = None if not refs else {"num_samples": len(refs), "skipped": "no caption scorer"}
     return summary
+
+
+def mrg_grounding_records(records: list[dict]) -> list[GroundingRecord]:
+    """The ``[VG]`` rounds of `mrg_predictor` records as `GroundingRecord`s (for visualisation), in
+    dialogue then round order: ``index`` counts them, ``group`` is the round index, ``prompt`` names the
+    dialogue and round; a round without a predicted box has ``pred_box_xyxy_abs`` None (IoU 0)."""
+    out = []
+    for rec in records:
+        for r in rec["rounds"]:
+            if r["target_box_xyxy_abs"] is None:
+                continue
+            out.append(GroundingRecord(
+                index=len(out), gt_box_xyxy_abs=tuple(r["target_box_xyxy_abs"]),
+                pred_box_xyxy_abs=tuple(r["box_xyxy_abs"]) if r["box_xyxy_abs"] is not None else None,
+                score=r["score"], image_path=rec["image_path"],
+                prompt=f"{rec['id']} round {r['round']}: {r['user_text']}", group=str(r["round"])))
+    return out
 
 
 def _by_index(groups: dict):

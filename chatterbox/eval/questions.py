@@ -3,8 +3,8 @@
 * COCO single-round grounding (`coco_grounding_qa` / `coco_grounding_items`): upstream's
   ``generate_coco_id.py`` + ``generate_grounding_qa.py`` on ``instances_val2017.json`` -> the
   3,422 records of ``grounding_qa.json``, reproduced record by record (same order, same floats).
-* RefCOCOg referring (`refcocog_referring_questions` / `referring_items`): upstream's
-  ``refcocog_referring_conversation.py`` on ``refs(umd).p`` + ``instances.json``.
+* RefCOCOg / RefCOCO / RefCOCO+ referring (`referring_questions` / `referring_items`): upstream's
+  ``{refcocog,refcoco,refcoco+}_referring_conversation.py`` on ``refs(<split_by>).p`` + ``instances.json``.
 * RefCOCO / RefCOCO+ / RefCOCOg REC (`rec_items`): one grounding question per referring expression
   (upstream released no REC evaluation; this is the standard protocol: Acc@0.5 per split over sentences).
 * CB-MRG dialogues (`mrg_dialogues`): multi-round referring + grounding from ``CB_MRG.json``; the
@@ -32,13 +32,19 @@ from chatterbox.tokens import BBOX_TOKEN, VG_TOKEN
 __all__ = [
     "EvalItem", "MrgRound", "MrgDialogue", "MrgOptions",
     "coco_grounding_qa", "coco_grounding_items", "write_grounding_qa",
-    "refcocog_referring_questions", "referring_items", "REFERRING_PROMPT",
+    "referring_questions", "referring_items", "REFERRING_PROMPT", "REFCOCO_REFERRING_PROMPT",
+    "REFERRING_SPLITS", "refcoco_it_is_answer",
     "rec_items", "REC_SPLITS", "DEFAULT_REC_TEMPLATE",
     "mrg_dialogues", "build_mrg_dialogue",
 ]
 
-#: upstream's RefCOCOg question (the box list that follows "?" in its question file is the region).
+#: upstream's RefCOCOg and RefCOCO+ question (the box list that follows "?" in its question file is the region).
 REFERRING_PROMPT = f"What is it {BBOX_TOKEN}?"
+#: upstream's RefCOCO question (refcoco_referring_conversation.py).
+REFCOCO_REFERRING_PROMPT = f"What is in this region {BBOX_TOKEN}?"
+#: evaluation splits of the referring question sets (the train split is built too, never evaluated).
+REFERRING_SPLITS = {"refcocog": ("val", "test"), "refcoco": ("val", "testA", "testB"),
+                    "refcoco+": ("val", "testA", "testB")}
 #: REC splits per dataset (refer toolkit): RefCOCO/RefCOCO+ by UNC, RefCOCOg by UMD.
 REC_SPLITS = {"refcoco": ("val", "testA", "testB"), "refcoco+": ("val", "testA", "testB"), "refcocog": ("val", "test")}
 #: the REC question; the same form our training builds from refer expressions (data/dialogues.py).
@@ -168,18 +174,40 @@ def _instances_index(instances_path: str):
     return boxes, sizes
 
 
-def refcocog_referring_questions(refs_path: str, instances_path: str) -> dict[str, list[dict]]:
+def refcoco_it_is_answer(sentence: str) -> str:
+    """Upstream's single RefCOCO answer from the ref's first sentence (refcoco_referring_conversation.py).
+
+    A sentence opening with "a", "the", "this" or "that" loses that word and every remaining word is
+    followed by a space ("the man on left" -> "It is man on left ."); any other gets "It is a "
+    ("man on left" -> "It is a man on left."). Upstream's quirks (the space before ".", "It is a"
+    before plurals) are kept: these strings are the references.
+    """
+    words = sentence.split(" ")
+    if words[0] in ("a", "the", "this", "that"):
+        return "It is " + "".join(w + " " for w in words[1:]) + "."
+    return "It is a " + sentence + "."
+
+
+def referring_questions(refs_path: str, instances_path: str, dataset: str = "refcocog") -> dict[str, list[dict]]:
     """Upstream's referring question files per split (``{"val": [...], "test": [...], "train": [...]}``).
 
-    Record: ``{file_name, image_id, category_id, question: "What is it <bbox>?" + str([[x1, y1, x2, y2]])
-    (int() of x, y, x + w, y + h), answer: [sent.lower() + "." for each sentence], ref_id}``; refs in
-    pickle order.
+    Record: ``{file_name, image_id, category_id, question, answer, ref_id}`` with the region box as
+    ``str([[x1, y1, x2, y2]])`` (int() of x, y, x + w, y + h) after the question's "?"; refs in pickle order.
+
+    * refcocog, refcoco+ (same script): question "What is it <bbox>?", answer = every sentence,
+      ``sent.lower() + "."``.
+    * refcoco: question "What is in this region <bbox>?", answer = ONE string built from the first
+      sentence by :func:`refcoco_it_is_answer`. Upstream's RefCOCO records have no ``ref_id``; ours
+      keep it, so predictions can be matched to their ref.
     """
+    if dataset not in REFERRING_SPLITS:
+        raise ValueError(f"dataset must be one of {sorted(REFERRING_SPLITS)}, got {dataset!r}")
     refs = load_pickle(refs_path)
     file = display_name(refs_path)
     if not isinstance(refs, list):
         raise DataError(f"expected a list of refs, got {type(refs).__name__}", file)
     boxes, _ = _instances_index(instances_path)
+    prompt = REFCOCO_REFERRING_PROMPT if dataset == "refcoco" else REFERRING_PROMPT
     out: dict[str, list[dict]] = {}
     for index, ref in enumerate(refs):
         split = require(ref, "split", str, file, index)
@@ -191,12 +219,18 @@ def refcocog_referring_questions(refs_path: str, instances_path: str) -> dict[st
         sentences = require(ref, "sentences", list, file, index)
         if not sentences:
             raise DataError("no sentences", file, index, "sentences")
-        answer = [require(s, "sent", str, file, index, f"sentences[{j}].").lower() + "." for j, s in enumerate(sentences)]
+        sents = [require(s, "sent", str, file, index, f"sentences[{j}].") for j, s in enumerate(sentences)]
+        if dataset == "refcoco":
+            if not sents[0]:
+                raise DataError("empty first sentence", file, index, "sentences[0].sent")
+            answer = refcoco_it_is_answer(sents[0])
+        else:
+            answer = [sent.lower() + "." for sent in sents]
         out.setdefault(split, []).append({
             "file_name": require(ref, "file_name", str, file, index),
             "image_id": require(ref, "image_id", int, file, index),
             "category_id": ref.get("category_id"),
-            "question": REFERRING_PROMPT + str(box),
+            "question": prompt + str(box),
             "answer": answer,
             "ref_id": require(ref, "ref_id", int, file, index),
         })
@@ -213,7 +247,8 @@ def coco_file_of_ref(file_name: str) -> str:
 
 def referring_items(records: list[dict], image_dir: str, suffix: str, source: str = "refcocog") -> list[EvalItem]:
     """`EvalItem`s of upstream's referring records: the question is split at "?" into the prompt
-    ("What is it <bbox>?") and the box list; the model sees prompt + ``suffix`` (no space, as upstream)."""
+    ("What is it <bbox>?") and the box list; the model sees prompt + ``suffix`` (no space, as upstream).
+    ``answer``: a list of reference sentences, or one string (RefCOCO's single answer)."""
     items = []
     for i, r in enumerate(records):
         for key in ("question", "answer", "ref_id", "file_name"):
@@ -233,12 +268,14 @@ def referring_items(records: list[dict], image_dir: str, suffix: str, source: st
         if prompt.count(BBOX_TOKEN) != len(region_boxes):
             raise DataError(f"{prompt.count(BBOX_TOKEN)} {BBOX_TOKEN} for {len(region_boxes)} boxes", source, i,
                             "question")
-        if not isinstance(r["answer"], list) or not r["answer"]:
-            raise DataError("expected a non-empty list of sentences", source, i, "answer")
+        references = [r["answer"]] if isinstance(r["answer"], str) else r["answer"]
+        if not isinstance(references, list) or not references or not all(
+                isinstance(a, str) and a for a in references):
+            raise DataError("expected a non-empty sentence or list of sentences", source, i, "answer")
         items.append(EvalItem(
             item_id=f"{source}#{i}", task="referring",
             image_path=os.path.join(image_dir, coco_file_of_ref(r["file_name"])), user_text=prompt + suffix,
-            region_boxes_xyxy_abs=region_boxes, references=list(r["answer"]), upstream={**r, "prompt": prompt},
+            region_boxes_xyxy_abs=region_boxes, references=list(references), upstream={**r, "prompt": prompt},
         ))
     return items
 
