@@ -43,3 +43,11 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     from chatterbox.tokens import load_tokenizer
 
     return load_tokenizer(str(tiny_tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def module_tokenizer(tiny_tokenizer_dir):
+    """One tokenizer shared by a module's tests (for modules that build one model for all their tests)."""
+    from chatterbox.tokens import load_tokenizer
+
+    return load_tokenizer(str(tiny_tokenizer_dir))

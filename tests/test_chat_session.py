@@ -24,15 +24,13 @@ ROUNDS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir):
-    from chatterbox.tokens import load_tokenizer
-
-    return load_tokenizer(str(tiny_tokenizer_dir))
+def tokenizer(module_tokenizer):
+    return module_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
-    return build_tiny_chat_model(tokenizer)
+def model(module_tokenizer):
+    return build_tiny_chat_model(module_tokenizer)
 
 
 def regenerate_from_scratch(model, chat: ChatSession, reply_len: int, max_new_tokens: int):

@@ -19,15 +19,13 @@ ROUNDS = [("What is <bbox>?", [[10, 20, 100, 120]], 12), ("Where is the dog? [VG
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir):
-    from chatterbox.tokens import load_tokenizer
-
-    return load_tokenizer(str(tiny_tokenizer_dir))
+def tokenizer(module_tokenizer):
+    return module_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
-    return build_tiny_chat_model(tokenizer)
+def model(module_tokenizer):
+    return build_tiny_chat_model(module_tokenizer)
 
 
 def batch_inputs(tokenizer):
