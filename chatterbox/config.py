@@ -76,7 +76,6 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 8
     max_new_tokens: int = 512
-    box_threshold: float = 0.3
     output_dir: str = "outputs/eval"
     # RefCOCOg referring: upstream's instruction suffix appended to "What is it <bbox>?".
     referring_suffix: str = "Please give a brief answer in one sentence less than 10 words."

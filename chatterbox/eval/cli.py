@@ -34,7 +34,7 @@ def runner_parser(description: str) -> argparse.ArgumentParser:
 def add_grounding_arguments(parser: argparse.ArgumentParser) -> None:
     """``--iou-threshold`` (success) and ``--box-threshold`` (DINO score cut; default from the config)."""
     parser.add_argument("--iou-threshold", type=float, default=0.5)
-    parser.add_argument("--box-threshold", type=float, default=None, help="default: eval.box_threshold")
+    parser.add_argument("--box-threshold", type=float, default=None, help="default: model.vision.box_threshold")
 
 
 def add_meteor_argument(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def add_visualize_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_box_threshold(args: argparse.Namespace, cfg) -> float:
-    return args.box_threshold if args.box_threshold is not None else cfg.eval.box_threshold
+    return args.box_threshold if args.box_threshold is not None else cfg.model.vision.box_threshold
 
 
 def run_single_round(setup: RunnerSetup, items: Sequence, *, limit: int,

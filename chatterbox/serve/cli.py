@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     model, cfg, options = load_chat_model(args)
     max_new_tokens = args.max_new_tokens or cfg.chat.max_new_tokens
     chat = ChatSession(model, image, options=options, max_new_tokens=max_new_tokens,
-                       box_threshold=cfg.eval.box_threshold, max_image_pixels=None)
+                       box_threshold=cfg.model.vision.box_threshold, max_image_pixels=None)
     print(f"ChatterBox is looking at {args.image} ({chat.width}x{chat.height}). /help for help.")
     while True:
         try:

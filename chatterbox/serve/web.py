@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, cfg, options = load_chat_model(args)
     service = ChatService(model, options, max_new_tokens=cfg.chat.max_new_tokens,
-                          box_threshold=cfg.eval.box_threshold, max_upload_bytes=cfg.chat.max_upload_bytes,
+                          box_threshold=cfg.model.vision.box_threshold, max_upload_bytes=cfg.chat.max_upload_bytes,
                           max_image_pixels=cfg.chat.max_image_pixels, max_sessions=args.max_sessions)
     host = args.host or cfg.chat.host
     port = cfg.chat.port if args.port is None else args.port

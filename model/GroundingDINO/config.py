@@ -102,8 +102,6 @@ class VisionBranchConfig:
     # --- inference / input -------------------------------------------------------------------------
     box_threshold: float = 0.3
     image_size: int = 512
-    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
-    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
 
     def __post_init__(self) -> None:
         self.validate()
@@ -159,8 +157,6 @@ class VisionBranchConfig:
             raise ValueError(f"box_threshold={self.box_threshold}: must lie in [0, 1]")
         if self.num_queries < 1 or self.enc_layers < 1 or self.dec_layers < 1:
             raise ValueError("num_queries, enc_layers and dec_layers must be >= 1")
-        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
-            raise ValueError("pixel_mean and pixel_std must have 3 values (RGB)")
 
     @property
     def swin_feature_channels(self) -> list[int]:
