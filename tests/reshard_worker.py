@@ -2,7 +2,7 @@
 
 Every rank sees the same batches, so the averaged gradient does not depend on the number of ranks and
 a run resumed on another world size must continue exactly like the original one.
-    python reshard_worker.py OUT save|resume STEPS_BEFORE STEPS_AFTER
+    python reshard_worker.py OUT save|resume STEPS_BEFORE STEPS_AFTER [PRECISION]
 """
 import json
 import sys
@@ -19,17 +19,18 @@ from chatterbox.train.reshard import load_resharded
 
 def main():
     out, mode, before, after = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    precision = sys.argv[5] if len(sys.argv) > 5 else "fp32"
     dist = init_distributed("cpu")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 33), torch.nn.ReLU(), torch.nn.Linear(33, 3))
     cfg = TrainConfig(output_dir=str(out), epochs=1, steps_per_epoch=20, lr=1e-2, warmup_steps=1,
-                      precision="fp32", streams={"grounding": StreamConfig(4, 1, 1)})
+                      precision=precision, streams={"grounding": StreamConfig(4, 1, 1)})
     engine, _, _ = build_engine(model, cfg, dist.world_size)
     manager = CheckpointManager(out, keep_last=2, rank=dist.rank)
 
     def step(i):
         g = torch.Generator().manual_seed(i)
-        loss = engine(torch.randn(4, 8, generator=g)).pow(2).mean()
+        loss = engine(torch.randn(4, 8, generator=g).to(next(model.parameters()).dtype)).float().pow(2).mean()
         engine.backward(loss)
         engine.step()
 
@@ -44,7 +45,7 @@ def main():
     for i in range(start, before + after):
         step(i)
     if dist.rank == 0:
-        params = [p.detach().flatten().tolist() for p in model.parameters()]
+        params = [p.detach().float().flatten().tolist() for p in model.parameters()]
         (out / f"params_{mode}.json").write_text(json.dumps(params))
 
 

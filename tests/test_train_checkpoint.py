@@ -127,9 +127,10 @@ def test_bad_resume_requests_are_clear(tmp_path):
         manager.load(None, "step_00000004")
 
 
-@pytest.mark.parametrize("saved_ranks, resumed_ranks", [(2, 1), (1, 2)])
-def test_resume_on_a_different_number_of_ranks(saved_ranks, resumed_ranks, tmp_path):
-    """ZeRO-2 state saved on N ranks continues exactly on M ranks (same batches on every rank)."""
+@pytest.mark.parametrize("saved_ranks, resumed_ranks, precision", [(2, 1, "fp32"), (1, 2, "fp32"), (2, 1, "bf16")])
+def test_resume_on_a_different_number_of_ranks(saved_ranks, resumed_ranks, precision, tmp_path):
+    """ZeRO-2 state saved on N ranks continues exactly on M ranks (same batches on every rank); bf16 engines
+    name their optimizer files differently (as on GPUs)."""
     import json
     import os
     import subprocess
@@ -142,8 +143,8 @@ def test_resume_on_a_different_number_of_ranks(saved_ranks, resumed_ranks, tmp_p
 
     def launch(ranks, mode):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--standalone", str(worker), str(tmp_path), mode, "3", "2"] if ranks > 1 else \
-              [sys.executable, str(worker), str(tmp_path), mode, "3", "2"]
+               "--standalone", str(worker), str(tmp_path), mode, "3", "2", precision] if ranks > 1 else \
+              [sys.executable, str(worker), str(tmp_path), mode, "3", "2", precision]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -8,9 +8,9 @@ from chatterbox.train.launch import build_command, parse_args
 
 
 def test_cpu_config_runs_in_one_process():
-    args = parse_args(1, ["--config", "tiny_stage1", "--set", "train.lr=1e-4", "--resume", "auto"])
+    args = parse_args(1, ["--config", "tiny_stage1", "--set", "train.lr=1e-4", "--resume", "auto", "--max-steps", "5"])
     assert build_command(1, args) == [sys.executable, "-m", "chatterbox.train.run", "--config", "tiny_stage1",
-                                      "--set", "train.lr=1e-4", "--set", "train.resume=auto"]
+                                      "--set", "train.lr=1e-4", "--set", "train.resume=auto", "--max-steps", "5"]
 
 
 def test_gpu_configs_go_through_the_deepspeed_launcher(monkeypatch):
@@ -32,3 +32,20 @@ def test_wrong_stage_and_missing_gpus_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(SystemExit, match="--gpus 4 but only 2 GPU"):
         build_command(1, parse_args(1, ["--config", "13b_stage1", "--gpus", "4"]))
+
+
+def test_synthetic_7b_config_builds_off_the_host_in_the_training_dtype():
+    """The multi-GPU smoke config constructs its random 7B directly on the target device (meta here: no memory)."""
+    from chatterbox.config import load_config
+    from chatterbox.train.run import build_model
+
+    cfg = load_config("configs/7b_stage1_synthetic.yaml")
+    model = build_model(cfg, torch.device("meta"), torch.bfloat16)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert len(model.causal_lm.model.layers) == 32
+    # LLaMA-2-7B's decoder without embeddings: 32 layers of 202,383,360 + the final norm.
+    decoder = model.causal_lm.model
+    base = sum(p.numel() for n, p in decoder.named_parameters() if not any(k in n for k in ("lora_", "embed_tokens", "mm_projector")))
+    assert base == 32 * 202_383_360 + 4096
+    assert torch.get_default_dtype() == torch.float32  # the construction context restored it

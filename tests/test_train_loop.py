@@ -139,9 +139,9 @@ def test_export_from_checkpoint_matches_the_final_export(synthetic_data, tmp_pat
 
 
 def test_a_two_rank_run_resumes_on_one_rank(synthetic_data, tmp_path):
-    """Stage 1 on 2 CPU ranks (gloo), checkpoint, then finish on 1 rank from that checkpoint."""
+    """Stage 1 on 2 CPU ranks (gloo) stopped by --max-steps (which checkpoints there), then finished on 1 rank."""
     out = tmp_path / "run"
-    sets = overrides(synthetic_data, out, 6, extra=["train.save_every_steps=3"])
+    sets = overrides(synthetic_data, out, 6, extra=["train.save_every_steps=100"])
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "chatterbox.train.run", "--config", "tiny_stage1", "--max-steps", "3"]
     for s in sets:

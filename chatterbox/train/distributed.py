@@ -67,3 +67,11 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group together: a rank exiting first makes the others' NCCL watchdogs report a dead
+    store at exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -166,7 +166,8 @@ class Trainer:
         return log
 
     def fit(self, max_steps: int | None = None) -> list[StepLog]:
-        """Train to the end of the schedule (or ``max_steps`` more global steps); checkpoint as configured."""
+        """Train to the end of the schedule (or ``max_steps`` more global steps); checkpoint as configured,
+        and where training stops, so that a run stopped by ``max_steps`` continues from there."""
         self.maybe_resume()
         end = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
         progress = self._progress(end)
@@ -174,7 +175,7 @@ class Trainer:
             log = self.train_step()
             self.history.append(log)
             self._log(log, progress)
-            if self.step % self.train_cfg.save_every_steps == 0 or self.step == self.total_steps:
+            if self.step % self.train_cfg.save_every_steps == 0 or self.step == end:
                 self.save()
         if progress is not None:
             progress.close()

@@ -16,21 +16,27 @@ import torch
 
 from chatterbox.train.checkpoint import CheckpointError
 
-_OPTIM_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+#: DeepSpeed's per-rank ZeRO optimizer file; engines trained in bf16 prefix it with "bf16_".
+_OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
-def saved_world_size(checkpoint_dir: Path) -> int:
-    ranks = [int(m.group(1)) for p in checkpoint_dir.iterdir() if (m := _OPTIM_FILE.match(p.name))]
-    if not ranks or sorted(ranks) != list(range(len(ranks))):
-        raise CheckpointError(f"{checkpoint_dir}: ZeRO optimizer files missing or incomplete (ranks {sorted(ranks)})")
-    return len(ranks)
+def optimizer_files(checkpoint_dir: Path) -> list[Path]:
+    """The ZeRO optimizer files of ``checkpoint_dir`` in rank order (one per data-parallel rank that saved)."""
+    found = {}
+    for path in checkpoint_dir.iterdir():
+        if m := _OPTIM_FILE.match(path.name):
+            found.setdefault(m.group(1) or "", {})[int(m.group(2))] = path
+    by_rank = next(iter(found.values())) if len(found) == 1 else {}
+    if not by_rank or sorted(by_rank) != list(range(len(by_rank))):
+        names = sorted(p.name for files in found.values() for p in files.values())
+        raise CheckpointError(f"{checkpoint_dir}: ZeRO optimizer files missing or incomplete ({names or 'none'})")
+    return [by_rank[r] for r in range(len(by_rank))]
 
 
 def merged_optimizer_state(checkpoint_dir: Path) -> list[dict[str, torch.Tensor]]:
     """Per parameter group: full (unpartitioned, unpadded) ``fp32``, ``exp_avg``, ``exp_avg_sq`` and ``step``."""
-    world = saved_world_size(checkpoint_dir)
-    shards = [torch.load(checkpoint_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu",
-                         weights_only=False)["optimizer_state_dict"] for r in range(world)]
+    shards = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+              for path in optimizer_files(checkpoint_dir)]
     for r, shard in enumerate(shards):
         if not isinstance(shard.get("base_optimizer_state"), dict) or shard["zero_stage"] > 2:
             raise CheckpointError(f"{checkpoint_dir}: rank {r} is not a ZeRO-1/2 checkpoint of a torch optimizer")
@@ -74,8 +80,11 @@ def load_resharded(engine, checkpoint_root: Path, tag: str, rank: int) -> None:
             raise CheckpointError(f"{directory}: group {g} holds {saved['fp32'].numel()} values, the model "
                                   f"{expected}: not the same trainable parameters")
         part.data.copy_(_slice(saved["fp32"], rank, part))
+        # torch keeps Adam's step counter on the host, except for the fused/capturable kernels (GPU runs).
+        group = optimizer.optimizer.param_groups[g]
+        step_device = part.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
         optimizer.optimizer.state[part] = {
-            "step": saved["step"].clone(),
+            "step": torch.as_tensor(saved["step"], dtype=torch.float32).clone().to(step_device),
             "exp_avg": _slice(saved["exp_avg"], rank, part).float(),
             "exp_avg_sq": _slice(saved["exp_avg_sq"], rank, part).float(),
         }

@@ -9,6 +9,7 @@ export to `<output_dir>/export`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from chatterbox.config import ChatterBoxConfig, add_config_arguments, config_from_args
-from chatterbox.train.distributed import DistInfo, barrier, init_distributed
+from chatterbox.train.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 
 logger = logging.getLogger("chatterbox.train")
 EXPORT_DIR = "export"
@@ -45,18 +46,40 @@ def resolve_init_export(init_from: str) -> Path:
     )
 
 
-def build_model(cfg: ChatterBoxConfig):
+@contextlib.contextmanager
+def constructed_on(device: torch.device, dtype: torch.dtype):
+    """New parameters are created on ``device`` in ``dtype`` (a random 7B/13B init on the host takes minutes and
+    every rank's copy of it, in fp32, would need 28-52 GB of host memory)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(cfg: ChatterBoxConfig, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    """The model on ``device`` in ``dtype`` (default: where the constructors put it, on the host).
+
+    A random language model (no `model.language.llm_path`) is constructed directly on an accelerator (or meta)
+    ``device``; weights read from files are loaded on the host and then moved."""
     from chatterbox.model.chatterbox import ChatterBox
     from chatterbox.model.weights import build_tokenizer
 
+    off_host = device is not None and device.type != "cpu"
+    on_device = off_host and not cfg.model.language.llm_path
+    construction = constructed_on(device, dtype or torch.get_default_dtype()) if on_device else contextlib.nullcontext()
+    tokenizer = build_tokenizer(cfg.model)
+    with construction:
+        model = ChatterBox.build(cfg.model, tokenizer=tokenizer, verbose=False)
     if cfg.train.init_from:
         from chatterbox.model.weights import load_export_weights
 
-        tokenizer = build_tokenizer(cfg.model)
-        model = ChatterBox.build(cfg.model, tokenizer=tokenizer, verbose=False)
         load_export_weights(model, resolve_init_export(cfg.train.init_from))
-    else:
-        model = ChatterBox.build(cfg.model, verbose=False)
+    if off_host:
+        # Cast before moving: DeepSpeed casts to the training dtype anyway, and a 13B fp32 copy would not fit.
+        model.to(dtype=dtype or next(model.parameters()).dtype).to(device)
     return model
 
 
@@ -72,11 +95,11 @@ def build_streams(cfg: ChatterBoxConfig, tokenizer, dist: DistInfo) -> dict:
 
 def train(cfg: ChatterBoxConfig, max_steps: int | None = None) -> dict:
     """Run (or resume) the configured stage; return a summary. Usable from Python and tests."""
-    from chatterbox.train.loop import Trainer
+    from chatterbox.train.loop import PRECISION_DTYPES, Trainer
 
     dist = init_distributed(cfg.device)
     seed_everything(cfg.train.seed, dist.rank)
-    model = build_model(cfg)
+    model = build_model(cfg, dist.device, PRECISION_DTYPES[cfg.train.precision])
     if dist.is_main:
         print(model.parameter_table(), flush=True)
     streams = build_streams(cfg, model.tokenizer, dist)
@@ -92,7 +115,9 @@ def train(cfg: ChatterBoxConfig, max_steps: int | None = None) -> dict:
         "global_step": trainer.step,
         "output_dir": str(cfg.train.output_dir),
         "export": str(export) if export.exists() else None,
-        "losses": [{"step": h.step, "lr": h.lr, **h.losses} for h in history],
+        "world_size": dist.world_size,
+        "losses": [{"step": h.step, "lr": h.lr, "seconds": h.total_seconds,
+                    "samples": h.samples * dist.world_size, **h.losses} for h in history],
     }
     if dist.is_main:
         (Path(cfg.train.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=1))
@@ -110,6 +135,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)
     train(cfg, max_steps=args.max_steps)
+    shutdown_distributed()
     return 0
 
 
