@@ -118,6 +118,21 @@ __device__ __forceinline__ bool locate(acc_t x, acc_t y, int height, int width, 
   return true;
 }
 
+// VEC channels from ``channel`` on of the four corners; corners outside the map read as zero.
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_corners(const scalar_t* value_base, const Corners<acc_t>& corners, int channel,
+                                             acc_t (&v)[4][VEC]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (corners.valid[k]) {
+      load_pack<VEC>(value_base + corners.offset[k] + channel, v[k]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v[k][i] = acc_t(0);
+    }
+  }
+}
+
 struct Problem {
   int64_t num_tasks;  // N * Lq * M
   int64_t num_value_tokens;  // S
@@ -163,15 +178,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         if (!locate(locations[2 * idx], locations[2 * idx + 1], height, width, start, token_stride, corners)) continue;
         const acc_t weight = weights[idx];
         acc_t v[4][VEC];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          if (corners.valid[k]) {
-            load_pack<VEC>(value_base + corners.offset[k] + channel, v[k]);
-          } else {
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) v[k][i] = acc_t(0);
-          }
-        }
+        load_corners<VEC>(value_base, corners, channel, v);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           const acc_t w = weight * corners.weight[k];
@@ -236,15 +243,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
           acc_t go[VEC];
           load_pack<VEC>(grad_out + channel, go);
           acc_t v[4][VEC];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            if (corners.valid[k]) {
-              load_pack<VEC>(value_base + corners.offset[k] + channel, v[k]);
-            } else {
-#pragma unroll
-              for (int i = 0; i < VEC; ++i) v[k][i] = acc_t(0);
-            }
-          }
+          load_corners<VEC>(value_base, corners, channel, v);
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
             const acc_t sampled = corners.weight[0] * v[0][i] + corners.weight[1] * v[1][i] +
