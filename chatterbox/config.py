@@ -132,10 +132,23 @@ def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
     return cfg
 
 
+#: data keys that repeat a model key (the data pipeline never reads the model config): unless a file or
+#: override sets them, they take the model's value; set to something else, check_consistency refuses them.
+DATA_KEYS_FROM_MODEL = {
+    "dino_image_size": lambda cfg: cfg.model.vision.image_size,
+    "clip_image_size": lambda cfg: cfg.model.clip.image_size,
+}
+
+
 def load_config(path: str | Path | None = None, overrides=()) -> ChatterBoxConfig:
     """Load a config file (or preset name) and apply ``key=value`` overrides; strict."""
-    resolved = _resolve_path(path) if path is not None else None
-    return check_consistency(config_schema.load(ChatterBoxConfig, resolved, overrides))
+    settings = config_schema.read_settings(ChatterBoxConfig, _resolve_path(path) if path is not None else None,
+                                           overrides)
+    cfg = config_schema.from_dict(ChatterBoxConfig, settings)
+    for key, model_value in DATA_KEYS_FROM_MODEL.items():
+        if key not in settings.get("data", {}):
+            setattr(cfg.data, key, model_value(cfg))
+    return check_consistency(cfg)
 
 
 def config_to_dict(cfg: ChatterBoxConfig) -> dict:

@@ -203,12 +203,17 @@ def apply_override(data: dict, assignment: str, schema) -> dict:
     return out
 
 
-def load(schema, path: str | Path | None = None, overrides=()):
-    """Load ``schema`` from an optional YAML file plus ``key=value`` overrides."""
+def read_settings(schema, path: str | Path | None = None, overrides=()) -> dict:
+    """The settings an optional YAML file (with its bases) plus ``key=value`` overrides give, as a dict."""
     data = read_yaml_with_bases(path) if path is not None else {}
     for assignment in overrides:
         data = apply_override(data, assignment, schema)
-    return from_dict(schema, data)
+    return data
+
+
+def load(schema, path: str | Path | None = None, overrides=()):
+    """Load ``schema`` from an optional YAML file plus ``key=value`` overrides."""
+    return from_dict(schema, read_settings(schema, path, overrides))
 
 
 def dump_yaml(obj, path: str | Path | None = None) -> str:

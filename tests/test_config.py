@@ -88,6 +88,14 @@ def test_7b_stage2_keeps_the_7b_model_and_stage2_streams():
     assert cfg.train.init_from == load_config("7b_stage1").train.output_dir
 
 
+def test_data_image_sizes_follow_the_model_unless_set():
+    cfg = load_config("tiny_stage1")
+    assert (cfg.data.dino_image_size, cfg.data.clip_image_size) == (128, 224)
+    cfg = load_config("tiny_stage1", ["model.vision.image_size=256", "model.vision.swin_pretrain_img_size=256"])
+    assert cfg.data.dino_image_size == 256
+    assert load_config("13b_stage1").data.dino_image_size == 512
+
+
 def test_values_shared_by_data_and_model_must_agree():
     with pytest.raises(ConfigError, match=r"data.dino_image_size=512 must equal model.vision.image_size=128"):
         load_config("tiny_stage1", ["data.dino_image_size=512"])
