@@ -22,7 +22,14 @@ Modes (each in its own process when --compare):
   per token), vision-branch checkpointing off, ONE engine;
 * ``upstream``: fp16 with dynamic loss scaling, eager attention, gradient checkpointing of every LLM
   layer and of the vision transformer (upstream's settings), THREE engines built around the one model
-  (referring, VQA, grounding; all work through the last), as upstream's stage 2 does.
+  (referring, VQA, grounding; all work through the last), as upstream's stage 2 does
+  (``upstream-1engine``: the same with one engine).
+
+Both modes run this repository's model code, so the comparison isolates the configuration (precision,
+attention kernel, checkpointing, engines). In particular both use our vision branch and grounding
+criterion, which match all decoder layers with one device->host copy per step; upstream's own code
+copies one cost matrix per sample per layer (and has more host round trips), so on the vision side
+the upstream mode is, if anything, faster than upstream really is.
 
 Per stream: the median micro-step (forward + engine.backward + engine.step inside an accumulation
 cycle), the extra time of the step that ends a cycle (optimizer), and the time per micro-batch

@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# One GPU session for the training step: the model's GPU tests (tiny preset, bf16/fp16, gradient
-# checkpointing) and the 13b stage-2 step benchmark, ours vs upstream's configuration.
+# One GPU session for the training step: the model's and vision branch's GPU tests (tiny preset /
+# Swin-B, bf16/fp16, gradient checkpointing), the profile of a 13b grounding micro-step, and the 13b
+# stage-2 step benchmark, ours vs upstream's configuration.
 # Usage (repo root, on a CUDA machine): bash scripts/gpu_bench_train.sh [OUT_DIR]
 # Without deepspeed installed, wheels are taken from .whl/ (deepspeed 0.19.8, hjson, pydantic,
-# pydantic-core, annotated-types, typing-inspection). Extra benchmark flags: BENCH_ARGS="--streams grounding".
+# pydantic-core, annotated-types, typing-inspection).
+# Environment:
+#   BENCH_ARGS="--streams grounding"   extra flags of scripts/bench_train_step.py
+#   SKIP_TESTS=1 / SKIP_BENCH=1         leave out the GPU tests / the benchmark
+#   SKIP_BUILD=1                        use the kernel already built into the package (_C*.so)
+#   PROFILE=1                           profile one 13b grounding micro-step (scripts/profile_train_step.py)
+#   PROFILE_ARGS="--trace"              extra flags of the profiler
+#   BEFORE_TREE=path                    also profile the code in that copy of the repository first
+#                                       (e.g. an older commit: `git archive <rev> | tar -x -C path`)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-outputs/bench_train}}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions} MAX_JOBS=${MAX_JOBS:-16}
@@ -21,18 +30,42 @@ fi
   $PY -c "import torch, deepspeed, transformers, peft; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 } 2>&1
 
-echo "== deformable-attention kernel build (background)"
-BUILD_LOG=/tmp/msda_build.log
-( timeout 300 $PY -m model.GroundingDINO.ms_deform_attn.build > $BUILD_LOG 2>&1; echo "exit $?" >> $BUILD_LOG ) &
-BUILD=$!
+BUILD_LOG=$OUT/msda_build.log
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+  echo "== deformable-attention kernel: using the build in the package ($(ls model/GroundingDINO/ms_deform_attn/_C*.so))"
+  echo "exit 0 (prebuilt)" > "$BUILD_LOG"; BUILD=""
+else
+  echo "== deformable-attention kernel build, ahead of time into the package (background)"
+  ( timeout 300 $PY setup.py build_ext --inplace > "$BUILD_LOG" 2>&1; echo "exit $?" >> "$BUILD_LOG" ) &
+  BUILD=$!
+fi
 
-echo "== model GPU tests (tiny preset; PyTorch deformable attention so they need not wait for the build)"
-CHATTERBOX_MSDA_BACKEND=pytorch $PY -m pytest tests/test_model_gpu.py -q -rs -p no:cacheprovider 2>&1 \
-  | tee "$OUT/gpu_tests.log" | tail -15
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  echo "== GPU tests (PyTorch deformable attention so they need not wait for the build)"
+  CHATTERBOX_MSDA_BACKEND=pytorch $PY -m pytest tests/test_model_gpu.py tests/test_vision_gpu.py -q -rs \
+    -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+fi
 
-wait $BUILD
-echo "== kernel build: $(tail -2 $BUILD_LOG | tr '\n' ' ')"
+[ -n "$BUILD" ] && wait $BUILD
+echo "== kernel build: $(tail -1 "$BUILD_LOG")"
 
-echo "== 13b stage-2 step benchmark"
-$PY scripts/bench_train_step.py --compare --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
-  | grep -E "^\[(ours|upstream[-a-z0-9]*)\]|^\||^\{|Error|error|Thread|File" | grep -v "^\[20"
+if [ "${PROFILE:-0}" = 1 ]; then
+  if [ -n "${BEFORE_TREE:-}" ]; then
+    echo "== profile of the code in $BEFORE_TREE"
+    cp model/GroundingDINO/ms_deform_attn/_C*.so "$BEFORE_TREE/model/GroundingDINO/ms_deform_attn/" 2>/dev/null
+    cp scripts/profile_train_step.py "$BEFORE_TREE/scripts/"
+    (cd "$BEFORE_TREE" && timeout 200 $PY scripts/profile_train_step.py --out "$OUT/profile_before" \
+      ${PROFILE_ARGS:-} > "$OUT/profile_before.log" 2>&1; echo "exit $?")
+    grep -E "^\[profile\]|median wall|^Vision branch alone|Error" "$OUT/profile_before.log"
+  fi
+  echo "== profile of this tree"
+  timeout 200 $PY scripts/profile_train_step.py --out "$OUT/profile" ${PROFILE_ARGS:-} > "$OUT/profile.log" 2>&1
+  echo "exit $?"
+  grep -E "^\[profile\]|median wall|^Vision branch alone|Error" "$OUT/profile.log"
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  echo "== 13b stage-2 step benchmark"
+  $PY scripts/bench_train_step.py --compare --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
+    | grep -E "^\[(ours|upstream[-a-z0-9]*)\]|^\||^\{|Error|error|Thread|File" | grep -v "^\[20"
+fi

@@ -90,6 +90,20 @@ def test_zero_lm_loss_on_grounding_batches(tokenizer, model):
     assert torch.equal(zeroed["grounding_loss"], kept["grounding_loss"])
 
 
+def test_lm_loss_is_the_mean_over_supervised_tokens_and_zero_without_any(tokenizer, model):
+    hidden = torch.randn(2, 9, model.causal_lm.config.hidden_size, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :5] = IGNORE_INDEX
+    logits = model.causal_lm.lm_head(hidden[:, :-1]).float()
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(model._lm_loss(hidden, labels), expected)
+    nothing = model._lm_loss(hidden, torch.full_like(labels, IGNORE_INDEX))
+    assert nothing.item() == 0.0
+    nothing.backward()  # a zero that keeps the graph: no NaN gradients
+    assert torch.isfinite(hidden.grad).all()
+
+
 def test_image_and_region_embeddings_land_at_their_tokens(tokenizer, model):
     batch = make_batch(tokenizer)
     ids = model.token_ids

@@ -286,52 +286,76 @@ class ChatterBox(nn.Module):
         return result
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Shifted token cross-entropy, mean over supervised (!= IGNORE_INDEX) targets, in fp32."""
+        """Shifted token cross-entropy, mean over supervised (!= IGNORE_INDEX) targets, in fp32; 0 (with a
+        graph) when nothing is supervised. Sum / count rather than a test of the labels, which would make the
+        host wait for the LLM's forward before it can queue the vision branch."""
         logits = self.causal_lm.lm_head(hidden[:, :-1])
         targets = labels[:, 1:].to(logits.device)
-        if not bool((targets != IGNORE_INDEX).any()):
-            return logits.sum() * 0.0  # nothing supervised: a zero that keeps the graph
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
     def _grounding_losses(self, hidden, input_ids, images_dino, offset, grounding_targets, sample_ids) -> dict:
-        rows, cols = positions_before_token(input_ids, self.token_ids.vg)
-        target_boxes, query_rows, query_cols = [], [], []
+        """Vision branch + grounding criterion; the j-th grounding target of a row is grounded from the
+        hidden state before the row's j-th `[VG]`.
+
+        No host<->device round trip happens before the matcher's (one per step) when ``offset`` is a host
+        tensor or None, so the host can queue the vision branch while the GPU is still busy: the `[VG]`
+        columns are found on the device, and the check that a row has as many `[VG]` tokens as targets
+        reads counts copied early, after the criterion. An ``offset`` on the device costs one sync.
+        """
+        num_rows = input_ids.shape[0]
+        target_boxes, query_rows, query_slots, expected = [], [], [], {}
         if grounding_targets is not None:
-            if len(grounding_targets) != input_ids.shape[0]:
-                raise ValueError(f"grounding_targets has {len(grounding_targets)} entries for "
-                                 f"{input_ids.shape[0]} rows")
-            rows_l, cols_l = rows.tolist(), cols.tolist()
+            if len(grounding_targets) != num_rows:
+                raise ValueError(f"grounding_targets has {len(grounding_targets)} entries for {num_rows} rows")
             for row, targets in enumerate(grounding_targets):
                 if not targets:
                     continue
-                row_cols = [c for r, c in zip(rows_l, cols_l) if r == row]
-                if len(row_cols) != len(targets):
-                    raise ValueError(f"{_where(sample_ids, row)}: {len(row_cols)} [VG] tokens but "
-                                     f"{len(targets)} grounding targets")
-                for col, boxes in zip(row_cols, targets):
+                expected[row] = len(targets)
+                for slot, boxes in enumerate(targets):
                     boxes = torch.as_tensor(boxes)
                     if boxes.dim() != 2 or boxes.shape[-1] != 4 or boxes.shape[0] < 1:
                         raise ValueError(f"{_where(sample_ids, row)}: grounding target must be [k>=1,4] "
                                          f"cxcywh normalised, got {tuple(boxes.shape)}")
                     query_rows.append(row)
-                    query_cols.append(col)
+                    query_slots.append(slot)
                     target_boxes.append(boxes.to(hidden.device, torch.float32))
-        outputs = None
+        outputs, vg_counts, vg_counts_copied = None, None, None
         if target_boxes:
             if images_dino is None:
                 raise ValueError("the batch has grounding targets but no images_dino")
-            row_to_image = self._row_to_image(offset, input_ids.shape[0], images_dino.shape[0])
-            queries = self.query_head(hidden[torch.tensor(query_rows), torch.tensor(query_cols)])
-            query_images = row_to_image[torch.tensor(query_rows)]
-            used_images, query_image_index = torch.unique(query_images, return_inverse=True)
+            row_to_image = self._row_to_image(offset, num_rows, images_dino.shape[0])  # host
+            before_vg = torch.zeros_like(input_ids, dtype=torch.bool)  # as positions_before_token
+            before_vg[:, :-1] = input_ids[:, 1:] == self.token_ids.vg
+            vg_counts = before_vg.sum(dim=1)
+            if vg_counts.is_cuda:  # copy now, read after the criterion: by then it waits for nothing
+                vg_counts_copied = torch.cuda.Event()
+                vg_counts = torch.empty(vg_counts.shape, dtype=vg_counts.dtype, pin_memory=True).copy_(
+                    vg_counts, non_blocking=True)
+                vg_counts_copied.record(torch.cuda.current_stream(input_ids.device))
+            rows_slots = torch.tensor([query_rows, query_slots]).to(input_ids.device, non_blocking=True)
+            rows, slots = rows_slots[0], rows_slots[1]
+            candidates = before_vg[rows]  # [Q, L]: the position whose rank in its row is slot + 1
+            cols = ((candidates.cumsum(dim=1) == slots[:, None] + 1) & candidates).int().argmax(dim=1)
+            queries = self.query_head(hidden[rows.to(hidden.device), cols.to(hidden.device)])
+            used_images, query_image_index = torch.unique(row_to_image[torch.tensor(query_rows)], return_inverse=True)
             vision_dtype = next(self.vision_branch.input_proj.parameters()).dtype
-            features = self.vision_branch.forward_backbone(
-                images_dino.index_select(0, used_images.to(images_dino.device)).to(vision_dtype))
-            outputs = self.vision_branch.forward_enc_dec(features, queries.to(vision_dtype),
-                                                         query_image_index.to(hidden.device))
+            if used_images.tolist() != list(range(images_dino.shape[0])):  # host tensors: no sync
+                images_dino = images_dino.index_select(0, used_images.to(images_dino.device))
+            features = self.vision_branch.forward_backbone(images_dino.to(vision_dtype))
+            # query_image_index stays on the host: the vision branch validates it there.
+            outputs = self.vision_branch.forward_enc_dec(features, queries.to(vision_dtype), query_image_index)
         # Called on every batch so that its cross-rank collective never desynchronises (spec §5.2.23).
         losses = self.grounding_criterion(outputs, target_boxes, device=hidden.device)
+        if vg_counts is not None:
+            if vg_counts_copied is not None:
+                vg_counts_copied.synchronize()
+            found = vg_counts.tolist()
+            for row, count in expected.items():
+                if found[row] != count:
+                    raise ValueError(f"{_where(sample_ids, row)}: {found[row]} [VG] tokens but {count} "
+                                     f"grounding targets")
         losses["_has_targets"] = bool(target_boxes)
         return losses
 

@@ -5,9 +5,15 @@ two-stage selection (suffix ``_interm``); spec/upstream.md §1.6.
 Fixes over upstream: a query may have several target boxes (upstream crashes), and the box count is
 all-reduced on every call, also on a rank without grounding samples (call ``criterion(None, [], device)``
 there), so no rank can hang in the collective.
+
+Speed: all layers are matched with one device->host copy (HungarianMatcher.match_layers), their matched
+indices go back in one host->device copy, and every loss term is computed for all layers at once on
+stacked tensors, so the criterion costs a few dozen kernels and one round trip whatever the layer and
+query counts (upstream: one round trip per sample per layer plus one per boolean-mask selection).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -16,7 +22,7 @@ from torch import nn
 from chatterbox.boxes import cxcywh_to_xyxy, elementwise_giou
 
 from .config import VisionBranchConfig
-from .matcher import HungarianMatcher
+from .matcher import HungarianMatcher, pad_target_boxes
 
 __all__ = ["GroundingCriterion", "sigmoid_focal_loss", "global_num_boxes"]
 
@@ -34,16 +40,24 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
 
 
 def global_num_boxes(local_count: int, device) -> float:
-    """Target boxes per rank, averaged over ranks, at least 1. Collective whenever a process group exists."""
+    """Target boxes per rank, averaged over ranks, at least 1. Collective whenever a process group exists
+    (no device round trip without one)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return max(float(local_count), 1.0)
     count = torch.tensor([float(local_count)], device=device)
-    world = 1
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count)
-        world = dist.get_world_size()
-    return max(count.item() / world, 1.0)
+    dist.all_reduce(count)
+    return max(count.item() / dist.get_world_size(), 1.0)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on ``device`` without stalling the host (an asynchronous copy; CUDA stages
+    pageable memory at once, so the array may be freed right after)."""
+    return torch.from_numpy(array).to(device, non_blocking=True)
 
 
 class GroundingCriterion(nn.Module):
+    TERMS = ("loss_ce", "loss_bbox", "loss_giou")
+
     def __init__(self, cfg: VisionBranchConfig | None = None):
         super().__init__()
         cfg = cfg or VisionBranchConfig()
@@ -52,6 +66,7 @@ class GroundingCriterion(nn.Module):
         self.focal_alpha, self.focal_gamma = cfg.focal_alpha, cfg.focal_gamma
         self.ce_normalization = cfg.ce_normalization
         self.weight_dict = cfg.loss_weights
+        self._weight_cache: dict = {}
 
     def forward(self, outputs: dict | None, target_boxes: list[torch.Tensor], device=None) -> dict[str, torch.Tensor]:
         """outputs: VisionBranch.forward_enc_dec's dict for Q queries (None when this rank has none);
@@ -76,38 +91,99 @@ class GroundingCriterion(nn.Module):
             losses["loss"] = zero
             return losses
 
-        target_boxes = [b.to(device) for b in target_boxes]
         token_mask = outputs["text_token_mask"]
         layers = [("", outputs)]
         layers += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
         if "interm_outputs" in outputs:
             layers.append(("_interm", outputs["interm_outputs"]))
+        layers = [(suffix, layer) for suffix, layer in layers if f"loss_ce{suffix}" in self.weight_dict]
+        if not layers:
+            zero = outputs["pred_boxes"].sum() * 0.0
+            return {"loss": zero}
+        padded_targets = pad_target_boxes(target_boxes, device)
+        indices = self.matcher.match_layers_host([(layer["pred_logits"], layer["pred_boxes"]) for _, layer in layers],
+                                                 token_mask, target_boxes, padded_targets)
+        terms = self._all_layer_losses([layer for _, layer in layers], token_mask, padded_targets, indices, num_boxes)
         losses = {}
-        for suffix, layer in layers:
-            if f"loss_ce{suffix}" not in self.weight_dict:
-                continue
-            indices = self.matcher(layer["pred_logits"], layer["pred_boxes"], token_mask, target_boxes)
-            for name, value in self._layer_losses(layer, token_mask, target_boxes, indices, num_boxes).items():
-                losses[name + suffix] = value
-        losses["loss"] = sum(self.weight_dict[name] * value for name, value in losses.items())
+        for i, (suffix, _) in enumerate(layers):
+            for name in self.TERMS:
+                losses[name + suffix] = terms[name][i]
+        weights = self._weights([suffix for suffix, _ in layers], device)  # [3, layers]
+        losses["loss"] = (weights * torch.stack([terms[name] for name in self.TERMS])).sum()
         return losses
 
-    def _layer_losses(self, layer, token_mask, target_boxes, indices, num_boxes) -> dict[str, torch.Tensor]:
-        logits, boxes = layer["pred_logits"], layer["pred_boxes"]
+    def _weights(self, suffixes: list[str], device) -> torch.Tensor:
+        """[3, layers] weights of (loss_ce, loss_bbox, loss_giou) per layer, made once per device/layout."""
+        key = (tuple(suffixes), str(device))
+        if key not in self._weight_cache:
+            table = [[self.weight_dict.get(name + suffix, 0.0) for suffix in suffixes] for name in self.TERMS]
+            self._weight_cache[key] = torch.tensor(table, dtype=torch.float32, device=device)
+        return self._weight_cache[key]
+
+    def _all_layer_losses(self, layers, token_mask, padded_targets, indices, num_boxes) -> dict[str, torch.Tensor]:
+        """{term: [layers]}; layers of equal shapes (normally all of them) are computed as one stack."""
+        groups: dict[tuple, list[int]] = {}
+        for i, layer in enumerate(layers):
+            groups.setdefault((tuple(layer["pred_logits"].shape), tuple(layer["pred_boxes"].shape)), []).append(i)
+        if len(groups) == 1:
+            return self._stacked_losses(layers, token_mask, padded_targets, indices, num_boxes)
+        per_layer: list[dict] = [{} for _ in layers]
+        for positions in groups.values():
+            part = self._stacked_losses([layers[i] for i in positions], token_mask, padded_targets,
+                                        [indices[i] for i in positions], num_boxes)
+            for j, i in enumerate(positions):
+                per_layer[i] = {name: part[name][j] for name in self.TERMS}
+        return {name: torch.stack([terms[name] for terms in per_layer]) for name in self.TERMS}
+
+    def _stacked_losses(self, layers: list[dict], token_mask: torch.Tensor, padded_targets: torch.Tensor,
+                        indices: list[list[tuple[np.ndarray, np.ndarray]]],
+                        num_boxes: float) -> dict[str, torch.Tensor]:
+        """Each term for every layer at once -> {term: [layers] float32}."""
         num_slots = token_mask.shape[1]
-        logits = logits[..., :num_slots]  # drop -inf padding columns if the logits were padded
-        query_idx = torch.cat([torch.full_like(src, q) for q, (src, _) in enumerate(indices)]).to(logits.device)
-        pred_idx = torch.cat([src for src, _ in indices]).to(logits.device)
+        # [layers, Q, Nq, T]; drop the -inf padding columns if the logits were padded
+        logits = torch.stack([layer["pred_logits"][..., :num_slots] for layer in layers])
+        boxes = torch.stack([layer["pred_boxes"] for layer in layers])
+        device = logits.device
+        num_layers = len(layers)
 
-        # Classification: matched decoder queries are positive on every valid text token.
-        targets = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-        targets[query_idx, pred_idx] = 1.0
-        valid = token_mask[:, None, :].expand_as(logits)
-        focal = sigmoid_focal_loss(logits[valid], targets[valid], self.focal_alpha, self.focal_gamma).sum()
-        ce_norm = num_boxes if self.ce_normalization == "num_boxes" else max(float(pred_idx.numel()), 1.0)
+        # One host->device copy of every matched (layer, query, decoder query, target) quadruple.
+        pairs_per_layer = [sum(len(src) for src, _ in layer_indices) for layer_indices in indices]
+        quads = np.zeros((4, sum(pairs_per_layer)), dtype=np.int64)
+        col = 0
+        for layer_id, layer_indices in enumerate(indices):
+            for q, (src, tgt) in enumerate(layer_indices):
+                n = len(src)
+                quads[0, col:col + n] = layer_id
+                quads[1, col:col + n] = q
+                quads[2, col:col + n] = src
+                quads[3, col:col + n] = tgt
+                col += n
+        layer_idx, query_idx, pred_idx, tgt_idx = _to_device(quads, device).unbind(0)
 
-        matched_pred = boxes[query_idx, pred_idx].float()
-        matched_target = torch.cat([t[tgt] for t, (_, tgt) in zip(target_boxes, indices)]).float()
-        l1 = F.l1_loss(matched_pred, matched_target, reduction="none").sum()
-        giou = (1 - elementwise_giou(cxcywh_to_xyxy(matched_pred), cxcywh_to_xyxy(matched_target))).sum()
-        return {"loss_ce": focal / ce_norm, "loss_bbox": l1 / num_boxes, "loss_giou": giou / num_boxes}
+        # Classification: matched decoder queries are positive on every valid text token; the padded
+        # (-inf) text slots are excluded (their logits zeroed first so that no inf/NaN reaches autograd).
+        targets = torch.zeros(logits.shape[:3], dtype=torch.float32, device=device)
+        # (a device-side one: assigning the Python float 1.0 would copy it host->device and synchronise)
+        targets.index_put_((layer_idx, query_idx, pred_idx), targets.new_ones(()))
+        valid = token_mask[None, :, None, :]
+        focal = sigmoid_focal_loss(logits.masked_fill(~valid, 0.0), targets[..., None].expand_as(logits),
+                                   self.focal_alpha, self.focal_gamma)
+        focal = (focal * valid).sum(dim=(1, 2, 3))
+        if self.ce_normalization == "num_boxes":
+            loss_ce = focal / num_boxes
+        elif len(set(pairs_per_layer)) == 1:  # upstream: this rank's matched pairs
+            loss_ce = focal / max(float(pairs_per_layer[0]), 1.0)
+        else:
+            loss_ce = focal / torch.tensor([max(float(p), 1.0) for p in pairs_per_layer], device=device)
+
+        matched_pred = boxes[layer_idx, query_idx, pred_idx].float()
+        matched_target = padded_targets[query_idx, tgt_idx]
+        l1 = (matched_pred - matched_target).abs().sum(-1)
+        giou = 1 - elementwise_giou(cxcywh_to_xyxy(matched_pred), cxcywh_to_xyxy(matched_target))
+        if len(set(pairs_per_layer)) == 1:  # always with equal query counts: sum each layer's row
+            l1 = l1.view(num_layers, -1).sum(-1)
+            giou = giou.view(num_layers, -1).sum(-1)
+        else:
+            l1 = torch.stack([part.sum() for part in l1.split(pairs_per_layer)])
+            giou = torch.stack([part.sum() for part in giou.split(pairs_per_layer)])
+        return {"loss_ce": loss_ce, "loss_bbox": l1 / num_boxes, "loss_giou": giou / num_boxes}

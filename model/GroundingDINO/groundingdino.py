@@ -122,23 +122,32 @@ class VisionBranch(nn.Module):
         queries: [Q,C] (one [VG] embedding per grounding request) or [Q,T,C] (T tokens per request);
         query_image_index: [Q] long, the image of ``features`` each query refers to (default: query i ->
         image i); query_token_mask: [Q,T] bool, True = valid token (default all valid).
+        Pass query_image_index as a CPU tensor (or list) and leave query_token_mask at its default to
+        validate without a device round trip: a GPU index or a given mask costs one synchronisation.
 
         Returns a dict: ``pred_logits`` [Q,num_queries,T] (or max_text_len when padded),
         ``pred_boxes`` [Q,num_queries,4] normalised cxcywh, ``aux_outputs`` (list over decoder layers 0..L-2
         of dicts with the same two keys), ``interm_outputs`` (encoder two-stage selection), ``text_token_mask``.
         """
-        queries, query_image_index, query_token_mask = self._check_queries(features, queries, query_image_index,
-                                                                          query_token_mask)
+        queries, query_image_index, query_token_mask, one_query_per_image, text_padding = self._check_queries(
+            features, queries, query_image_index, query_token_mask)
         srcs, masks, positions = self.project_features(features)
-        if not torch.equal(query_image_index, torch.arange(features.batch_size, device=query_image_index.device)):
+        if not one_query_per_image:
             pick = lambda ts: [t.index_select(0, query_image_index) for t in ts]  # noqa: E731
             srcs, masks, positions = pick(srcs), pick(masks), pick(positions)
-        out = self.transformer(srcs, masks, positions, queries, query_token_mask)
+        out = self.transformer(srcs, masks, positions, queries, query_token_mask, text_padding=text_padding)
 
-        logits, boxes = [], []
-        for layer, (hidden, reference) in enumerate(zip(out.hidden_states, out.references[:-1])):
-            boxes.append((self.bbox_embed[layer](hidden) + inverse_sigmoid(reference)).sigmoid())
-            logits.append(self.class_embed(hidden, out.text, query_token_mask))
+        if all(head is self.bbox_embed[0] for head in self.bbox_embed):
+            # One shared box head: all decoder layers in one batch (a tenth of the kernel launches).
+            hidden = torch.stack(out.hidden_states)  # [layers, Q, num_queries, C]
+            references = torch.stack(out.references[:-1])
+            boxes = (self.bbox_embed[0](hidden) + inverse_sigmoid(references)).sigmoid().unbind(0)
+            logits = self.class_embed(hidden, out.text, query_token_mask).unbind(0)
+        else:
+            logits, boxes = [], []
+            for layer, (hidden, reference) in enumerate(zip(out.hidden_states, out.references[:-1])):
+                boxes.append((self.bbox_embed[layer](hidden) + inverse_sigmoid(reference)).sigmoid())
+                logits.append(self.class_embed(hidden, out.text, query_token_mask))
         result = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "text_token_mask": query_token_mask}
         if self.cfg.aux_loss:
             result["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
@@ -167,6 +176,8 @@ class VisionBranch(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     def _check_queries(self, features, queries, query_image_index, query_token_mask):
+        """Validate the query arguments. Returns (queries [Q,T,C], query_image_index on the queries' device,
+        query_token_mask, whether query i uses image i for all i, whether any text token is padding)."""
         d = self.cfg.hidden_dim
         if queries.dim() == 2:
             queries = queries[:, None, :]
@@ -175,28 +186,43 @@ class VisionBranch(nn.Module):
         num_q, num_t = queries.shape[:2]
         if num_t > self.cfg.max_text_len:
             raise ValueError(f"queries have {num_t} tokens each, more than max_text_len={self.cfg.max_text_len}")
+        if num_q == 0:
+            raise ValueError("forward_enc_dec needs at least one query")
         device = queries.device
         if query_image_index is None:
             if num_q != features.batch_size:
                 raise ValueError(f"{num_q} queries for {features.batch_size} images: pass query_image_index")
-            query_image_index = torch.arange(num_q, device=device)
-        query_image_index = torch.as_tensor(query_image_index, device=device)
+            query_image_index = torch.arange(num_q)
+        query_image_index = torch.as_tensor(query_image_index)
         if query_image_index.shape != (num_q,) or query_image_index.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"query_image_index must be an integer tensor of shape [{num_q}], got "
                              f"{query_image_index.dtype} {tuple(query_image_index.shape)}")
-        if num_q == 0:
-            raise ValueError("forward_enc_dec needs at least one query")
-        if int(query_image_index.min()) < 0 or int(query_image_index.max()) >= features.batch_size:
+        if query_token_mask is not None and (query_token_mask.shape != (num_q, num_t)
+                                             or query_token_mask.dtype != torch.bool):
+            raise ValueError(f"query_token_mask must be bool [{num_q},{num_t}], got {query_token_mask.dtype} "
+                             f"{tuple(query_token_mask.shape)}")
+        # The values are read in ONE host transfer, and in none when index and mask live on the host.
+        on = query_token_mask.device if query_token_mask is not None and query_token_mask.is_cuda \
+            else query_image_index.device
+        index = query_image_index.to(on)
+        stats = [index.min(), index.max(), (index == torch.arange(num_q, device=on)).all()
+                 if num_q == features.batch_size else index.new_zeros(())]
+        if query_token_mask is not None:
+            mask = query_token_mask.to(on)
+            stats += [mask.any(dim=1).all(), (~mask).any()]
+        low, high, identity, *mask_stats = torch.stack([v.long() for v in stats]).tolist()
+        if low < 0 or high >= features.batch_size:
             raise ValueError(f"query_image_index {query_image_index.tolist()} out of range for "
                              f"{features.batch_size} images")
         if query_token_mask is None:
             query_token_mask = torch.ones((num_q, num_t), dtype=torch.bool, device=device)
-        elif query_token_mask.shape != (num_q, num_t) or query_token_mask.dtype != torch.bool:
-            raise ValueError(f"query_token_mask must be bool [{num_q},{num_t}], got {query_token_mask.dtype} "
-                             f"{tuple(query_token_mask.shape)}")
-        if not bool(query_token_mask.any(dim=1).all()):
-            raise ValueError("every query needs at least one valid token in query_token_mask")
-        return queries, query_image_index.long(), query_token_mask
+            text_padding = False
+        else:
+            if not mask_stats[0]:
+                raise ValueError("every query needs at least one valid token in query_token_mask")
+            text_padding = bool(mask_stats[1])
+        query_image_index = query_image_index.long().to(device, non_blocking=True)
+        return queries, query_image_index, query_token_mask, bool(identity), text_padding
 
 
 def select_best_boxes(pred_logits: torch.Tensor, pred_boxes_cxcywh_norm: torch.Tensor, image_sizes_wh,

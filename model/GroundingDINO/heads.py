@@ -40,7 +40,8 @@ class ContrastiveEmbed(nn.Module):
         self.pad_to_max_text_len = pad_to_max_text_len
 
     def forward(self, hidden: torch.Tensor, text: torch.Tensor, text_token_mask: torch.Tensor) -> torch.Tensor:
-        """hidden [N,Q,C], text [N,T,C], text_token_mask [N,T] (True = valid) -> [N,Q,T or max_text_len]."""
+        """hidden [...,N,Q,C], text [N,T,C], text_token_mask [N,T] (True = valid) -> [...,N,Q,T or
+        max_text_len] (leading dimensions, e.g. decoder layers, broadcast)."""
         logits = hidden @ text.transpose(-1, -2)
         logits = logits.masked_fill(~text_token_mask[:, None, :], float("-inf"))
         if self.pad_to_max_text_len and logits.shape[-1] < self.max_text_len:

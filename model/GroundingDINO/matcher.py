@@ -1,20 +1,29 @@
-"""Hungarian matching between one query's decoder predictions and its target boxes (scipy).
+"""Hungarian matching between each query's decoder predictions and its target boxes (scipy).
 
 Cost of assigning decoder query i to target box j (upstream GD/matcher.py):
     C = cost_bbox * |b_i - b_j|_1 + cost_class * focal_cost_i - cost_giou * GIoU(b_i, b_j)
 with focal_cost = alpha (1-p)^gamma (-log(p+1e-8)) - (1-alpha) p^gamma (-log(1-p+1e-8)), p the sigmoid
 probability of the query's text token(s) (averaged over the valid tokens; one token for a [VG] query).
 NaN/Inf costs are replaced by 0, so the solver always has a finite problem.
+
+All cost matrices of a training step (every decoder layer, the encoder output, every query) are built
+on the device in one batch and copied to the host once; only the assignment itself (scipy) runs per
+matrix. Upstream copies one matrix per sample per layer, which stalls the GPU each time.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from chatterbox.boxes import cxcywh_to_xyxy, pairwise_giou
+from chatterbox.boxes import cxcywh_to_xyxy, elementwise_giou
 
-__all__ = ["HungarianMatcher", "focal_match_cost"]
+__all__ = ["HungarianMatcher", "focal_match_cost", "pad_target_boxes"]
+
+Indices = list[tuple[torch.Tensor, torch.Tensor]]  # per query: (decoder-query indices, target indices)
 
 
 def focal_match_cost(prob: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
@@ -22,6 +31,14 @@ def focal_match_cost(prob: torch.Tensor, alpha: float, gamma: float) -> torch.Te
     positive = alpha * (1 - prob) ** gamma * (-(prob + 1e-8).log())
     negative = (1 - alpha) * prob ** gamma * (-(1 - prob + 1e-8).log())
     return positive - negative
+
+
+def pad_target_boxes(target_boxes: Sequence[torch.Tensor], device=None) -> torch.Tensor:
+    """Q tensors [k_q,4] -> [Q, max k_q, 4] float32; padding rows are a valid dummy box (never matched)."""
+    if not target_boxes:
+        return torch.zeros((0, 0, 4), device=device)
+    boxes = [t.to(device=device, dtype=torch.float32) for t in target_boxes]
+    return nn.utils.rnn.pad_sequence(boxes, batch_first=True, padding_value=0.5)
 
 
 class HungarianMatcher(nn.Module):
@@ -33,34 +50,81 @@ class HungarianMatcher(nn.Module):
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
-    def cost_matrix(self, logits: torch.Tensor, boxes_cxcywh_norm: torch.Tensor, token_mask: torch.Tensor,
-                    target_boxes_cxcywh_norm: torch.Tensor) -> torch.Tensor:
-        """logits [Nq,T], boxes [Nq,4], token_mask [T] (True = valid), targets [k,4] -> cost [Nq,k]."""
-        prob = logits.float().sigmoid()
-        class_cost = (focal_match_cost(prob, self.focal_alpha, self.focal_gamma) * token_mask).sum(-1) \
-            / token_mask.sum().clamp(min=1)
+    def cost_matrices(self, logits: torch.Tensor, boxes_cxcywh_norm: torch.Tensor, token_mask: torch.Tensor,
+                      target_boxes_cxcywh_norm: torch.Tensor) -> torch.Tensor:
+        """Batched costs: logits [...,Nq,T], boxes [...,Nq,4], token_mask [...,T] (True = valid), targets
+        [...,K,4] (leading dimensions broadcast) -> cost [...,Nq,K] float32. Logit columns beyond T
+        (padding to max_text_len) are ignored."""
+        prob = logits[..., :token_mask.shape[-1]].float().sigmoid()
+        mask = token_mask[..., None, :]
+        class_cost = (focal_match_cost(prob, self.focal_alpha, self.focal_gamma) * mask).sum(-1) \
+            / mask.sum(-1).clamp(min=1)
         pred = boxes_cxcywh_norm.float()
         target = target_boxes_cxcywh_norm.to(pred)
-        cost = (self.cost_bbox * torch.cdist(pred, target, p=1)
-                + self.cost_class * class_cost[:, None]
-                - self.cost_giou * pairwise_giou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target)))
+        pred, target = torch.broadcast_tensors(pred[..., :, None, :], target[..., None, :, :])
+        l1 = (pred - target).abs().sum(-1)
+        giou = elementwise_giou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target))
+        cost = self.cost_bbox * l1 + self.cost_class * class_cost[..., None] - self.cost_giou * giou
         return torch.nan_to_num(cost, nan=0.0, posinf=0.0, neginf=0.0)
 
     @torch.no_grad()
+    def match_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], token_mask: torch.Tensor,
+                     target_boxes: Sequence[torch.Tensor],
+                     padded_targets: torch.Tensor | None = None) -> list[Indices]:
+        """Match every layer's predictions with ONE device->host copy.
+
+        layers: (pred_logits [Q,Nq,T], pred_boxes [Q,Nq,4] cxcywh norm) per layer; token_mask [Q,T];
+        target_boxes: Q tensors [k_q,4] cxcywh norm (``padded_targets``: their pad_target_boxes form, if
+        already built). Returns per layer, per query (decoder-query indices, target indices), int64 on
+        the CPU, sorted by decoder-query index.
+        """
+        return [[(torch.from_numpy(rows), torch.from_numpy(cols)) for rows, cols in layer]
+                for layer in self.match_layers_host(layers, token_mask, target_boxes, padded_targets)]
+
+    @torch.no_grad()
+    def match_layers_host(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], token_mask: torch.Tensor,
+                          target_boxes: Sequence[torch.Tensor], padded_targets: torch.Tensor | None = None
+                          ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """match_layers with int64 numpy arrays (what the criterion consumes, without tensor wrapping)."""
+        num_q = len(target_boxes)
+        for i, (logits, boxes) in enumerate(layers):
+            if logits.shape[0] != num_q or boxes.shape[0] != num_q:
+                raise ValueError(f"layer {i}: {len(target_boxes)} target sets for {logits.shape[0]} queries")
+        if not layers:
+            return []
+        counts = [int(t.shape[0]) for t in target_boxes]
+        if padded_targets is None:
+            padded_targets = pad_target_boxes(target_boxes, layers[0][1].device)
+        if all(lg.shape == layers[0][0].shape and bx.shape == layers[0][1].shape for lg, bx in layers):
+            costs = self.cost_matrices(torch.stack([lg for lg, _ in layers]), torch.stack([bx for _, bx in layers]),
+                                       token_mask, padded_targets)
+            host = list(costs.cpu().numpy())
+        else:  # layers of different query counts: one matrix each, still one copy
+            flat = [self.cost_matrices(lg, bx, token_mask, padded_targets) for lg, bx in layers]
+            joined = torch.cat([c.reshape(-1) for c in flat]).cpu().numpy()
+            host, start = [], 0
+            for c in flat:
+                host.append(joined[start:start + c.numel()].reshape(c.shape))
+                start += c.numel()
+        empty = np.zeros(0, dtype=np.int64)
+        matched = []
+        for layer_costs in host:
+            indices = []
+            for q, k in enumerate(counts):
+                if k == 0:
+                    indices.append((empty, empty))
+                    continue
+                rows, cols = linear_sum_assignment(layer_costs[q, :, :k])
+                indices.append((rows.astype(np.int64), cols.astype(np.int64)))
+            matched.append(indices)
+        return matched
+
+    @torch.no_grad()
     def forward(self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, token_mask: torch.Tensor,
-                target_boxes: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """pred_logits [Q,Nq,T], pred_boxes [Q,Nq,4] cxcywh norm, token_mask [Q,T], target_boxes: Q tensors
-        [k_q,4] cxcywh norm. Returns per query (decoder-query indices, target indices), int64 on CPU,
-        sorted by decoder-query index."""
+                target_boxes: Sequence[torch.Tensor]) -> Indices:
+        """One layer: pred_logits [Q,Nq,T], pred_boxes [Q,Nq,4] cxcywh norm, token_mask [Q,T], target_boxes:
+        Q tensors [k_q,4] cxcywh norm. Returns per query (decoder-query indices, target indices), int64 on
+        CPU, sorted by decoder-query index."""
         if len(target_boxes) != pred_logits.shape[0]:
             raise ValueError(f"{len(target_boxes)} target sets for {pred_logits.shape[0]} queries")
-        indices = []
-        for q, targets in enumerate(target_boxes):
-            if targets.numel() == 0:
-                empty = torch.empty(0, dtype=torch.int64)
-                indices.append((empty, empty))
-                continue
-            cost = self.cost_matrix(pred_logits[q], pred_boxes[q], token_mask[q], targets).cpu()
-            rows, cols = linear_sum_assignment(cost.numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
-        return indices
+        return self.match_layers([(pred_logits, pred_boxes)], token_mask, target_boxes)[0]

@@ -268,9 +268,11 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: list[torch.Tensor], masks: list[torch.Tensor], positions: list[torch.Tensor],
-                text: torch.Tensor, text_token_mask: torch.Tensor) -> TransformerOutput:
+                text: torch.Tensor, text_token_mask: torch.Tensor,
+                text_padding: bool | None = None) -> TransformerOutput:
         """srcs/positions [N,C,H_l,W_l], masks [N,H_l,W_l] (True = padding); text [N,T,C], text_token_mask
-        [N,T] (True = valid)."""
+        [N,T] (True = valid); text_padding: whether any text token is padding, if the caller knows (None:
+        read from the mask, one device synchronisation). Without padding no text mask is applied."""
         if self.enc_out_bbox_embed is None:
             raise RuntimeError("DeformableTransformer.enc_out_bbox_embed must be set before use")
         n = srcs[0].shape[0]
@@ -282,10 +284,14 @@ class DeformableTransformer(nn.Module):
         if src_flat.shape[1] < self.num_queries:
             raise ValueError(f"the {src_flat.shape[1]} encoder tokens of a {shapes} feature pyramid are fewer "
                              f"than num_queries={self.num_queries}; use larger images or fewer queries")
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
+        # Asynchronous copy: a blocking host->device copy would wait for the backbone queued before it.
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long).to(src_flat.device, non_blocking=True)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1)  # [N,L,2]
-        text_padding_mask = ~text_token_mask
+        if text_padding is None:
+            text_padding = bool((~text_token_mask).any())
+        # None = no padded text token: the attention layers then skip masking (same result, fewer kernels).
+        text_padding_mask = ~text_token_mask if text_padding else None
         position_ids = torch.arange(text.shape[1], device=text.device, dtype=torch.float32)
         text_pos = sine_embed(position_ids[:, None], self.d_model).to(text.dtype)[None].expand(n, -1, -1)
 

@@ -1,0 +1,165 @@
+"""The batched matcher/criterion (all layers and queries at once, one host round trip) against a
+straightforward per-query, per-layer reference: identical assignments, the same losses and gradients."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from chatterbox.boxes import cxcywh_to_xyxy, elementwise_giou, pairwise_giou
+from model.GroundingDINO import GroundingCriterion, HungarianMatcher, VisionBranchConfig
+from model.GroundingDINO.criterion import sigmoid_focal_loss
+from model.GroundingDINO.matcher import focal_match_cost
+
+ALPHA, GAMMA = 0.25, 2.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# reference: one cost matrix, one host copy and one solver call per query per layer (upstream's shape)
+def reference_match(logits, boxes, token_mask, target_boxes, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0):
+    indices = []
+    for q, targets in enumerate(target_boxes):
+        if targets.numel() == 0:
+            indices.append(([], []))
+            continue
+        prob = logits[q].float().sigmoid()
+        mask = token_mask[q]
+        class_cost = (focal_match_cost(prob, ALPHA, GAMMA) * mask).sum(-1) / mask.sum().clamp(min=1)
+        pred = boxes[q].float()
+        cost = (cost_bbox * torch.cdist(pred, targets, p=1) + cost_class * class_cost[:, None]
+                - cost_giou * pairwise_giou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(targets)))
+        cost = torch.nan_to_num(cost, nan=0.0, posinf=0.0, neginf=0.0)
+        rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
+        indices.append((rows.tolist(), cols.tolist()))
+    return indices
+
+
+def reference_losses(outputs, target_boxes, weights, ce_normalization="num_boxes"):
+    token_mask = outputs["text_token_mask"]
+    num_boxes = max(float(sum(len(t) for t in target_boxes)), 1.0)
+    layers = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs["aux_outputs"])]
+    layers.append(("_interm", outputs["interm_outputs"]))
+    losses, matches = {}, {}
+    for suffix, layer in layers:
+        logits = layer["pred_logits"][..., :token_mask.shape[1]]
+        indices = reference_match(logits, layer["pred_boxes"], token_mask, target_boxes)
+        matches[suffix] = indices
+        query_idx = torch.tensor([q for q, (src, _) in enumerate(indices) for _ in src], dtype=torch.long)
+        pred_idx = torch.tensor([i for src, _ in indices for i in src], dtype=torch.long)
+        targets = torch.zeros(logits.shape)
+        targets[query_idx, pred_idx] = 1.0
+        valid = token_mask[:, None, :].expand_as(logits)
+        focal = sigmoid_focal_loss(logits[valid], targets[valid], ALPHA, GAMMA).sum()
+        ce_norm = num_boxes if ce_normalization == "num_boxes" else max(float(pred_idx.numel()), 1.0)
+        pred = layer["pred_boxes"][query_idx, pred_idx].float()
+        target = torch.cat([t[list(tgt)] for t, (_, tgt) in zip(target_boxes, indices)]).float()
+        losses["loss_ce" + suffix] = focal / ce_norm
+        losses["loss_bbox" + suffix] = F.l1_loss(pred, target, reduction="none").sum() / num_boxes
+        losses["loss_giou" + suffix] = (1 - elementwise_giou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target))).sum() \
+            / num_boxes
+    losses["loss"] = sum(weights[name] * value for name, value in losses.items())
+    return losses, matches
+
+
+# ---------------------------------------------------------------------------------------------------
+def random_outputs(seed: int, num_q=5, nq=40, slots=3, padded_to=0, layers=6, interm_nq=None):
+    """forward_enc_dec-shaped outputs with leaf tensors per layer; query q has 1 + q % slots valid tokens
+    and -inf logits in its invalid slots (and in the padding columns up to ``padded_to``)."""
+    g = torch.Generator().manual_seed(seed)
+    token_mask = torch.arange(slots)[None, :] <= (torch.arange(num_q) % slots)[:, None]
+    width = max(slots, padded_to)
+
+    def layer(n):
+        logits = 2 * torch.randn(num_q, n, width, generator=g)
+        logits[..., :slots] = logits[..., :slots].masked_fill(~token_mask[:, None, :], float("-inf"))
+        logits[..., slots:] = float("-inf")
+        centre = 0.15 + 0.7 * torch.rand(num_q, n, 2, generator=g)
+        size = 0.05 + 0.4 * torch.rand(num_q, n, 2, generator=g)
+        boxes = torch.cat([centre, size], -1)
+        return {"pred_logits": logits.requires_grad_(True), "pred_boxes": boxes.requires_grad_(True)}
+
+    all_layers = [layer(nq) for _ in range(layers)]
+    return {**all_layers[-1], "text_token_mask": token_mask, "aux_outputs": all_layers[:-1],
+            "interm_outputs": layer(interm_nq or nq)}
+
+
+def random_targets(seed: int, counts):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.cat([0.2 + 0.6 * torch.rand(k, 2, generator=g), 0.05 + 0.3 * torch.rand(k, 2, generator=g)], -1)
+            for k in counts]
+
+
+def leaves(outputs):
+    layers = [outputs] + outputs["aux_outputs"] + [outputs["interm_outputs"]]
+    return [t for layer in layers for t in (layer["pred_logits"], layer["pred_boxes"])]
+
+
+def clone_outputs(outputs):
+    def copy(layer):
+        return {k: layer[k].detach().clone().requires_grad_(True) for k in ("pred_logits", "pred_boxes")}
+    return {**copy(outputs), "text_token_mask": outputs["text_token_mask"],
+            "aux_outputs": [copy(a) for a in outputs["aux_outputs"]], "interm_outputs": copy(outputs["interm_outputs"])}
+
+
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_matching_equals_per_query_matching_on_every_layer(seed):
+    outputs = random_outputs(seed)
+    targets = random_targets(100 + seed, [1, 3, 0, 2, 4])
+    layers = [outputs] + outputs["aux_outputs"] + [outputs["interm_outputs"]]
+    matched = HungarianMatcher().match_layers([(lay["pred_logits"], lay["pred_boxes"]) for lay in layers],
+                                              outputs["text_token_mask"], targets)
+    assert len(matched) == 7
+    for layer, got in zip(layers, matched):
+        want = reference_match(layer["pred_logits"], layer["pred_boxes"], outputs["text_token_mask"], targets)
+        assert [(r.tolist(), c.tolist()) for r, c in got] == want
+        for (rows, cols), boxes in zip(got, targets):
+            assert rows.dtype == torch.int64 and len(rows) == len(boxes) and rows.tolist() == sorted(rows.tolist())
+
+
+@pytest.mark.parametrize("ce_normalization", ["num_boxes", "local_matches"])
+@pytest.mark.parametrize("seed", range(3))
+def test_batched_criterion_equals_the_per_layer_reference(seed, ce_normalization):
+    cfg = dataclasses.replace(VisionBranchConfig(), ce_normalization=ce_normalization)
+    ours = random_outputs(seed, padded_to=6 if seed == 1 else 0)
+    theirs = clone_outputs(ours)
+    targets = random_targets(200 + seed, [2, 1, 3, 0, 1])
+    got = GroundingCriterion(cfg)(ours, targets)
+    want, _ = reference_losses(theirs, targets, cfg.loss_weights, ce_normalization)
+    assert list(got) == list(want)  # same terms, same order
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=2e-6, atol=1e-7, msg=name)
+    got["loss"].backward()
+    want["loss"].backward()
+    for mine, ref in zip(leaves(ours), leaves(theirs)):
+        assert torch.isfinite(mine.grad).all()
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_layers_with_different_query_counts_and_a_single_host_copy(monkeypatch):
+    """An encoder selection of another size than the decoder still matches correctly, with one copy."""
+    outputs = random_outputs(7, nq=12, interm_nq=20)
+    theirs = clone_outputs(outputs)
+    targets = random_targets(8, [2, 1, 0, 3, 1])
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self.shape) or real_cpu(self, *a, **k))
+    got = GroundingCriterion()(outputs, targets)
+    monkeypatch.undo()
+    assert len(copies) == 1
+    want, _ = reference_losses(theirs, targets, VisionBranchConfig().loss_weights)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=2e-6, atol=1e-7, msg=name)
+
+
+def test_half_precision_logits_match_like_their_float32_values():
+    outputs = random_outputs(3)
+    targets = random_targets(4, [1, 2, 2, 1, 3])
+    layer = outputs["aux_outputs"][2]
+    logits, boxes = layer["pred_logits"].detach().bfloat16(), layer["pred_boxes"].detach().bfloat16()
+    got = HungarianMatcher()(logits, boxes, outputs["text_token_mask"], targets)
+    want = reference_match(logits.float(), boxes.float(), outputs["text_token_mask"], targets)
+    assert [(r.tolist(), c.tolist()) for r, c in got] == want
