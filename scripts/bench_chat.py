@@ -6,11 +6,19 @@ one dialogue, against the memory-bandwidth bound of decoding (issue 8, item 5).
 
 Random weights in bf16 (the timing of a forward pass does not depend on the values). Every round asks
 about a region (`<bbox>`) and for a box (`[VG]`), and every answer is forced to the same length
-(``min_new_tokens = max_new_tokens``) so rounds are comparable. Each dialogue runs with the session's
-KV cache reused across rounds and, as a baseline, re-encoding the whole dialogue every round; with
-``--merge-lora`` also with LoRA folded into the weights. Sessions use the static KV cache whose decode
-step is a CUDA graph (captured when the session is created, outside the timed rounds);
-``--compare-dynamic`` adds the eager growing-``DynamicCache`` decoder for comparison.
+(``min_new_tokens = max_new_tokens``) so rounds are comparable. Sessions use the static KV cache whose
+decode steps are CUDA graphs (captured when the session is created, outside the timed rounds). Each
+dialogue runs with the session's KV cache reused across rounds, with the fused step (the default) and
+with transformers' step (the previous default), and, as a baseline, re-encoding the whole dialogue
+every round; with ``--merge-lora`` also with LoRA folded into the weights. ``--compare-uncompiled``
+adds the fused step without torch.compile, ``--compile-step`` transformers' step compiled,
+``--compare-dynamic`` the eager growing-``DynamicCache`` decoder.
+
+``--profile`` adds a kernel-time breakdown of one decode step of each step kind (torch.profiler over
+CUDA-graph replays at ``--profile-context`` cached columns): time per step by kernel class (GEMV/GEMM,
+attention, inductor-fused, cache writes, other), the bandwidth the matmul kernels reach over the
+weights, and the idle time between kernels; also for the fused step with its matmuls as Triton
+reductions tuned by inductor (``FusedStaticKVDecoder(triton_gemv=True)``, gpt-fast's recipe).
 
 Bound: one decode step reads every weight of the LLM once (embedding rows aside), so
 ``tokens/s <= bandwidth / weight_bytes``. The card's nominal bandwidth comes from --bandwidth-gbs or
@@ -60,7 +68,12 @@ def parse_args(argv=None):
                         help="also measure the eager DynamicCache decoder (cache reused across rounds)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="static cache, but decode steps run eagerly")
     parser.add_argument("--compile-step", action="store_true",
-                        help="also measure with the decode step compiled by torch.compile (then CUDA-graphed)")
+                        help="also measure transformers' step compiled by torch.compile (then CUDA-graphed)")
+    parser.add_argument("--compare-uncompiled", action="store_true",
+                        help="also measure the fused step without torch.compile")
+    parser.add_argument("--profile", action="store_true", help="kernel-time breakdown of one step of each kind")
+    parser.add_argument("--profile-context", type=int, default=700,
+                        help="cached columns when profiling (700 ~ the middle of the 8-round dialogue)")
     parser.add_argument("--out", default="outputs/bench_chat.json")
     return parser.parse_args(argv)
 
@@ -126,15 +139,21 @@ def measured_copy_bandwidth(device: torch.device, gib: float = 2.0) -> float | N
     return 2 * n * 2 * reps / elapsed
 
 
-def run_dialogue(model, image, args, reuse_cache: bool, cache: str = "static", compile_step: bool = False) -> list[dict]:
+#: Session options of each step kind measured.
+FUSED = {"fused_step": True}
+TRANSFORMERS = {"fused_step": False}
+
+
+def run_dialogue(model, image, args, reuse_cache: bool, **session_options) -> list[dict]:
     from chatterbox.serve.session import ChatSession
 
     chat = ChatSession(model, image, max_new_tokens=args.answer_tokens, reuse_cache=reuse_cache,
-                       max_image_pixels=None, cache=cache, cuda_graph=False if args.no_cuda_graph else None,
-                       compile_step=compile_step)
+                       max_image_pixels=None, cuda_graph=False if args.no_cuda_graph else None, **session_options)
     decoder = chat._decoder_for(chat.max_context)
     decoder_info = {"decoder": type(decoder).__name__, "cuda_graph": bool(decoder.uses_cuda_graph),
-                    "compiled_step": compile_step, "graph_capture_s": getattr(decoder, "capture_s", 0.0)}
+                    "compiled_step": bool(getattr(decoder, "compile_step", False)),
+                    "attention_buckets": len(getattr(decoder, "attention_buckets", ())),
+                    "graph_capture_s": getattr(decoder, "capture_s", 0.0)}
     width, height = image.size
     rows = []
     for r in range(args.rounds):
@@ -164,11 +183,142 @@ def median_rows(runs: list[list[dict]]) -> list[dict]:
     return out
 
 
-def measure_variant(model, image, args, reuse_cache: bool, cache: str = "static", compile_step: bool = False) -> list[dict]:
+def measure_variant(model, image, args, reuse_cache: bool, **session_options) -> list[dict]:
     warm_up = argparse.Namespace(**{**vars(args), "rounds": 2})
-    run_dialogue(model, image, warm_up, reuse_cache, cache, compile_step)
-    return median_rows([run_dialogue(model, image, args, reuse_cache, cache, compile_step)
+    run_dialogue(model, image, warm_up, reuse_cache, **session_options)  # compilation, first launches
+    rows = median_rows([run_dialogue(model, image, args, reuse_cache, **session_options)
                         for _ in range(args.repeats)])
+    decode = statistics.median(r["decode_tokens_per_s"] for r in rows)
+    print(f"measured {rows[0]['decoder']} reuse_cache={reuse_cache} {session_options}: {decode:.1f} tokens/s",
+          flush=True)  # progress of a long run
+    return rows
+
+
+def kernel_class(name: str) -> str:
+    """Coarse class of a CUDA kernel by its name (cuBLAS, the SDPA kernels, inductor's Triton kernels;
+    a Triton reduction named after ``mm`` is a matmul written as one, maybe with an RMSNorm fused in)."""
+    lowered = name.lower()
+    if any(key in lowered for key in ("gemv", "gemm", "nvjet", "xmma", "cublas", "splitk")) or (
+            lowered.startswith("triton_red") and "_mm_" in lowered):
+        return "matmul (GEMV/GEMM)"
+    if any(key in lowered for key in ("fmha", "attention", "flash", "cudnn")):
+        return "attention"
+    if "triton" in lowered:
+        return "inductor-fused"
+    if "index" in lowered:
+        return "cache write (index_copy)"
+    return "other (element-wise, reductions, copies)"
+
+
+def _profile_steps(decoder, tokens: torch.Tensor, steps: int, context: int):
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder.truncate(context)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.step(tokens)
+        torch.cuda.synchronize(tokens.device)
+    return prof
+
+
+@torch.no_grad()
+def profile_step(model, args, weight_bytes: int, fused_options: dict | None = None, **decoder_options) -> dict:
+    """Kernel times of one CUDA-graph decode step at ``args.profile_context`` cached columns
+    (``fused_options``: a compiled FusedStaticKVDecoder with these options, e.g. ``triton_gemv``)."""
+    from chatterbox.model.decoding import FusedStaticKVDecoder
+
+    lm = model.causal_lm
+    embed_weight = lm.get_input_embeddings().weight
+    device = embed_weight.device
+    capacity = min(lm.config.max_position_embeddings, model.cfg.language.model_max_length)
+    if fused_options:
+        decoder = FusedStaticKVDecoder(lm, 1, capacity, device, embed_weight.dtype, compile_step=True,
+                                       **fused_options)
+    else:
+        decoder = model.make_decoder(1, capacity, **decoder_options)
+    embeds = torch.randn(1, args.profile_context, lm.config.hidden_size, device=device, dtype=embed_weight.dtype) * 0.02
+    decoder.prefill(embeds)
+    tokens = torch.tensor([5], device=device)
+    steps = 20
+    for _ in range(3):  # captures the bucket's graph, then warm replays
+        decoder.step(tokens)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        decoder.step(tokens)
+    end.record()
+    torch.cuda.synchronize(device)
+    step_ms = start.elapsed_time(end) / steps
+    profiled = 5
+    traced = "CUDA-graph replays"
+    prof = _profile_steps(decoder, tokens, profiled, args.profile_context)
+    if not any(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.key_averages()):
+        # Some profiler builds do not trace kernels inside graphs: the same kernels, launched eagerly.
+        traced = "eager steps (graph kernels were not traced)"
+        decoder._graphs.clear()
+        decoder.want_cuda_graph = False
+        prof = _profile_steps(decoder, tokens, profiled, args.profile_context)
+    kernels: dict[str, list[float]] = {}
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        total_us = event.self_device_time_total
+        entry = kernels.setdefault(event.key, [0.0, 0])
+        entry[0] += total_us / profiled
+        entry[1] += event.count / profiled
+    classes: dict[str, float] = {}
+    for name, (us, _) in kernels.items():
+        classes[kernel_class(name)] = classes.get(kernel_class(name), 0.0) + us
+    busy_us = sum(classes.values())
+    matmul_us = classes.get("matmul (GEMV/GEMM)", 0.0)
+    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:15]
+    return {"decoder": type(decoder).__name__, "compiled_step": bool(decoder.compile_step),
+            "fused_options": fused_options or {}, "profiled": traced,
+            "context_columns": args.profile_context,
+            "step_ms": step_ms, "kernels_per_step": sum(count for _, count in kernels.values()),
+            "kernel_busy_ms": busy_us / 1e3, "idle_between_kernels_ms": step_ms - busy_us / 1e3,
+            "ms_by_class": {name: us / 1e3 for name, us in sorted(classes.items(), key=lambda item: -item[1])},
+            "matmul_bandwidth_gbs": weight_bytes / (matmul_us * 1e-6) / 1e9 if matmul_us else None,
+            "top_kernels": [{"name": name[:160], "us_per_step": us, "launches_per_step": count}
+                            for name, (us, count) in top]}
+
+
+@torch.no_grad()
+def compare_steps(model, args, steps: int = 16) -> dict:
+    """The fused and transformers' CUDA-graph steps on the same random prompt: how far their hidden
+    states are apart and whether lm_head picks the same tokens (a check at the real shapes and dtype)."""
+    lm = model.causal_lm
+    embed_weight = lm.get_input_embeddings().weight
+    capacity = min(lm.config.max_position_embeddings, model.cfg.language.model_max_length)
+    generator = torch.Generator(device=embed_weight.device).manual_seed(0)
+    embeds = torch.randn(1, args.profile_context, lm.config.hidden_size, device=embed_weight.device,
+                         generator=generator).to(embed_weight.dtype) * 0.02
+    tokens = torch.randint(0, embed_weight.shape[0], (steps, 1), device=embed_weight.device, generator=generator)
+    hidden = {}
+    for name, fused_step in (("fused", True), ("transformers", False)):
+        decoder = model.make_decoder(1, capacity, fused_step=fused_step)
+        decoder.prefill(embeds)
+        hidden[name] = torch.stack([decoder.step(t).clone() for t in tokens]).float()
+        del decoder
+    fused, reference = hidden["fused"], hidden["transformers"]
+    return {"steps": steps, "context_columns": args.profile_context,
+            "max_abs_diff": float((fused - reference).abs().max()), "max_abs_value": float(reference.abs().max()),
+            "same_greedy_token_fraction": float((lm.lm_head(fused.to(embed_weight.dtype)).argmax(-1)
+                                                 == lm.lm_head(reference.to(embed_weight.dtype)).argmax(-1))
+                                                .float().mean())}
+
+
+def print_profile(name: str, p: dict) -> None:
+    print(f"\nprofile {name} ({p['decoder']}, compiled {p['compiled_step']}, {p['context_columns']} columns, "
+          f"{p['profiled']}): "
+          f"{p['step_ms']:.2f} ms/step, {p['kernels_per_step']:.0f} kernels, busy {p['kernel_busy_ms']:.2f} ms, "
+          f"idle {p['idle_between_kernels_ms']:.2f} ms, matmuls at "
+          + (f"{p['matmul_bandwidth_gbs']:.0f} GB/s" if p["matmul_bandwidth_gbs"] else "?"))
+    for cls, ms in p["ms_by_class"].items():
+        print(f"  {ms:7.3f} ms  {cls}")
+    for k in p["top_kernels"][:8]:
+        print(f"  {k['us_per_step']:9.1f} us {k['launches_per_step']:5.0f}x  {k['name'][:110]}")
 
 
 def summarise(rows: list[dict], bound_tokens_per_s: float | None) -> dict:
@@ -206,20 +356,8 @@ def main(argv=None) -> int:
     bound = bandwidth / weight_bytes if bandwidth else None
     measured_bound = copy_bandwidth / weight_bytes if copy_bandwidth else None
 
-    variants = {"cache_reuse": measure_variant(model, image, args, reuse_cache=True)}
-    if not args.no_baseline:
-        variants["reencode_every_round"] = measure_variant(model, image, args, reuse_cache=False)
-    if args.compile_step:
-        variants["cache_reuse_compiled_step"] = measure_variant(model, image, args, reuse_cache=True, compile_step=True)
-    if args.compare_dynamic:
-        variants["cache_reuse_dynamic_cache"] = measure_variant(model, image, args, reuse_cache=True, cache="dynamic")
-    if args.merge_lora and hasattr(model.language_model, "merge_adapter"):
-        model.language_model.merge_adapter()
-        variants["cache_reuse_merged_lora"] = measure_variant(model, image, args, reuse_cache=True)
-        if args.compile_step:
-            variants["cache_reuse_merged_lora_compiled_step"] = measure_variant(model, image, args, reuse_cache=True,
-                                                                                compile_step=True)
-
+    profiles: dict[str, dict] = {}
+    variants: dict[str, list[dict]] = {}
     result = {
         "benchmark": "chat latency (scripts/bench_chat.py)",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -235,11 +373,53 @@ def main(argv=None) -> int:
         "measured_copy_bandwidth_bytes_per_s": copy_bandwidth,
         "bound_decode_tokens_per_s": bound, "bound_decode_tokens_per_s_measured_bandwidth": measured_bound,
         "targets": {"decode_fraction_of_bound": 0.6, "round_last_over_round_1_latency": 1.2},
-        "variants": {name: {"summary": summarise(rows, bound), "rounds": rows} for name, rows in variants.items()},
+        "variants": {}, "profiles": profiles,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    def save() -> None:  # after every measurement, so a run stopped by a time limit keeps what it has
+        result["variants"] = {name: {"summary": summarise(rows, bound), "rounds": rows}
+                              for name, rows in variants.items()}
+        if "torch._dynamo" in sys.modules:  # graphs compiled so far (a recompiling step shows here)
+            result["dynamo_stats"] = dict(sys.modules["torch._dynamo"].utils.counters["stats"])
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    def measure(name: str, **options) -> None:
+        variants[name] = measure_variant(model, image, args, **options)
+        save()
+
+    def profile(name: str, **options) -> None:
+        profiles[name] = profile_step(model, args, weight_bytes, **options)
+        print_profile(name, profiles[name])
+        save()
+
+    profiling = args.profile and device.type == "cuda"
+    if profiling:
+        profiles["fused_vs_transformers"] = compare_steps(model, args)
+        print(f"fused vs transformers' step: {profiles['fused_vs_transformers']}", flush=True)
+        profile("transformers_step", **TRANSFORMERS)
+        profile("fused_step", **FUSED)
+    measure("cache_reuse_fused_step", reuse_cache=True, **FUSED)
+    measure("cache_reuse_transformers_step", reuse_cache=True, **TRANSFORMERS)
+    if args.compare_uncompiled:
+        measure("cache_reuse_fused_step_uncompiled", reuse_cache=True, compile_step=False, **FUSED)
+    if not args.no_baseline:
+        measure("reencode_every_round_fused_step", reuse_cache=False, **FUSED)
+    if args.compile_step:
+        measure("cache_reuse_transformers_step_compiled", reuse_cache=True, compile_step=True, **TRANSFORMERS)
+    if args.compare_dynamic:
+        measure("cache_reuse_dynamic_cache", reuse_cache=True, cache="dynamic")
+    lora = ""
+    if args.merge_lora and hasattr(model.language_model, "merge_adapter"):
+        model.language_model.merge_adapter()
+        lora = "_merged_lora"
+        measure("cache_reuse_merged_lora_fused_step", reuse_cache=True, **FUSED)
+        measure("cache_reuse_merged_lora_transformers_step", reuse_cache=True, **TRANSFORMERS)
+        if profiling:
+            profile("fused_step_merged_lora", **FUSED)
+    if profiling:  # last: its compilation (coordinate-descent tuning) is the longest
+        profile("fused_step_triton_gemv" + lora, fused_options={"triton_gemv": True})
 
     print(f"{result['device']}: decode reads {weight_bytes / 1e9:.2f} GB per token; bound "
           + (f"{bound:.1f} tokens/s ({bandwidth_source})" if bound else "unknown")

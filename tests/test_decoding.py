@@ -1,7 +1,7 @@
 """The shared decode path (chatterbox.model.decoding): static KV cache == dynamic cache == recompute.
 
-Runs on the tiny model; on a CUDA machine the last test also checks that the CUDA-graph decode step
-gives the same tokens and boxes as the eager one.
+Runs on the tiny model; on a CUDA machine the last test also checks that the CUDA-graph decode steps
+(fused and transformers', compiled or not) give the same tokens and boxes as the eager one.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from chat_support import build_tiny_chat_model, sample_image
 
-from chatterbox.model.decoding import DynamicKVDecoder, StaticKVDecoder, decode
+from chatterbox.model.decoding import DynamicKVDecoder, FusedStaticKVDecoder, StaticKVDecoder, decode
 from chatterbox.serve.session import ChatSession
 from chatterbox.tokens import expand_image_placeholder
 
@@ -144,18 +144,24 @@ def test_bad_arguments_are_refused(model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_decoding_equals_eager(tokenizer):
+    """Every CUDA decode path (fused step compiled or not, transformers' step eager, graphed or compiled)
+    gives the same tokens and boxes."""
     model = build_tiny_chat_model(tokenizer).cuda()
     inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else [t.cuda() for t in v])
               for k, v in batch_inputs(tokenizer).items()}
-    graph = model.generate(**inputs, max_new_tokens=12, cuda_graph=True)
-    eager = model.generate(**inputs, max_new_tokens=12, cuda_graph=False)
+    fused = model.generate(**inputs, max_new_tokens=12)
+    eager = model.generate(**inputs, max_new_tokens=12, cuda_graph=False, fused_step=False)
+    graph = model.generate(**inputs, max_new_tokens=12, cuda_graph=True, fused_step=False)
     dynamic = model.generate(**inputs, max_new_tokens=12, cache="dynamic")
-    assert_same_results(graph, eager)
-    assert_same_results(graph, dynamic)
-    chats = [ChatSession(model, sample_image(), cuda_graph=False),
-             ChatSession(model, sample_image(), cuda_graph=True),
-             ChatSession(model, sample_image(), compile_step=True)]
-    assert chats[0]._decoder is None and chats[1]._decoder.uses_cuda_graph and chats[2]._decoder.uses_cuda_graph
+    for other in (eager, graph, dynamic):
+        assert_same_results(fused, other)
+    chats = [ChatSession(model, sample_image(), cuda_graph=False, fused_step=False),
+             ChatSession(model, sample_image(), fused_step=False),
+             ChatSession(model, sample_image(), fused_step=False, compile_step=True),
+             ChatSession(model, sample_image()),
+             ChatSession(model, sample_image(), compile_step=False)]
+    assert chats[0]._decoder is None and all(chat._decoder.uses_cuda_graph for chat in chats[1:])
+    assert isinstance(chats[3]._decoder, FusedStaticKVDecoder) and chats[3]._decoder.compile_step
     for question, boxes, max_new in ROUNDS:
         eager, *fast = (chat.ask(question, boxes, max_new_tokens=max_new) for chat in chats)
         for reply in fast:

@@ -390,14 +390,16 @@ class ChatterBox(nn.Module):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     def make_decoder(self, batch_size: int, capacity: int, cache: str = "static",
-                     cuda_graph: bool | None = None, compile_step: bool = False) -> "KVDecoder":
+                     cuda_graph: bool | None = None, compile_step: bool | None = None,
+                     fused_step: bool | None = None) -> "KVDecoder":
         """A KV decoder over this model's LLM (chatterbox.model.decoding): ``cache`` "static" (fixed
-        ``capacity`` columns, decode steps replayed from a CUDA graph on CUDA unless ``cuda_graph=False``),
-        "dynamic" (growing DynamicCache, eager) or "none" (recompute everything each step).
-        ``compile_step=True`` also compiles the static decode step with torch.compile."""
+        ``capacity`` columns, decode steps replayed from CUDA graphs on CUDA unless ``cuda_graph=False``),
+        "dynamic" (growing DynamicCache, eager) or "none" (recompute everything each step). For
+        "static", ``fused_step=False`` runs transformers' step instead of the fused one and
+        ``compile_step`` overrides whether the step is compiled (default: the fused step on CUDA)."""
         param = self.causal_lm.get_input_embeddings().weight
         return make_kv_decoder(self.causal_lm, cache, batch_size, capacity, param.device, param.dtype, cuda_graph,
-                               compile_step)
+                               compile_step, fused_step)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -407,16 +409,17 @@ class ChatterBox(nn.Module):
                  max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, use_cache: bool = True, box_threshold: float | None = None,
                  generator: torch.Generator | None = None, cache: str = "static",
-                 cuda_graph: bool | None = None, **_ignored) -> list[GenerationResult]:
+                 cuda_graph: bool | None = None, fused_step: bool | None = None,
+                 **_ignored) -> list[GenerationResult]:
         """Generate replies for right-padded prompts; boxes for every `[VG]` in prompt or reply.
 
         Regions are injected in the prefill; the query of a prompt `[VG]` is read from the prefill hidden
         states, that of a generated `[VG]` from the hidden state of the step that produced it. Decoding
         runs through chatterbox.model.decoding: by default a static KV cache of prompt + ``max_new_tokens``
-        columns whose decode step is a CUDA graph on CUDA (``cuda_graph=False`` keeps it eager;
-        ``cache="dynamic"`` uses transformers' growing cache). ``use_cache=False`` re-runs the whole
-        sequence every step (for testing equivalence). ``image_sizes`` [I,2] (height, width) of the
-        original images map boxes to pixels.
+        columns whose fused decode step is a CUDA graph on CUDA (``cuda_graph=False`` keeps it eager;
+        ``fused_step=False`` runs transformers' step; ``cache="dynamic"`` uses transformers' growing
+        cache). ``use_cache=False`` re-runs the whole sequence every step (for testing equivalence).
+        ``image_sizes`` [I,2] (height, width) of the original images map boxes to pixels.
         """
         self.eval()
         if max_new_tokens < 1:
@@ -435,7 +438,8 @@ class ChatterBox(nn.Module):
 
         # The last picked token is never fed back: prompt + max_new_tokens - 1 columns at most.
         decoder = self.make_decoder(batch, length + max_new_tokens, cache if use_cache else "none",
-                                    cuda_graph if use_cache else False)
+                                    cuda_graph if use_cache else False,
+                                    fused_step=fused_step if use_cache and cache == "static" else None)
         hidden = decoder.prefill(embeds, mask)
 
         # Queries of the prompt's [VG] tokens: hidden state of the preceding token (left-padded column).

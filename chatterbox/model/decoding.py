@@ -6,9 +6,11 @@ Two parts:
   chunk of embeddings (images and regions already injected), ``step(tokens)`` feeds one token per row
   and returns the final hidden state, ``truncate(length)`` forgets cached positions beyond ``length``.
   :class:`StaticKVDecoder` preallocates a transformers ``StaticCache`` of a fixed capacity, so every
-  decode step has the same shapes and, on CUDA, is replayed from one captured CUDA graph (the prefill
-  stays eager); :class:`DynamicKVDecoder` grows a ``DynamicCache``; :class:`RecomputeDecoder` keeps no
-  cache and re-runs the whole sequence at every step (the reference for equivalence tests).
+  decode step has fixed shapes and, on CUDA, is replayed from a captured CUDA graph (the prefill stays
+  eager); by default (:class:`FusedStaticKVDecoder`) the step is chatterbox.model.fast_decode's fused
+  one, compiled on CUDA, attending over a few length buckets with one graph each.
+  :class:`DynamicKVDecoder` grows a ``DynamicCache``; :class:`RecomputeDecoder` keeps no cache and
+  re-runs the whole sequence at every step (the reference for equivalence tests).
 * :func:`decode` picks tokens: lm_head, placeholder tokens banned, greedy or sampled pick, all on the
   device. The generated ids and the hidden state each token was picked from stay on the GPU; the host
   looks at them only every ``check_every`` steps to stop once every row has produced end-of-sequence.
@@ -27,6 +29,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from chatterbox.model.fast_decode import FusedLlamaStep, fuse_projection_weights, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +96,21 @@ class KVDecoder:
 
 
 class StaticKVDecoder(KVDecoder):
-    """A preallocated ``StaticCache`` of ``capacity`` columns; decode steps replayed from a CUDA graph.
+    """A preallocated ``StaticCache`` of ``capacity`` columns; decode steps replayed from CUDA graphs.
 
-    Keys/values of all ``capacity`` columns are read by every step (masked beyond the current length),
-    so size ``capacity`` to what the dialogue can reach, not more. The graph is captured on the first
-    step (or by :meth:`capture`) and replays the embedding lookup + all decoder layers + final norm for
-    one token per row; it holds the model's weights by address, so changing the model afterwards
-    (merging LoRA, moving it) needs a new decoder. ``compile_step=True`` first compiles the step with
-    ``torch.compile`` (inductor fuses the many small element-wise kernels of RMSNorm, RoPE and SiLU that
-    dominate a one-token step); the first decoder of a process pays the compilation (a minute for 13b).
+    This class runs transformers' own step, which reads keys/values of all ``capacity`` columns every
+    step (masked beyond the current length), so it has one attention bucket: the capacity.
+    :class:`FusedStaticKVDecoder` (the default where the LLM allows it) runs a fused step that reads only
+    the smallest bucket >= length + 1. On CUDA each bucket's step is captured as a CUDA graph on its
+    first use (or by :meth:`capture`) and replayed afterwards; a graph holds the model's weights by
+    address, so changing the model afterwards (merging LoRA, moving it) needs a new decoder.
+    ``compile_step=True`` first compiles the step with ``torch.compile`` (inductor fuses the small
+    element-wise kernels); the first decoder of a process pays the compilation.
     """
+
+    #: torch.compile's first call compiles, the second is the compiled kernels' first launch: both
+    #: must happen before a capture.
+    _COMPILED_WARM_UP_STEPS = 2
 
     def __init__(self, causal_lm: nn.Module, batch_size: int, capacity: int, device: torch.device,
                  dtype: torch.dtype, cuda_graph: bool | None = None, compile_step: bool = False):
@@ -120,15 +129,26 @@ class StaticKVDecoder(KVDecoder):
         self.want_cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if self.want_cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, the decoder is on {self.device}")
-        self._graph = None
-        self._graph_hidden: torch.Tensor | None = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, output)
         self.capture_s = 0.0
         self.compile_step = compile_step
         self._body = torch.compile(self._step_body, dynamic=False) if compile_step else self._step_body
+        if self.want_cuda_graph and unsupported_reason(causal_lm) is None:
+            # A fused decoder made later re-points the q/k/v and gate/up weights into fused storage (and
+            # frees the old); fusing them before this decoder's graphs record their addresses keeps those valid.
+            fuse_projection_weights(causal_lm)
+
+    @property
+    def attention_buckets(self) -> tuple[int, ...]:
+        """Cache columns a step may read, ascending; a step uses the smallest that holds length + 1."""
+        return (self.capacity,)
+
+    def _bucket(self, columns: int) -> int:
+        return next(bucket for bucket in self.attention_buckets if bucket >= columns)
 
     @property
     def uses_cuda_graph(self) -> bool:
-        return self._graph is not None
+        return bool(self._graphs)
 
     def _set_cache_length(self, length: int) -> None:
         for layer in self.cache.layers:
@@ -149,66 +169,94 @@ class StaticKVDecoder(KVDecoder):
         self.length += columns
         return hidden
 
-    def _step_body(self) -> torch.Tensor:
-        """One decode step on the static buffers only (what the CUDA graph records)."""
+    def _step_body(self, bucket: int) -> torch.Tensor:
+        """One decode step on the static buffers only (what a CUDA graph records)."""
         embeds = self.embed(self.tokens[:, None])
         hidden = self.inner(inputs_embeds=embeds, attention_mask=self.mask, position_ids=self.next_position[:, None],
                             past_key_values=self.cache, use_cache=True).last_hidden_state[:, -1]
         self.next_position.add_(1)
         return hidden
 
+    def _before_step(self) -> None:
+        """Host-side set-up of a step that the graph cannot do (transformers' step needs none)."""
+
+    def _restore(self, position: torch.Tensor) -> None:
+        self._set_cache_length(self.length)
+        self.next_position.copy_(position)
+
     @torch.no_grad()
-    def capture(self) -> bool:
-        """Record the decode step as a CUDA graph (needs one free column for the warm-up step)."""
-        if self._graph is not None or not self.want_cuda_graph:
-            return self._graph is not None
-        warm_up_steps = 2 if self.compile_step else 1  # compilation, then the compiled kernels' first launch
-        if self.length + warm_up_steps > self.capacity:
+    def capture(self, buckets: tuple[int, ...] | None = None) -> bool:
+        """Record the step of each of ``buckets`` (default: all) as a CUDA graph; needs a free column.
+
+        Returns whether steps run from CUDA graphs. A step that cannot be compiled falls back to the
+        uncompiled step, one that cannot be captured to eager steps, each with a warning."""
+        if not self.want_cuda_graph:
             return False
+        warm_up_steps = self._COMPILED_WARM_UP_STEPS if self.compile_step else 1
+        if self.length >= self.capacity or self.length + warm_up_steps > self.capacity:
+            return self.uses_cuda_graph
         start = time.perf_counter()
+        for bucket in buckets or self.attention_buckets:
+            if bucket in self._graphs:
+                continue
+            try:
+                self._graphs[bucket] = self._capture_bucket(bucket, warm_up_steps)
+            except RuntimeError as e:  # an op that cannot be compiled or captured: say so, then degrade
+                torch.cuda.synchronize(self.device)
+                if self.compile_step:
+                    logger.warning("compiling the decode step failed, using the uncompiled step: %s", e)
+                    self._disable_compile()
+                    return self.capture(buckets)
+                logger.warning("CUDA-graph capture of the decode step failed, decoding eagerly: %s", e)
+                self.want_cuda_graph = False
+                self._graphs.clear()
+                return False
+        torch.cuda.synchronize(self.device)
+        self.capture_s += time.perf_counter() - start
+        return True
+
+    def _disable_compile(self) -> None:
+        self.compile_step = False
+        self._body = self._step_body
+        self._graphs.clear()
+
+    def _capture_bucket(self, bucket: int, warm_up_steps: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         saved_position = self.next_position.clone()
         saved_tokens = self.tokens.clone()
         try:
             # Warm-up on a side stream (lazy library initialisation must not happen during capture). It
-            # writes keys/values into columns from ``length`` on, which the next real steps overwrite.
+            # writes keys/values into the column ``length``, which the next real step overwrites.
+            self._before_step()
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(warm_up_steps):
-                    self._body()
+                    self._body(bucket)
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            self._set_cache_length(self.length)
-            self.next_position.copy_(saved_position)
+            self._restore(saved_position)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                hidden = self._body()
-        except RuntimeError as e:  # an op that cannot be captured: stay eager, but say so
-            logger.warning("CUDA-graph capture of the decode step failed, decoding eagerly: %s", e)
-            self.want_cuda_graph = False
-            torch.cuda.synchronize(self.device)
-            self._set_cache_length(self.length)
-            self.next_position.copy_(saved_position)
-            return False
+                hidden = self._body(bucket)
+            # Capture records kernels without running them: the cache lengths and positions are unchanged.
+            return graph, hidden
         finally:
+            self._restore(saved_position)
             self.tokens.copy_(saved_tokens)
-        # Capture records kernels without running them: the cache lengths and positions are unchanged.
-        self._graph, self._graph_hidden = graph, hidden
-        torch.cuda.synchronize(self.device)
-        self.capture_s = time.perf_counter() - start
-        return True
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.length >= self.capacity:
             raise ValueError(f"the static KV cache is full ({self.capacity} columns)")
-        if self.want_cuda_graph and self._graph is None:
-            self.capture()
+        bucket = self._bucket(self.length + 1)
+        if self.want_cuda_graph and bucket not in self._graphs:
+            self.capture((bucket,))
         self.tokens.copy_(tokens)
-        if self._graph is not None:
-            self._graph.replay()
-            hidden = self._graph_hidden
+        self._before_step()
+        if bucket in self._graphs:
+            graph, hidden = self._graphs[bucket]
+            graph.replay()
         else:
-            hidden = self._body()
+            hidden = self._body(bucket)
         self.length += 1
         return hidden
 
@@ -217,6 +265,60 @@ class StaticKVDecoder(KVDecoder):
         self._check_truncate(length)
         self._set_cache_length(length)
         self.mask[:, length:] = True
+
+
+def attention_buckets(capacity: int, width: int) -> tuple[int, ...]:
+    """Multiples of ``width`` below ``capacity``, then ``capacity``: a step reads < ``width`` unused columns."""
+    return (*range(width, capacity, width), capacity)
+
+
+class FusedStaticKVDecoder(StaticKVDecoder):
+    """The static decoder with chatterbox.model.fast_decode's fused step over the same cache buffers.
+
+    The prefill is transformers' (images and regions in the embeddings, any length); the step writes
+    its keys/values at column ``length`` and attends over the smallest of :attr:`attention_buckets`
+    that holds length + 1 (one CUDA graph per bucket), so a step reads about the keys/values in use
+    rather than the whole capacity. ``compile_step`` compiles the fused step's two per-layer halves.
+    """
+
+    #: Bucket width: at 13b the 8 graphs of a 2048-column session take well under a second to capture,
+    #: and a step reads < 256 unused columns (at most 0.2 GB of keys/values at 13b, <1% of its weights).
+    BUCKET_WIDTH = 256
+
+    #: Compiled one-row matmuls as tuned Triton reductions instead of cuBLAS (see fast_decode._compiled).
+    #: Off: on an H200 (13b, LoRA merged) it made the step 1.4% faster (7.54 vs 7.65 ms) for a much
+    #: longer first compilation, and cuBLAS's GEMVs already read the weights at ~3.9 TB/s.
+    TRITON_GEMV = False
+
+    def __init__(self, causal_lm: nn.Module, batch_size: int, capacity: int, device: torch.device,
+                 dtype: torch.dtype, cuda_graph: bool | None = None, compile_step: bool = False,
+                 bucket_width: int = BUCKET_WIDTH, triton_gemv: bool = TRITON_GEMV):
+        self._buckets = attention_buckets(capacity, bucket_width)
+        super().__init__(causal_lm, batch_size, capacity, device, dtype, cuda_graph, compile_step=False)
+        self.compile_step = compile_step
+        self.fused = FusedLlamaStep(causal_lm, self.cache, compile=compile_step, triton_gemv=triton_gemv)
+        self.column = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    @property
+    def attention_buckets(self) -> tuple[int, ...]:
+        return self._buckets
+
+    def _disable_compile(self) -> None:
+        self.fused = FusedLlamaStep(self.causal_lm, self.cache, compile=False)
+        super()._disable_compile()
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._set_cache_length(self.length)  # fused steps do not advance transformers' cache lengths
+        return super().prefill(embeds, padding_mask)
+
+    def _before_step(self) -> None:
+        self.column.fill_(self.length)
+
+    def _step_body(self, bucket: int) -> torch.Tensor:
+        hidden = self.fused(self.tokens, self.next_position, self.column, self.mask, bucket)
+        self.next_position.add_(1)
+        return hidden
 
 
 class DynamicKVDecoder(KVDecoder):
@@ -311,15 +413,29 @@ class RecomputeDecoder(KVDecoder):
 
 def make_kv_decoder(causal_lm: nn.Module, kind: str, batch_size: int, capacity: int,
                     device: torch.device | str, dtype: torch.dtype | None = None,
-                    cuda_graph: bool | None = None, compile_step: bool = False) -> KVDecoder:
-    """``kind``: "static" (preallocated, CUDA graph on CUDA unless ``cuda_graph=False``, optionally
-    ``torch.compile``d), "dynamic" or "none"."""
+                    cuda_graph: bool | None = None, compile_step: bool | None = None,
+                    fused_step: bool | None = None) -> KVDecoder:
+    """``kind``: "static" (preallocated; CUDA graphs on CUDA unless ``cuda_graph=False``), "dynamic" or "none".
+
+    For "static", ``fused_step`` picks the step: None = the fused step of chatterbox.model.fast_decode
+    where the LLM allows it (else transformers' step, with an info message), True = fused (an error
+    if the LLM does not allow it), False = transformers' step. ``compile_step``: torch.compile the
+    step; None = compile the fused step on CUDA, never transformers' step.
+    """
     device = torch.device(device)
     if kind == "static":
         dtype = dtype or causal_lm.get_input_embeddings().weight.dtype
-        return StaticKVDecoder(causal_lm, batch_size, capacity, device, dtype, cuda_graph, compile_step)
-    if cuda_graph or compile_step:
-        raise ValueError(f"cuda_graph / compile_step need the static KV cache, not cache={kind!r}")
+        reason = unsupported_reason(causal_lm) if fused_step is not False else None
+        if reason and fused_step:
+            raise ValueError(f"fused_step=True, but the fused decode step does not support this LLM: {reason}")
+        if reason:
+            logger.info("decoding with transformers' step: the fused step does not support this LLM (%s)", reason)
+        if fused_step is False or reason:
+            return StaticKVDecoder(causal_lm, batch_size, capacity, device, dtype, cuda_graph, bool(compile_step))
+        compile_step = device.type == "cuda" if compile_step is None else compile_step
+        return FusedStaticKVDecoder(causal_lm, batch_size, capacity, device, dtype, cuda_graph, compile_step)
+    if cuda_graph or compile_step or fused_step:
+        raise ValueError(f"cuda_graph / compile_step / fused_step need the static KV cache, not cache={kind!r}")
     if kind == "dynamic":
         return DynamicKVDecoder(causal_lm, batch_size, device)
     if kind == "none":

@@ -15,8 +15,9 @@ is encoded in the first round (and again only when a later question has regions)
 backbone runs once per session.
 
 Decoding goes through chatterbox.model.decoding, the same code as ``ChatterBox.generate``: a static KV
-cache sized to the model's context, whose one-token step is captured as a CUDA graph when the session
-is created on a CUDA device (``cache="dynamic"`` / ``cuda_graph=False`` for the eager paths).
+cache sized to the model's context, whose fused one-token step is captured as CUDA graphs (one per
+attention-length bucket) when the session is created on a CUDA device (``cache="dynamic"`` /
+``cuda_graph=False`` for the eager paths, ``fused_step=False`` for transformers' step).
 
 Semantics equal ``ChatterBox.generate`` on the whole dialogue: the query of a `[VG]` is the final
 hidden state of the token before it (prompt `[VG]`s from the prefill, generated ones from the step
@@ -174,7 +175,8 @@ class ChatSession:
     def __init__(self, model, image, *, options: PromptOptions | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, box_threshold: float | None = None,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, reuse_cache: bool = True,
-                 cache: str = "static", cuda_graph: bool | None = None, compile_step: bool = False):
+                 cache: str = "static", cuda_graph: bool | None = None, compile_step: bool | None = None,
+                 fused_step: bool | None = None):
         self.model = model.eval()
         self.options = options or PromptOptions()
         self.max_new_tokens = max_new_tokens
@@ -187,7 +189,9 @@ class ChatSession:
             raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
         self.cache_kind = cache
         self.cuda_graph = cuda_graph
-        #: torch.compile the static decode step too (fuses its small kernels; compiles once per process).
+        #: Static cache only: ``fused_step=False`` runs transformers' step instead of the fused one;
+        #: ``compile_step`` overrides whether the step is torch.compiled (default: the fused step on CUDA).
+        self.fused_step = fused_step
         self.compile_step = compile_step
         self._decoder = None
         self.tokenizer = model.tokenizer
@@ -356,9 +360,10 @@ class ChatSession:
     def _decoder_for(self, columns: int):
         """The session's KV decoder, (re)built when it cannot hold ``columns`` (``max_context`` raised)."""
         if self._decoder is None or getattr(self._decoder, "capacity", columns) < columns:
+            static = self.cache_kind == "static"
             self._decoder = self.model.make_decoder(1, max(self.max_context, columns), self.cache_kind,
-                                                    self.cuda_graph, self.compile_step if self.cache_kind == "static"
-                                                    else False)
+                                                    self.cuda_graph, self.compile_step if static else None,
+                                                    self.fused_step if static else None)
         return self._decoder
 
     def _run_round(self, decoder, chunk, regions, segment_start, max_new_tokens, min_new_tokens,
