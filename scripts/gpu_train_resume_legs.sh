@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Multi-GPU proof of the training stack: stage 1 of the 7B-shaped model with random weights on the synthetic
-# corpus (configs/7b_stage1_synthetic.yaml), run in legs on different GPU counts, each leg resuming the
-# previous leg's ZeRO-2 checkpoint (re-partitioned when the count changes). Prints per leg the GPU count, the
-# steps, the grounding loss at the start and the end, and samples/s.
+# Multi-GPU proof of the training stack: a stage of the 7B-shaped model with random weights on the synthetic
+# corpus (default configs/7b_stage1_synthetic.yaml), run in legs on different GPU counts, each leg resuming
+# the previous leg's ZeRO-2 checkpoint (re-partitioned when the count changes). Prints per leg the GPU
+# count, the steps, each stream's loss at the start and the end, and samples/s.
 # Usage (repo root, on a CUDA machine):
 #   bash scripts/gpu_train_resume_legs.sh OUT_DIR "2 4 1" "60 20 20"     # GPUs per leg, steps per leg
+#   CONFIG=configs/7b_stage2_synthetic.yaml SETS="train.init_from=" bash scripts/gpu_train_resume_legs.sh ...
+#   (SETS: extra space-separated key=value overrides; here stage 2 from random weights, not stage 1's export)
 # Without deepspeed installed, wheels are taken from .whl/ (see scripts/gpu_bench_train.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,13 +37,17 @@ $PY scripts/make_synthetic_data.py --out data/synthetic | tail -1
 wait $BUILD
 echo "kernel build: $(tail -1 "$OUT/build.log") after $(( $(date +%s) - start ))s"
 
+STAGE=$($PY -c "from chatterbox.config import load_config; print(load_config('$CONFIG').train.stage)") || exit 1
+read -r -a EXTRA <<< "${SETS:-}"
+OVERRIDES=(--set train.output_dir="$RUN_DIR")
+for kv in "${EXTRA[@]}"; do OVERRIDES+=(--set "$kv"); done
 rm -rf "$RUN_DIR"
 for i in "${!LEG_GPUS[@]}"; do
   gpus=${LEG_GPUS[$i]} steps=${LEG_STEPS[$i]}
   echo "== leg $((i + 1)): $gpus GPU(s), $steps steps"
   start=$(date +%s)
-  $PY startup_stage1.py --config "$CONFIG" --gpus "$gpus" --resume auto --max-steps "$steps" \
-    --set train.output_dir="$RUN_DIR" > "$OUT/leg$((i + 1)).log" 2>&1
+  $PY "startup_stage$STAGE.py" --config "$CONFIG" --gpus "$gpus" --resume auto --max-steps "$steps" \
+    "${OVERRIDES[@]}" > "$OUT/leg$((i + 1)).log" 2>&1
   rc=$?
   grep -E "resumed from|Error|error:" "$OUT/leg$((i + 1)).log" | grep -v "^\[20.*warn" | head -5
   echo "exit $rc after $(( $(date +%s) - start ))s"
@@ -54,13 +60,16 @@ $PY - "$OUT" <<'EOF'
 import json, statistics, sys
 from pathlib import Path
 
-print("| leg | GPUs | steps | grounding loss, first 5 steps | last 5 steps | samples/s (median step) |")
-print("|---|---|---|---|---|---|")
+print("| leg | GPUs | steps | loss per stream: mean of its first 5 steps -> last 5 | samples/s (median step) |")
+print("|---|---|---|---|---|")
 for path in sorted(Path(sys.argv[1]).glob("leg*.json")):
     s = json.loads(path.read_text())
     rows = s["losses"]
-    loss = [r["grounding/grounding_loss"] for r in rows]
+    streams = sorted({k.split("/")[0] for r in rows for k in r if k.endswith("/loss")})
+    trend = []
+    for stream in streams:
+        values = [r[f"{stream}/loss"] for r in rows if f"{stream}/loss" in r]
+        trend.append(f"{stream} {statistics.mean(values[:5]):.4g} -> {statistics.mean(values[-5:]):.4g}")
     rate = statistics.median(r["samples"] / r["seconds"] for r in rows if r["seconds"] > 0)
-    print(f"| {path.stem} | {s['world_size']} | {rows[0]['step']}-{rows[-1]['step']} | "
-          f"{statistics.mean(loss[:5]):.4f} | {statistics.mean(loss[-5:]):.4f} | {rate:.1f} |")
+    print(f"| {path.stem} | {s['world_size']} | {rows[0]['step']}-{rows[-1]['step']} | {'; '.join(trend)} | {rate:.1f} |")
 EOF
