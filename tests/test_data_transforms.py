@@ -32,6 +32,17 @@ def test_modes_load_as_rgb(tmp_path, mode):
         assert r > 200 and g < 60 and b < 60
 
 
+def test_an_annotated_size_must_match_the_file(tmp_path):
+    from chatterbox.data.errors import DataError
+
+    path = tmp_path / "x.png"
+    _rgb(40, 30).save(path)
+    assert load_image(str(path), "ann.json#3", annotated_size=(40, 30)).size == (40, 30)
+    with pytest.raises(DataError, match=r"ann.json record 3 field 'image_size': annotation says 41x30") as err:
+        load_image(str(path), "ann.json#3", annotated_size=(41, 30))
+    assert str(path) in str(err.value)
+
+
 def test_exif_rotation_is_applied(tmp_path):
     img = _rgb(40, 30)
     exif = Image.Exif()

@@ -14,7 +14,8 @@ from chatterbox.conversation import ASSISTANT, USER, Message, tokenize_conversat
 from chatterbox.data.errors import DataError
 from chatterbox.data.records import Sample
 from chatterbox.data.transforms import (
-    SquashAugment, check_boxes_in_image, clip_image, dino_image, grounding_targets_for_model, load_image, region_boxes_for_model,
+    SquashAugment, check_boxes_in_image, clip_image, dino_image, grounding_targets_for_model, load_image,
+    region_boxes_from_pixels,
 )
 from chatterbox.tokens import special_token_ids
 
@@ -79,11 +80,8 @@ class SampleEncoder:
             raise DataError(f"the [VG] round does not fit in max_length={self.max_length}", file, record,
                             "conversation")
 
-        image = load_image(sample.image_path, sample.sample_id)
+        image = load_image(sample.image_path, sample.sample_id, sample.image_size)
         width, height = image.size
-        if sample.image_size is not None and tuple(sample.image_size) != (width, height):
-            raise DataError(f"annotation says {sample.image_size[0]}x{sample.image_size[1]} but the image file "
-                            f"{sample.image_path} is {width}x{height}", file, record, "image_size")
         image_clip, geometry = clip_image(image, self.clip_image_size, sample.clip_resize)
         augment = SquashAugment(*sample.clip_augment) if sample.clip_augment else None
         if augment is not None:
@@ -92,9 +90,8 @@ class SampleEncoder:
             image_clip = augment.apply_to_image(image_clip)
 
         region_rows = [b for t in kept for b in t.region_boxes_xyxy_abs]
-        boxes_xyxy_abs = (check_boxes_in_image(region_rows, width, height, sample.sample_id, "region boxes")
-                          if region_rows else torch.zeros(0, 4, dtype=torch.float64))
-        region_boxes = region_boxes_for_model(boxes_xyxy_abs, geometry, self.region_box_normalisation)
+        region_boxes = region_boxes_from_pixels(region_rows, width, height, geometry, self.region_box_normalisation,
+                                                sample.sample_id)
         if augment is not None:
             region_boxes = augment.apply_to_boxes(region_boxes, self.clip_image_size)
         targets = []

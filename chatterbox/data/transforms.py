@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,17 +31,21 @@ IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 Image.MAX_IMAGE_PIXELS = 200_000_000
 
 
-def load_image(path: str, sample_id: str = "?") -> Image.Image:
-    """Open an image as 8-bit RGB with its EXIF orientation applied."""
+def load_image(path: str, sample_id: str = "?", annotated_size: Sequence[int] | None = None) -> Image.Image:
+    """Open an image as 8-bit RGB with its EXIF orientation applied; ``annotated_size`` (width, height), when
+    the annotation gives one, must match the file."""
     file, _, record = sample_id.rpartition("#")
     if not os.path.isfile(path):
         raise DataError(f"image file not found: {path}", file or sample_id, record or None, "image")
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            image = to_rgb(ImageOps.exif_transpose(img))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}", file or sample_id, record or None, "image") from e
+    if annotated_size is not None and tuple(annotated_size) != image.size:
+        raise DataError(f"annotation says {annotated_size[0]}x{annotated_size[1]} but the image file {path} is "
+                        f"{image.size[0]}x{image.size[1]}", file or sample_id, record or None, "image_size")
+    return image
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -179,6 +184,15 @@ def check_boxes_in_image(boxes_xyxy_abs, width: int, height: int, sample_id: str
         return validate_xyxy(boxes_xyxy_abs, width, height, where=field).to(torch.float64)
     except BoxError as e:
         raise DataError(str(e), file or sample_id, record or None, field) from e
+
+
+def region_boxes_from_pixels(boxes_xyxy_abs, width: int, height: int, geometry: ClipGeometry, normalisation: str,
+                             sample_id: str) -> torch.Tensor:
+    """`<bbox>` inputs from original-pixel region boxes (possibly none): checked against the image, then
+    :func:`region_boxes_for_model`."""
+    checked = (check_boxes_in_image(boxes_xyxy_abs, width, height, sample_id, "region boxes")
+               if len(boxes_xyxy_abs) else torch.zeros(0, 4, dtype=torch.float64))
+    return region_boxes_for_model(checked, geometry, normalisation)
 
 
 def region_boxes_for_model(boxes_xyxy_abs: torch.Tensor, geometry: ClipGeometry, normalisation: str) -> torch.Tensor:

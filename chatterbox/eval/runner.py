@@ -26,7 +26,7 @@ import torch
 
 from chatterbox.conversation import USER, Message, generation_prompt
 from chatterbox.data.errors import DataError, parse_sample_id
-from chatterbox.data.transforms import check_boxes_in_image, clip_image, dino_image, load_image, region_boxes_for_model
+from chatterbox.data.transforms import clip_image, dino_image, load_image, region_boxes_from_pixels
 from chatterbox.tokens import expand_image_placeholder, special_token_ids
 
 logger = logging.getLogger(__name__)
@@ -102,18 +102,11 @@ class RequestEncoder:
         if len(input_ids) > self.max_length:
             raise DataError(f"prompt is {len(input_ids)} tokens, more than max_length={self.max_length}", file,
                             record, "prompt")
-        image = load_image(request.image_path, request.request_id)
+        image = load_image(request.image_path, request.request_id, request.image_size)
         width, height = image.size
-        if request.image_size is not None and tuple(request.image_size) != (width, height):
-            raise DataError(f"annotation says {request.image_size[0]}x{request.image_size[1]} but the image file "
-                            f"{request.image_path} is {width}x{height}", file, record, "image_size")
         image_clip, geometry = clip_image(image, self.clip_image_size, request.clip_resize)
-        if request.region_boxes_xyxy_abs:
-            boxes_xyxy_abs = check_boxes_in_image(request.region_boxes_xyxy_abs, width, height, request.request_id,
-                                                  "region boxes")
-        else:
-            boxes_xyxy_abs = torch.zeros(0, 4, dtype=torch.float64)
-        regions = region_boxes_for_model(boxes_xyxy_abs, geometry, self.region_box_normalisation)
+        regions = region_boxes_from_pixels(request.region_boxes_xyxy_abs, width, height, geometry,
+                                           self.region_box_normalisation, request.request_id)
         # Always prepared: the model may also generate a [VG] in its reply, which needs the DINO image.
         return EncodedRequest(request.request_id, input_ids, image_clip, dino_image(image, self.dino_image_size),
                               regions, (height, width))
