@@ -17,7 +17,7 @@ import os
 
 from chatterbox.eval.cli import (add_grounding_arguments, add_visualize_argument, entry_point, print_outcome,
                                  resolve_box_threshold, run_fields, run_single_round, runner_parser,
-                                 write_upstream_json, write_visualizations)
+                                 score_grounding_run, write_visualizations)
 
 
 def parse_args(argv=None):
@@ -37,8 +37,6 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     from chatterbox.data.readers.refcoco import DEFAULT_SPLIT_BY
     from chatterbox.eval import questions as Q
-    from chatterbox.eval.benchmarks import grounding_prediction_entries, read_grounding_file
-    from chatterbox.eval.grounding_metrics import evaluate_grounding
     from chatterbox.eval.reports import write_markdown_report, write_summary_json
     from chatterbox.eval.runner import setup_runner
 
@@ -53,10 +51,8 @@ def main(argv=None) -> int:
                                                  box_threshold=resolve_box_threshold(args, s.cfg))
     if not s.dist.is_main:
         return 0
-    entries = grounding_prediction_entries(items, records_out, group_field="split")
-    write_upstream_json(s.output_dir / "prediction.json", entries)
-    predictions = read_grounding_file(s.output_dir / "prediction.json", group_field="split")
-    evaluation = evaluate_grounding(predictions, iou_threshold=args.iou_threshold)
+    num_entries, predictions, evaluation = score_grounding_run(s, items, records_out, args.iou_threshold,
+                                                               group_field="split")
     result = {"dataset": args.dataset,
               "accuracy": {k: g.success_rate for k, g in evaluation.groups.items()},
               **evaluation.to_dict()}
@@ -66,7 +62,7 @@ def main(argv=None) -> int:
     write_markdown_report(s.output_dir / "summary.md", f"{args.dataset} REC", rows,
                           ["Acc@0.5", "num_correct", "num_samples", "miou"])
     write_visualizations(predictions.records, evaluation.ious.tolist(), s.output_dir, args.visualize)
-    print_outcome(s.output_dir / "prediction.json", len(entries), stats, result)
+    print_outcome(s.output_dir / "prediction.json", num_entries, stats, result)
     return 0
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from chatterbox.data.errors import DataError
-from chatterbox.eval.benchmarks import single_round_predictor
+from chatterbox.eval.benchmarks import grounding_prediction_entries, read_grounding_file, single_round_predictor
+from chatterbox.eval.grounding_metrics import evaluate_grounding
 from chatterbox.eval.runner import RunnerSetup, RunStats, add_runner_arguments, run_items
 
 __all__ = ["runner_parser", "add_grounding_arguments", "add_meteor_argument", "add_visualize_argument",
-           "resolve_box_threshold", "run_single_round", "run_fields", "write_upstream_json", "write_visualizations",
+           "resolve_box_threshold", "run_single_round", "score_grounding_run", "run_fields", "write_upstream_json",
+           "write_visualizations",
            "print_outcome", "entry_point"]
 
 #: where --visualize writes its PNGs, under the run's output folder
@@ -69,6 +71,17 @@ def run_single_round(setup: RunnerSetup, items: Sequence, *, limit: int,
     records, stats = run_items(items, lambda it: it.item_id, predict, setup.output_dir / "predictions.jsonl",
                                batch_size=setup.batch_size, dist=setup.dist)
     return items, records, stats
+
+
+def score_grounding_run(setup: RunnerSetup, items: Sequence, records: Sequence[dict], iou_threshold: float,
+                        group_field: str | None = None):
+    """Write <output_dir>/prediction.json in upstream's layout and score that file as eval_grounding.py
+    would; returns (number of entries, the predictions read back, their evaluation)."""
+    entries = grounding_prediction_entries(items, records, group_field=group_field)
+    path = setup.output_dir / "prediction.json"
+    write_upstream_json(path, entries)
+    predictions = read_grounding_file(path, group_field=group_field)
+    return len(entries), predictions, evaluate_grounding(predictions, iou_threshold=iou_threshold)
 
 
 def run_fields(args: argparse.Namespace, stats: RunStats) -> dict:
