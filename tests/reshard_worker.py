@@ -12,7 +12,7 @@ import torch
 
 from chatterbox.config import StreamConfig, TrainConfig
 from chatterbox.train.checkpoint import CheckpointManager
-from chatterbox.train.distributed import init_distributed
+from chatterbox.train.distributed import init_distributed, shutdown_distributed
 from chatterbox.train.engine import build_engine
 from chatterbox.train.reshard import load_resharded
 
@@ -47,6 +47,9 @@ def main():
     if dist.rank == 0:
         params = [p.detach().float().flatten().tolist() for p in model.parameters()]
         (out / f"params_{mode}.json").write_text(json.dumps(params))
+    # A gloo rank that exits with its process group still alive can abort ("terminate called without an
+    # active exception") while the other rank still talks to it.
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

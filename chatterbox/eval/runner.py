@@ -15,6 +15,7 @@ Three layers, each usable alone:
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -194,6 +195,11 @@ class DistContext:
             torch.distributed.barrier()
 
 
+def _leave_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def init_eval_distributed(device: torch.device) -> DistContext:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (NCCL on GPUs, gloo on CPU); else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -202,6 +208,9 @@ def init_eval_distributed(device: torch.device) -> DistContext:
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend=backend)
+        # A process that exits with its group alive can abort in the backend's threads ("terminate called
+        # without an active exception"). No barrier here: after an error the other ranks may never arrive.
+        atexit.register(_leave_process_group)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return DistContext(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
 
