@@ -211,12 +211,15 @@ class ChatterBox(nn.Module):
     def build_inputs_embeds(self, input_ids: torch.Tensor, images_clip: torch.Tensor | None = None,
                             offset: torch.Tensor | None = None, region_boxes: Sequence | None = None,
                             sample_ids: Sequence[str] | None = None) -> torch.Tensor:
-        """Token embeddings with image features at `<im_patch>` and region vectors at `<bbox>` positions."""
+        """Token embeddings with image features at `<im_patch>` and region vectors at `<bbox>` positions.
+
+        The token layout is checked on one host copy of ``input_ids`` (one device->host copy per call)."""
         ids = self.token_ids
         embed = self.causal_lm.get_input_embeddings()
         inputs_embeds = embed(input_ids)
-        images_per_row = check_image_layout(input_ids, ids, self.clip_tower.num_patches, sample_ids)
-        bbox_counts = (input_ids == ids.bbox).sum(dim=1).tolist()
+        host_ids = input_ids.cpu()
+        images_per_row = check_image_layout(host_ids, ids, self.clip_tower.num_patches, sample_ids)
+        bbox_counts = (host_ids == ids.bbox).sum(dim=1).tolist()
         if region_boxes is not None and len(region_boxes) != input_ids.shape[0]:
             raise ValueError(f"region_boxes has {len(region_boxes)} entries for {input_ids.shape[0]} rows")
         for row, count in enumerate(bbox_counts):
@@ -238,10 +241,11 @@ class ChatterBox(nn.Module):
             image_embeds = projector(features.image_tokens.to(projector.weight.dtype))
             image_embeds = image_embeds[row_to_image[rows_with_image].to(image_embeds.device)]
             inputs_embeds = splice_image_features(inputs_embeds, input_ids, ids.im_patch, image_embeds,
-                                                  rows_with_image.to(input_ids.device))
+                                                  int(images_per_row.sum()) * self.clip_tower.num_patches)
         if needs_regions:
             inputs_embeds = inject_region_features(
-                inputs_embeds, input_ids, ids.bbox, self._region_vectors(features, region_boxes, row_to_image))
+                inputs_embeds, input_ids, ids.bbox, self._region_vectors(features, region_boxes, row_to_image),
+                sum(bbox_counts))
         return inputs_embeds
 
     def _region_vectors(self, features: ClipFeatures, region_boxes: Sequence, row_to_image: torch.Tensor):

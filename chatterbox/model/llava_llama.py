@@ -114,28 +114,30 @@ def check_image_layout(input_ids: torch.Tensor, ids: SpecialTokenIds, num_patche
 
 
 def splice_image_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, patch_token_id: int,
-                          image_embeds_per_row: torch.Tensor, rows_with_image: torch.Tensor) -> torch.Tensor:
+                          image_embeds_per_row: torch.Tensor, num_patch_positions: int) -> torch.Tensor:
     """Replace `<im_patch>` embeddings by the projected patch features of each row's image.
 
-    image_embeds_per_row [R,P,H] holds the features for the rows listed in ``rows_with_image`` (ascending),
-    whose `<im_patch>` positions come in row-major order, which is also masked_scatter's order.
+    image_embeds_per_row [R,P,H] holds the features of the rows that have an image (ascending), whose
+    `<im_patch>` positions come in row-major order, which is also masked_scatter's order.
+    ``num_patch_positions`` is the number of `<im_patch>` tokens, counted by the caller on the host (so that
+    a device ``input_ids`` costs no synchronisation here).
     """
-    mask = (input_ids == patch_token_id).unsqueeze(-1).expand_as(inputs_embeds)
-    if not bool(mask.any()):
-        return inputs_embeds
     source = image_embeds_per_row.to(inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
-    expected = int((input_ids[rows_with_image] == patch_token_id).sum())
-    if source.shape[0] != expected or expected != int((input_ids == patch_token_id).sum()):
-        raise ValueError(f"{source.shape[0]} image feature vectors for {expected} <im_patch> positions")
+    if source.shape[0] != num_patch_positions:
+        raise ValueError(f"{source.shape[0]} image feature vectors for {num_patch_positions} <im_patch> positions")
+    if num_patch_positions == 0:
+        return inputs_embeds
+    mask = (input_ids == patch_token_id).unsqueeze(-1).expand_as(inputs_embeds)
     return inputs_embeds.masked_scatter(mask, source)
 
 
 def inject_region_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, bbox_token_id: int,
-                           region_embeds: torch.Tensor) -> torch.Tensor:
-    """Replace `<bbox>` embeddings by region vectors [R,H] (row-major order of the `<bbox>` tokens)."""
-    mask = (input_ids == bbox_token_id).unsqueeze(-1).expand_as(inputs_embeds)
-    if int(mask[..., 0].sum()) != region_embeds.shape[0]:
-        raise ValueError(f"{region_embeds.shape[0]} region vectors for {int(mask[..., 0].sum())} <bbox> tokens")
-    if region_embeds.shape[0] == 0:
+                           region_embeds: torch.Tensor, num_bbox_positions: int) -> torch.Tensor:
+    """Replace `<bbox>` embeddings by region vectors [R,H] (row-major order of the `<bbox>` tokens);
+    ``num_bbox_positions`` is the number of `<bbox>` tokens, counted by the caller on the host."""
+    if region_embeds.shape[0] != num_bbox_positions:
+        raise ValueError(f"{region_embeds.shape[0]} region vectors for {num_bbox_positions} <bbox> tokens")
+    if num_bbox_positions == 0:
         return inputs_embeds
+    mask = (input_ids == bbox_token_id).unsqueeze(-1).expand_as(inputs_embeds)
     return inputs_embeds.masked_scatter(mask, region_embeds.to(inputs_embeds.dtype))
