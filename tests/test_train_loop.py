@@ -69,6 +69,37 @@ def test_one_optimizer_step_changes_exactly_the_trainable_parameters(stage, synt
     assert not any(k.startswith("clip_tower.") for k in changed)
 
 
+def test_a_non_finite_loss_stops_before_the_optimizer_step_and_names_the_micro_batch(synthetic_data, tmp_path):
+    from chatterbox.train.distributed import init_distributed
+    from chatterbox.train.loop import Trainer
+    from chatterbox.train.run import build_model, build_streams, seed_everything
+
+    cfg = load_config("tiny_stage1", overrides(synthetic_data, tmp_path, 3, 1, [
+        "train.init_from=", "train.streams.grounding.gradient_accumulation_steps=3"]))
+    dist = init_distributed("cpu")
+    seed_everything(0, 0)
+    model = build_model(cfg)
+    trainer = Trainer(cfg, dist, model, build_streams(cfg, model.tokenizer, dist))
+    trainer.train_step()  # lr is 0 at the first optimizer step; the second one would move the weights
+    forward, calls, seen = model.forward, [], []
+
+    def second_call_diverges(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls.append(kwargs.get("sample_ids"))
+        if len(calls) == 2:
+            seen.append(kwargs.get("sample_ids"))
+            out = {**out, "loss": out["loss"] * float("nan")}
+        return out
+
+    model.forward = second_call_diverges
+    before = snapshot(model)
+    with pytest.raises(FloatingPointError, match=r"stream 'grounding' at step 1 \(micro-batch 2 of 3\)") as err:
+        trainer.train_step()
+    assert len(calls) == 3 and seen[0] and str(list(seen[0])) in str(err.value)
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def _train_cmd(cfg_name, sets):
     cmd = [sys.executable, "-m", "chatterbox.train.run", "--config", cfg_name]
     for s in sets:

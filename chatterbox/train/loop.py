@@ -9,6 +9,7 @@ exactly (model, optimizer, scheduler, data positions, RNG).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from chatterbox.train.schedule import upstream_extra_steps
 logger = logging.getLogger(__name__)
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LOGGED_LOSSES = ("loss", "lm_loss", "grounding_loss")  # "loss" first: it is the one checked for finiteness
 
 
 def stream_cadence(cfg: ChatterBoxConfig) -> dict[str, int]:
@@ -37,7 +39,8 @@ def stream_cadence(cfg: ChatterBoxConfig) -> dict[str, int]:
 def move_batch(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Tensors (also inside lists) to ``device``; floating-point images to the training dtype.
 
-    Box tensors stay float32: they are coordinates, not activations.
+    Box tensors stay float32: they are coordinates, not activations. ``offset`` (rows -> images) stays on
+    the host, where the model reads it.
     """
 
     def move(value, cast: bool):
@@ -48,7 +51,7 @@ def move_batch(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
             return type(value)(move(v, cast) for v in value)
         return value
 
-    return {k: move(v, cast=k.startswith("images")) for k, v in batch.items()}
+    return {k: v if k == "offset" else move(v, cast=k.startswith("images")) for k, v in batch.items()}
 
 
 @dataclass
@@ -133,24 +136,30 @@ class Trainer:
     def _run_stream(self, name: str, log: StepLog) -> None:
         stream_cfg = self.train_cfg.streams[name]
         use_stream(self.engine, stream_cfg, self.dist.world_size)
-        sums: dict[str, float] = {}
-        for _ in range(stream_cfg.gradient_accumulation_steps):
+        n = stream_cfg.gradient_accumulation_steps
+        losses, samples = [], []
+        for micro in range(n):
             t0 = time.perf_counter()
             batch = next(self.streams[name])
             log.data_seconds += time.perf_counter() - t0
             log.samples += int(batch["input_ids"].shape[0])
             log.tokens += int(batch["attention_mask"].sum())
             out = self.engine(**move_batch(batch, self.dist.device, self.dtype))
-            loss = out["loss"]
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(f"non-finite loss {loss.item()} on stream {name!r} at step {self.step}; "
-                                         f"samples {batch.get('sample_ids')}")
-            self.engine.backward(loss)
+            self.engine.backward(out["loss"])
+            # The loss values stay on the device until the cycle's last backward: reading each one would make
+            # the host wait for every micro-step before it fetches and sends the next batch.
+            losses.append(torch.stack([out[key].detach().float() for key in LOGGED_LOSSES]))
+            samples.append(batch.get("sample_ids"))
+            if micro == n - 1:  # before the optimizer step, which a non-finite loss must not reach
+                values = torch.stack(losses).tolist()
+                for i, row in enumerate(values):
+                    if not math.isfinite(row[0]):
+                        raise FloatingPointError(
+                            f"non-finite loss {row[0]} on stream {name!r} at step {self.step} (micro-batch {i + 1} "
+                            f"of {n}); samples {samples[i]}")
             self.engine.step()
-            for key in ("loss", "lm_loss", "grounding_loss"):
-                sums[key] = sums.get(key, 0.0) + float(out[key].detach())
-        n = stream_cfg.gradient_accumulation_steps
-        log.losses.update({f"{name}/{k}": v / n for k, v in sums.items()})
+        for k, key in enumerate(LOGGED_LOSSES):
+            log.losses[f"{name}/{key}"] = sum(row[k] for row in values) / n
 
     def train_step(self) -> StepLog:
         t0 = time.perf_counter()
