@@ -13,6 +13,9 @@
 #   PROFILE_ARGS="--trace"              extra flags of the profiler
 #   BEFORE_TREE=path                    also profile the code in that copy of the repository first
 #                                       (e.g. an older commit: `git archive <rev> | tar -x -C path`)
+#   THREE_ENGINES=1                     scripts/check_three_engines.py (1 and 3 engines) under the DeepSpeed
+#                                       in use and, where .whl/ds0111/ holds it, upstream's DeepSpeed 0.11.1
+#                                       (docs/BENCHMARKS.md says how that folder is made)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-outputs/bench_train}}
@@ -62,6 +65,22 @@ if [ "${PROFILE:-0}" = 1 ]; then
   timeout 200 $PY scripts/profile_train_step.py --out "$OUT/profile" ${PROFILE_ARGS:-} > "$OUT/profile.log" 2>&1
   echo "exit $?"
   grep -E "^\[profile\]|median wall|^Vision branch alone|Error" "$OUT/profile.log"
+fi
+
+if [ "${THREE_ENGINES:-0}" = 1 ]; then
+  echo "== upstream's three engines: gradient hooks and step time"
+  three_engines() {  # label, then PYTHONPATH for that DeepSpeed
+    for n in 1 3; do
+      PYTHONPATH=$2 timeout 150 $PY scripts/check_three_engines.py --engines $n --json "$OUT/engines_$1_$n.json" \
+        > "$OUT/engines_$1_$n.log" 2>&1
+      echo "$1, $n engine(s): exit $? $(tail -1 "$OUT/engines_$1_$n.log" | cut -c1-600)"
+    done
+  }
+  three_engines installed "${PYTHONPATH:-}"
+  if [ -d .whl/ds0111/src/deepspeed ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ds0111 \
+      .whl/ds0111/*.whl && three_engines ds0111 "$PWD/.whl/ds0111/src:/tmp/site_ds0111"
+  fi
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
