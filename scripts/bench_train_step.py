@@ -50,7 +50,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -254,6 +254,9 @@ class StreamResult:
     mfu_llm_only: float | None = None
     peak_memory_gb: float | None = None
     error: str | None = None
+    # every timed micro-step (seconds): inside a cycle / ending one (the spread shows the run-to-run noise)
+    times_s: list[float] = field(default_factory=list)
+    boundary_times_s: list[float] = field(default_factory=list)
 
 
 def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
@@ -469,7 +472,7 @@ def run_mode(args) -> dict:
             amortised_s=amortised, samples_per_s=args.micro_batch / amortised, tokens_per_s=mean_tokens / amortised,
             llm_tflop=llm_flops / 1e12, mfu_step=llm_flops / amortised / peak_flops,
             llm_only_s=llm_alone, mfu_llm_only=llm_step_flops(counts, row_lengths(ref)) / llm_alone / peak_flops,
-            peak_memory_gb=peak_memory_gb(device)))
+            peak_memory_gb=peak_memory_gb(device), times_s=times, boundary_times_s=boundary_times))
     result["streams"] = [asdict(r) for r in per_stream]
     result["stage2"] = stage2_summary(per_stream)
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 
@@ -92,5 +93,6 @@ def test_tiny_run_compares_both_modes(tmp_path):
         for r in res["streams"]:
             assert r["error"] is None and r["samples_per_s"] > 0 and r["mfu_step"] > 0
             assert r["tokens_per_s"] == pytest.approx(r["mean_tokens"] / r["amortised_s"])
+            assert r["times_s"] and r["boundary_times_s"] and r["micro_step_s"] == statistics.median(r["times_s"])
     assert summary["speedup_samples_per_s"] > 0
     assert "| ours | grounding |" in (out / "bench_train_step.md").read_text()
