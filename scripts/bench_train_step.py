@@ -23,7 +23,10 @@ Modes (each in its own process when --compare):
 * ``upstream``: fp16 with dynamic loss scaling, eager attention, gradient checkpointing of every LLM
   layer and of the vision transformer (upstream's settings), THREE engines built around the one model
   (referring, VQA, grounding; all work through the last), as upstream's stage 2 does
-  (``upstream-1engine``: the same with one engine).
+  (``upstream-1engine``: the same with one engine). On upstream's DeepSpeed 0.11.1 only the last
+  engine's gradient hooks fire, so one engine takes the same step time (scripts/check_three_engines.py);
+  on DeepSpeed 0.19.8 all three engines' hooks fire, and at 13b size (705M trainable parameters, more
+  than one 5e8-element gradient bucket) ZeRO-2 stops at the second micro-step ("Gradient computed twice").
 
 Both modes run this repository's model code, so the comparison isolates the configuration (precision,
 attention kernel, checkpointing, engines). In particular both use our vision branch and grounding
