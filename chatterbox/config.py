@@ -63,6 +63,8 @@ class TrainConfig:
     schedule_stepping: Literal["once", "upstream_double"] = "once"
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     zero_stage: int = 2
+    # On GPUs, replay the frozen image encoders (CLIP, Swin) from CUDA graphs: same outputs, fewer launches.
+    cuda_graph_frozen_encoders: bool = True
     streams: dict[str, StreamConfig] = field(
         default_factory=lambda: {"grounding": StreamConfig(6, 20, 1)}
     )

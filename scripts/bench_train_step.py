@@ -19,7 +19,8 @@ assumption from the data (1 BOS + 258 image positions + text):
 Modes (each in its own process when --compare):
 * ``ours``: bf16, SDPA attention (causal flash kernel: right padding needs no mask), gradient
   checkpointing only on as many LLM layers as memory needs (planned from the measured activation bytes
-  per token), vision-branch checkpointing off, ONE engine;
+  per token), vision-branch checkpointing off, the frozen CLIP and Swin replayed from CUDA graphs (as
+  training does on a GPU), ONE engine (``ours-eager-encoders``: the same with the encoders run eagerly);
 * ``upstream``: fp16 with dynamic loss scaling, eager attention, gradient checkpointing of every LLM
   layer and of the vision transformer (upstream's settings), THREE engines built around the one model
   (referring, VQA, grounding; all work through the last), as upstream's stage 2 does
@@ -68,8 +69,9 @@ STREAMS = ("grounding", "referring", "vqa")
 #: optimizer steps of each stream per 10 global steps of stage 2 (spec/upstream.md §2.5)
 STAGE2_CADENCE = {"referring": 1, "grounding": 10, "vqa": 2}
 UPSTREAM_ACCUMULATION = 20
-#: ours; upstream (fp16, eager, full checkpointing, three engines); the same with one engine
-MODES = ("ours", "upstream", "upstream-1engine")
+#: ours; ours with the frozen encoders run eagerly (no CUDA graphs); upstream (fp16, eager, full
+#: checkpointing, three engines); the same with one engine
+MODES = ("ours", "ours-eager-encoders", "upstream", "upstream-1engine")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,7 +273,7 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
     cfg.language.attn_implementation = "eager" if mode == "upstream" else "sdpa"
     cfg.language.gradient_checkpointing = mode == "upstream"
     cfg.language.gradient_checkpointing_layers = -1
-    if mode == "ours":
+    if not mode.startswith("upstream"):
         cfg.vision.use_transformer_ckpt = False
         cfg.vision.fusion_use_checkpoint = False
     tokenizer = build_tokenizer(cfg) if args.preset == "tiny" else LlamaShapedTokenizer(cfg.language.vocab_size)
@@ -285,6 +287,8 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
     finally:
         torch.set_default_dtype(previous)
     model.to(device=device, dtype=dtype)
+    # As training does on a GPU (train.cuda_graph_frozen_encoders); upstream runs them eagerly.
+    model.use_frozen_encoder_graphs(mode == "ours")
     return model, cfg
 
 
@@ -445,7 +449,8 @@ def run_mode(args) -> dict:
                 elapsed = time.perf_counter() - t0
                 if i >= args.gas:  # the first cycle warms up (and allocates the optimizer state)
                     (boundary_times if (i + 1) % args.gas == 0 else times).append(elapsed)
-                    flops.append(llm_step_flops(counts, row_lengths(batch)))
+                    flops.append(llm_step_flops(counts, row_lengths(batch),
+                                                lm_loss=not model.lm_loss_is_zeroed(batch["grounding_targets"])))
                     tokens_seen.append(sum(row_lengths(batch)))
         except torch.OutOfMemoryError as oom:
             error = f"out of memory: {str(oom).splitlines()[0]}"

@@ -45,7 +45,7 @@ fi
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "== GPU tests (PyTorch deformable attention so they need not wait for the build)"
-  CHATTERBOX_MSDA_BACKEND=pytorch $PY -m pytest tests/test_model_gpu.py tests/test_vision_gpu.py -q -rs \
+  CHATTERBOX_MSDA_BACKEND=pytorch $PY -m pytest tests/test_model_gpu.py tests/test_vision_gpu.py tests/test_frozen_graphs.py -q -rs \
     -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 fi
 

@@ -23,7 +23,7 @@ $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1
 echo "exit $? after $(( $(date +%s) - start ))s; built: $(ls model/GroundingDINO/ms_deform_attn/_C*.so 2>/dev/null)"
 
 echo "== GPU tests"
-$PY -m pytest tests/test_ms_deform_attn.py tests/test_vision_gpu.py tests/test_model_gpu.py -q -rs \
+$PY -m pytest tests/test_ms_deform_attn.py tests/test_vision_gpu.py tests/test_model_gpu.py tests/test_frozen_graphs.py -q -rs \
   -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 
 echo "== chat latency, 13b preset"

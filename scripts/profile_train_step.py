@@ -323,7 +323,7 @@ def run(args) -> dict:
               "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "code": str(REPO)}
-    model, cfg = bench.build_model(args, "upstream" if upstream_like else "ours", device, dtype)
+    model, cfg = bench.build_model(args, "upstream" if upstream_like else args.mode, device, dtype)
     model.train()
     if on_gpu:
         from model.GroundingDINO.ms_deform_attn import kernel_status
@@ -459,8 +459,9 @@ def format_report(result: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("ours", "upstream"), default="ours",
-                        help="upstream = fp16, eager attention, full checkpointing (one engine)")
+    parser.add_argument("--mode", choices=("ours", "ours-eager-encoders", "upstream"), default="ours",
+                        help="upstream = fp16, eager attention, full checkpointing (one engine); "
+                             "ours-eager-encoders = ours without the frozen encoders' CUDA graphs")
     parser.add_argument("--preset", default="13b")
     parser.add_argument("--stream", choices=bench.STREAMS, default="grounding")
     parser.add_argument("--device", default="auto")

@@ -90,6 +90,25 @@ def test_zero_lm_loss_on_grounding_batches(tokenizer, model):
     assert torch.equal(zeroed["grounding_loss"], kept["grounding_loss"])
 
 
+def test_a_zeroed_lm_loss_is_not_computed_and_leaves_the_gradients_of_multiplying_it_by_zero(tokenizer):
+    model = build_tiny(tokenizer).eval()  # eval: no dropout, so both backward passes see the same graph
+    batch = make_batch(tokenizer)
+    out = model(**batch)
+    assert out["lm_loss"].dtype == torch.float32 and out["lm_loss"] == 0 and not out["lm_loss"].requires_grad
+    out["loss"].backward()
+    skipped = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.cfg.zero_lm_loss_on_grounding = False  # upstream's way: compute it, then multiply by 0
+    out = model(**batch)
+    (out["lm_loss"] * 0.0 + out["grounding_loss"]).backward()
+    multiplied = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    lm_head = [n for n in multiplied if "lm_head" in n]
+    assert lm_head and all(n not in skipped and not multiplied[n].any() for n in lm_head)
+    assert set(multiplied) - set(lm_head) == set(skipped)
+    for name, grad in skipped.items():
+        torch.testing.assert_close(grad, multiplied[name], msg=name)
+
+
 def test_lm_loss_is_the_mean_over_supervised_tokens_and_zero_without_any(tokenizer, model):
     hidden = torch.randn(2, 9, model.causal_lm.config.hidden_size, requires_grad=True)
     labels = torch.randint(0, 50, (2, 9))

@@ -68,6 +68,7 @@ def test_flops_formula_rows_add_and_reject_negative():
     one = 5 * (400 + 60) + 4 * 300 + 6 * 2 * 8 * 25
     assert llm_step_flops(p, [5]) == one
     assert llm_step_flops(p, [5, 5, 0]) == 2 * one
+    assert llm_step_flops(p, [5], lm_loss=False) == one - 4 * 300  # no lm_head when the LM loss is zeroed
     with pytest.raises(ValueError):
         llm_step_flops(p, [-1])
 

@@ -159,6 +159,13 @@ class ChatterBox(nn.Module):
             layer.gradient_checkpointing = index < count
         return count
 
+    def use_frozen_encoder_graphs(self, enabled: bool = True, max_graphs: int = 2) -> None:
+        """Replay the frozen CLIP tower and Swin backbone from CUDA graphs (one per input shape, at most
+        ``max_graphs`` each) when their inputs are on CUDA: the same outputs with a few launches instead
+        of ~1,300 small kernels per training step (chatterbox.model.frozen_graphs)."""
+        self.clip_tower.use_cuda_graphs(enabled, max_graphs)
+        self.vision_branch.use_backbone_cuda_graphs(enabled and self.vision_branch.cfg.freeze_backbone, max_graphs)
+
     @property
     def gradient_checkpointing_layers(self) -> int:
         return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in self.causal_lm.model.layers)
@@ -276,18 +283,25 @@ class ChatterBox(nn.Module):
         hidden = self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=causal_mask_suffices(attention_mask),
                                       use_cache=False).last_hidden_state
         result: dict[str, torch.Tensor] = {}
-        lm_loss = self._lm_loss(hidden, labels) if labels is not None else hidden.sum() * 0.0
+        if self.lm_loss_is_zeroed(grounding_targets):
+            # Upstream multiplies this batch's LM loss by 0: its gradient is zero, so lm_head and the
+            # cross-entropy over the vocabulary are not computed at all (a zero gradient and no gradient
+            # are the same to the ZeRO optimizer, which fills missing gradients with zeros).
+            lm_loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        else:
+            lm_loss = self._lm_loss(hidden, labels) if labels is not None else hidden.sum() * 0.0
 
         grounding = self._grounding_losses(hidden, input_ids, images_dino, offset, grounding_targets, sample_ids)
-        has_targets = grounding.pop("_has_targets")
         grounding_loss = grounding.pop("loss")
-        if has_targets and self.cfg.zero_lm_loss_on_grounding:
-            lm_loss = lm_loss * 0.0
         result["lm_loss"] = lm_loss
         result["grounding_loss"] = grounding_loss
         result["loss"] = lm_loss + grounding_loss.to(lm_loss.dtype)
         result.update({name: value.detach() for name, value in grounding.items()})
         return result
+
+    def lm_loss_is_zeroed(self, grounding_targets: Sequence | None) -> bool:
+        """Upstream's rule: a batch with any grounding target trains without its LM loss (spec §1.9)."""
+        return self.cfg.zero_lm_loss_on_grounding and any(grounding_targets or [])
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Shifted token cross-entropy, mean over supervised (!= IGNORE_INDEX) targets, in fp32; 0 (with a
@@ -360,7 +374,6 @@ class ChatterBox(nn.Module):
                 if found[row] != count:
                     raise ValueError(f"{_where(sample_ids, row)}: {found[row]} [VG] tokens but {count} "
                                      f"grounding targets")
-        losses["_has_targets"] = bool(target_boxes)
         return losses
 
     # ------------------------------------------------------------------------------------------------

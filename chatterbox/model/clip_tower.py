@@ -17,6 +17,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from chatterbox.model.config import ClipConfig
+from chatterbox.model.frozen_graphs import FrozenGraphRunner
 
 
 @dataclass
@@ -49,6 +50,11 @@ class ClipTower(nn.Module):
         self.vision_model = vision_model if vision_model is not None else CLIPVisionModel(clip_vision_config(cfg))
         self.vision_model.requires_grad_(False)
         self.vision_model.eval()
+        self.graphs: FrozenGraphRunner | None = None
+
+    def use_cuda_graphs(self, enabled: bool = True, max_graphs: int = 2) -> None:
+        """Replay the tower from CUDA graphs on CUDA inputs (chatterbox.model.frozen_graphs)."""
+        self.graphs = FrozenGraphRunner(self._tapped_states, self, max_graphs) if enabled else None
 
     @property
     def num_patches(self) -> int:
@@ -70,8 +76,11 @@ class ClipTower(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(f"CLIP images must be [I,3,{size},{size}], got {tuple(images.shape)}")
         dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
-        states = self.vision_model(pixel_values=images.to(dtype), output_hidden_states=True).hidden_states
-        return ClipFeatures(
-            image_tokens=states[self.cfg.image_feature_layer][:, 1:],
-            region_levels=[states[i][:, 1:] for i in self.cfg.region_feature_layers],
-        )
+        images = images.to(dtype)
+        taps = self.graphs(images) if self.graphs is not None else self._tapped_states(images)
+        return ClipFeatures(image_tokens=taps[0], region_levels=list(taps[1:]))
+
+    def _tapped_states(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[image tokens, *region levels], CLS dropped."""
+        states = self.vision_model(pixel_values=images, output_hidden_states=True).hidden_states
+        return [states[i][:, 1:] for i in (self.cfg.image_feature_layer, *self.cfg.region_feature_layers)]

@@ -9,7 +9,8 @@ MFU counts the work the model needs, not the work an implementation chooses to d
     LoRA, embed_tokens, the region encoder) = 2·|W|  ->  4·|W| per token;
   - trainable weight (LoRA A/B): forward 2·|W|, backward input-grad 2·|W| + weight-grad 2·|W|
     ->  6·|W| per token;
-* ``lm_head`` (trainable, 6·|W|) on the positions whose logits the loss uses: n_b − 1 per row;
+* ``lm_head`` (trainable, 6·|W|) on the positions whose logits the loss uses: n_b − 1 per row (none on a
+  batch whose LM loss is multiplied by 0, i.e. a grounding batch of upstream's recipe: not needed);
 * causal self-attention scores and values: forward 2·(n²/2)·h for QKᵀ and the same for AV per layer
   and row (only the causal half is needed), backward twice the forward  ->  6·h·n_b² per layer and row.
 
@@ -53,10 +54,11 @@ def llm_matmul_params(causal_lm: nn.Module) -> LlmMatmulParams:
                            hidden_size=causal_lm.config.hidden_size)
 
 
-def llm_step_flops(params: LlmMatmulParams, row_lengths: Iterable[int]) -> float:
-    """Model FLOPs of forward + backward of the LLM part for rows of ``row_lengths`` real tokens."""
+def llm_step_flops(params: LlmMatmulParams, row_lengths: Iterable[int], lm_loss: bool = True) -> float:
+    """Model FLOPs of forward + backward of the LLM part for rows of ``row_lengths`` real tokens
+    (``lm_loss=False``: the batch's LM loss is not needed, so neither is lm_head)."""
     per_token = 4 * params.frozen + 6 * params.trainable
-    head = (6 if params.lm_head_trainable else 4) * params.lm_head
+    head = (6 if params.lm_head_trainable else 4) * params.lm_head * lm_loss
     total = 0
     for n in row_lengths:
         n = int(n)

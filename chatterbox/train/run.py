@@ -100,6 +100,8 @@ def train(cfg: ChatterBoxConfig, max_steps: int | None = None) -> dict:
     dist = init_distributed(cfg.device)
     seed_everything(cfg.train.seed, dist.rank)
     model = build_model(cfg, dist.device, PRECISION_DTYPES[cfg.train.precision])
+    if dist.device.type == "cuda" and cfg.train.cuda_graph_frozen_encoders:
+        model.use_frozen_encoder_graphs()
     if dist.is_main:
         print(model.parameter_table(), flush=True)
     streams = build_streams(cfg, model.tokenizer, dist)

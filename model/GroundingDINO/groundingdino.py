@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from .backbone import BackboneFeatures, Joiner, SinePositionEncoding, SwinTransformer, downsample_mask
+from chatterbox.model.frozen_graphs import FrozenGraphRunner
+
 from .config import VisionBranchConfig, load_vision_config
 from .heads import MLP, ContrastiveEmbed, inverse_sigmoid
 from .transformer import DeformableTransformer
@@ -73,6 +75,16 @@ class VisionBranch(nn.Module):
         self.transformer.decoder.bbox_embed = self.bbox_embed
         self.transformer.enc_out_bbox_embed = box_head if cfg.two_stage_bbox_embed_share else copy.deepcopy(box_head)
         self.class_embed = ContrastiveEmbed(cfg.max_text_len, cfg.pad_logits_to_max_text_len)
+        self.backbone_graphs: FrozenGraphRunner | None = None
+
+    def use_backbone_cuda_graphs(self, enabled: bool = True, max_graphs: int = 2) -> None:
+        """Replay the frozen backbone from CUDA graphs on CUDA inputs (chatterbox.model.frozen_graphs).
+        A trainable backbone (``freeze_backbone=False``) always runs eagerly."""
+        self.backbone_graphs = FrozenGraphRunner(self._flat_backbone, self.backbone, max_graphs) if enabled else None
+
+    def _flat_backbone(self, images: torch.Tensor, masks: torch.Tensor) -> list[torch.Tensor]:
+        features = self.backbone(images, masks)
+        return [*features.feature_maps, *features.masks, *features.positions]
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -99,7 +111,11 @@ class VisionBranch(nn.Module):
                              f"got {masks.dtype} {tuple(masks.shape)}")
         if self.cfg.freeze_backbone:
             with torch.no_grad():
-                return self.backbone(images, masks)
+                if self.backbone_graphs is None:
+                    return self.backbone(images, masks)
+                flat = self.backbone_graphs(images, masks)
+            levels = len(flat) // 3
+            return BackboneFeatures(flat[:levels], flat[levels:2 * levels], flat[2 * levels:], masks)
         return self.backbone(images, masks)
 
     def project_features(self, features: BackboneFeatures):
