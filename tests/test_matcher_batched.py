@@ -12,7 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from chatterbox.boxes import cxcywh_to_xyxy, elementwise_giou, pairwise_giou
 from model.GroundingDINO import GroundingCriterion, HungarianMatcher, VisionBranchConfig
 from model.GroundingDINO.criterion import sigmoid_focal_loss
-from model.GroundingDINO.matcher import focal_match_cost
+from model.GroundingDINO.matcher import batched_min_cost_assignment, focal_match_cost, pad_target_boxes
 
 ALPHA, GAMMA = 0.25, 2.0
 
@@ -163,3 +163,79 @@ def test_half_precision_logits_match_like_their_float32_values():
     got = HungarianMatcher()(logits, boxes, outputs["text_token_mask"], targets)
     want = reference_match(logits.float(), boxes.float(), outputs["text_token_mask"], targets)
     assert [(r.tolist(), c.tolist()) for r, c in got] == want
+
+
+# ---------------------------------------------------------------------------------------------------
+# the device solver (plain tensor code: tested here on the CPU, run on the GPU in training)
+@pytest.mark.parametrize("rows, cols", [(1, 1), (1, 9), (2, 5), (3, 900), (5, 7), (7, 7), (8, 30), (12, 40)])
+def test_device_solver_equals_scipy_on_random_problems(rows, cols):
+    g = torch.Generator().manual_seed(rows * 1000 + cols)
+    cost = torch.randn(25, rows, cols, generator=g) * torch.rand(25, 1, 1, generator=g) * 10
+    assigned = batched_min_cost_assignment(cost)
+    assert assigned.shape == (25, rows) and assigned.dtype == torch.long
+    for b in range(25):
+        want_rows, want_cols = linear_sum_assignment(cost[b].numpy())
+        assert assigned[b].tolist() == want_cols.tolist(), b
+
+
+def test_device_solver_on_ties_non_finite_costs_and_constant_padding_rows():
+    g = torch.Generator().manual_seed(5)
+    # Integer costs: many optimal assignments; the total cost must still be the optimum.
+    ties = torch.randint(0, 3, (40, 4, 6), generator=g).float()
+    for b, cols in enumerate(batched_min_cost_assignment(ties)):
+        assert len(set(cols.tolist())) == 4
+        best = ties[b][linear_sum_assignment(ties[b].numpy())].sum()
+        assert ties[b][torch.arange(4), cols].sum() == best
+    # NaN/inf count as 0, as in the host matcher.
+    cost = torch.randn(3, 3, 8, generator=g)
+    cost[0, 1, 2], cost[1, 0, :3], cost[2, 2, 5] = float("nan"), float("inf"), float("-inf")
+    cleaned = torch.nan_to_num(cost, nan=0.0, posinf=0.0, neginf=0.0)
+    for b, cols in enumerate(batched_min_cost_assignment(cost)):
+        assert cols.tolist() == linear_sum_assignment(cleaned[b].numpy())[1].tolist()
+    # A constant row (a padding target) leaves the other rows' assignment as without it.
+    real = torch.randn(10, 2, 9, generator=g)
+    padded = torch.cat([real, torch.zeros(10, 1, 9)], dim=1)
+    assert torch.equal(batched_min_cost_assignment(padded)[:, :2], batched_min_cost_assignment(real))
+    with pytest.raises(ValueError, match="K <= N"):
+        batched_min_cost_assignment(torch.zeros(1, 4, 3))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_device_matching_finds_the_host_matches_of_every_layer(seed):
+    outputs = random_outputs(seed)
+    counts = [1, 3, 0, 2, 4]
+    targets = random_targets(300 + seed, counts)
+    layers = [outputs] + outputs["aux_outputs"] + [outputs["interm_outputs"]]
+    predictions = [(lay["pred_logits"], lay["pred_boxes"]) for lay in layers]
+    matcher = HungarianMatcher()
+    host = matcher.match_layers(predictions, outputs["text_token_mask"], targets)
+    device = matcher.match_layers_on_device(predictions, outputs["text_token_mask"], counts, pad_target_boxes(targets))
+    assert device.shape == (7, sum(counts))
+    for layer, (on_device, on_host) in enumerate(zip(device, host)):
+        start = 0
+        for q, (rows, cols) in enumerate(on_host):
+            got = on_device[start:start + counts[q]]  # decoder query of target 0, 1, ...
+            start += counts[q]
+            assert sorted(zip(cols.tolist(), rows.tolist())) == list(enumerate(got.tolist())), (layer, q)
+
+
+@pytest.mark.parametrize("ce_normalization", ["num_boxes", "local_matches"])
+def test_criterion_with_device_matching_equals_the_reference(ce_normalization):
+    cfg = dataclasses.replace(VisionBranchConfig(), ce_normalization=ce_normalization)
+    ours = random_outputs(11, padded_to=6)
+    theirs = clone_outputs(ours)
+    targets = random_targets(12, [2, 1, 3, 0, 1])
+    criterion = GroundingCriterion(cfg)
+    criterion.matching = "device"
+    got = criterion(ours, targets)
+    want, _ = reference_losses(theirs, targets, cfg.loss_weights, ce_normalization)
+    assert list(got) == list(want)
+    for name in want:  # pairs are summed in another order than the reference's: rounding only
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    got["loss"].backward()
+    want["loss"].backward()
+    for mine, ref in zip(leaves(ours), leaves(theirs)):
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-5, atol=1e-7)
+    criterion.matching = "fast"
+    with pytest.raises(ValueError, match="auto, device or host"):
+        criterion(clone_outputs(ours), targets)

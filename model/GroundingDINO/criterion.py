@@ -55,6 +55,35 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(array).to(device, non_blocking=True)
 
 
+def _host_pairs(indices: list[list[tuple[np.ndarray, np.ndarray]]], device) -> tuple[tuple, list[int]]:
+    """Host matches (per layer, per query: decoder queries, targets) -> the (layer, query, decoder query,
+    target) index tensors of every pair on ``device`` in one host->device copy, and the pairs per layer."""
+    pairs_per_layer = [sum(len(src) for src, _ in layer_indices) for layer_indices in indices]
+    quads = np.zeros((4, sum(pairs_per_layer)), dtype=np.int64)
+    col = 0
+    for layer_id, layer_indices in enumerate(indices):
+        for q, (src, tgt) in enumerate(layer_indices):
+            n = len(src)
+            quads[0, col:col + n] = layer_id
+            quads[1, col:col + n] = q
+            quads[2, col:col + n] = src
+            quads[3, col:col + n] = tgt
+            col += n
+    return tuple(_to_device(quads, device).unbind(0)), pairs_per_layer
+
+
+def _device_pairs(counts: list[int], matched: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The index tensors of ``match_layers_on_device``'s result [layers, sum(counts)]: layer, query and
+    target indices are known on the host (one copy), the decoder queries stay where they were solved."""
+    num_layers, per_layer = matched.shape
+    query = np.repeat(np.arange(len(counts)), counts)
+    target = np.concatenate([np.arange(k) for k in counts]) if counts else np.zeros(0, dtype=np.int64)
+    known = np.stack([np.repeat(np.arange(num_layers), per_layer), np.tile(query, num_layers),
+                      np.tile(target, num_layers)]).astype(np.int64)
+    layer_idx, query_idx, tgt_idx = _to_device(known, matched.device).unbind(0)
+    return layer_idx, query_idx, matched.reshape(-1), tgt_idx
+
+
 class GroundingCriterion(nn.Module):
     TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 
@@ -67,6 +96,20 @@ class GroundingCriterion(nn.Module):
         self.ce_normalization = cfg.ce_normalization
         self.weight_dict = cfg.loss_weights
         self._weight_cache: dict = {}
+        # "auto": solve the assignments on the GPU (no host round trip) when every query has at most
+        # DEVICE_MATCH_MAX_TARGETS boxes, else with scipy on the host; "device" / "host" force one.
+        self.matching = "auto"
+
+    DEVICE_MATCH_MAX_TARGETS = 8
+
+    def _matches_on_device(self, predictions, counts: list[int]) -> bool:
+        if self.matching not in ("auto", "device", "host"):
+            raise ValueError(f"GroundingCriterion.matching must be auto, device or host, got {self.matching!r}")
+        same_shapes = all(lg.shape == predictions[0][0].shape and bx.shape == predictions[0][1].shape
+                          for lg, bx in predictions)
+        if self.matching == "host" or not same_shapes:
+            return False
+        return self.matching == "device" or (predictions[0][1].is_cuda and max(counts) <= self.DEVICE_MATCH_MAX_TARGETS)
 
     def forward(self, outputs: dict | None, target_boxes: list[torch.Tensor], device=None) -> dict[str, torch.Tensor]:
         """outputs: VisionBranch.forward_enc_dec's dict for Q queries (None when this rank has none);
@@ -101,9 +144,16 @@ class GroundingCriterion(nn.Module):
             zero = outputs["pred_boxes"].sum() * 0.0
             return {"loss": zero}
         padded_targets = pad_target_boxes(target_boxes, device)
-        indices = self.matcher.match_layers_host([(layer["pred_logits"], layer["pred_boxes"]) for _, layer in layers],
-                                                 token_mask, target_boxes, padded_targets)
-        terms = self._all_layer_losses([layer for _, layer in layers], token_mask, padded_targets, indices, num_boxes)
+        predictions = [(layer["pred_logits"], layer["pred_boxes"]) for _, layer in layers]
+        counts = [int(b.shape[0]) for b in target_boxes]
+        if self._matches_on_device(predictions, counts):
+            matched = self.matcher.match_layers_on_device(predictions, token_mask, counts, padded_targets)
+            terms = self._stacked_losses([layer for _, layer in layers], token_mask, padded_targets,
+                                         _device_pairs(counts, matched), [sum(counts)] * len(layers), num_boxes)
+        else:
+            indices = self.matcher.match_layers_host(predictions, token_mask, target_boxes, padded_targets)
+            terms = self._all_layer_losses([layer for _, layer in layers], token_mask, padded_targets, indices,
+                                           num_boxes)
         losses = {}
         for i, (suffix, _) in enumerate(layers):
             for name in self.TERMS:
@@ -126,39 +176,28 @@ class GroundingCriterion(nn.Module):
         for i, layer in enumerate(layers):
             groups.setdefault((tuple(layer["pred_logits"].shape), tuple(layer["pred_boxes"].shape)), []).append(i)
         if len(groups) == 1:
-            return self._stacked_losses(layers, token_mask, padded_targets, indices, num_boxes)
+            return self._stacked_losses(layers, token_mask, padded_targets, *_host_pairs(indices, token_mask.device),
+                                        num_boxes)
         per_layer: list[dict] = [{} for _ in layers]
         for positions in groups.values():
             part = self._stacked_losses([layers[i] for i in positions], token_mask, padded_targets,
-                                        [indices[i] for i in positions], num_boxes)
+                                        *_host_pairs([indices[i] for i in positions], token_mask.device), num_boxes)
             for j, i in enumerate(positions):
                 per_layer[i] = {name: part[name][j] for name in self.TERMS}
         return {name: torch.stack([terms[name] for terms in per_layer]) for name in self.TERMS}
 
     def _stacked_losses(self, layers: list[dict], token_mask: torch.Tensor, padded_targets: torch.Tensor,
-                        indices: list[list[tuple[np.ndarray, np.ndarray]]],
+                        pairs: tuple[torch.Tensor, ...], pairs_per_layer: list[int],
                         num_boxes: float) -> dict[str, torch.Tensor]:
-        """Each term for every layer at once -> {term: [layers] float32}."""
+        """Each term for every layer at once -> {term: [layers] float32}. ``pairs``: the (layer, query,
+        decoder query, target) index of every matched pair, grouped by layer (``pairs_per_layer``)."""
         num_slots = token_mask.shape[1]
         # [layers, Q, Nq, T]; drop the -inf padding columns if the logits were padded
         logits = torch.stack([layer["pred_logits"][..., :num_slots] for layer in layers])
         boxes = torch.stack([layer["pred_boxes"] for layer in layers])
         device = logits.device
         num_layers = len(layers)
-
-        # One host->device copy of every matched (layer, query, decoder query, target) quadruple.
-        pairs_per_layer = [sum(len(src) for src, _ in layer_indices) for layer_indices in indices]
-        quads = np.zeros((4, sum(pairs_per_layer)), dtype=np.int64)
-        col = 0
-        for layer_id, layer_indices in enumerate(indices):
-            for q, (src, tgt) in enumerate(layer_indices):
-                n = len(src)
-                quads[0, col:col + n] = layer_id
-                quads[1, col:col + n] = q
-                quads[2, col:col + n] = src
-                quads[3, col:col + n] = tgt
-                col += n
-        layer_idx, query_idx, pred_idx, tgt_idx = _to_device(quads, device).unbind(0)
+        layer_idx, query_idx, pred_idx, tgt_idx = pairs
 
         # Classification: matched decoder queries are positive on every valid text token; the padded
         # (-inf) text slots are excluded (their logits zeroed first so that no inf/NaN reaches autograd).

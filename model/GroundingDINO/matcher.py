@@ -7,8 +7,9 @@ probability of the query's text token(s) (averaged over the valid tokens; one to
 NaN/Inf costs are replaced by 0, so the solver always has a finite problem.
 
 All cost matrices of a training step (every decoder layer, the encoder output, every query) are built
-on the device in one batch and copied to the host once; only the assignment itself (scipy) runs per
-matrix. Upstream copies one matrix per sample per layer, which stalls the GPU each time.
+on the device in one batch and either copied to the host once, where scipy solves each matrix
+(``match_layers``), or solved in one batch on the device (``match_layers_on_device``, for the GPU: the
+host then never waits). Upstream copies one matrix per sample per layer, which stalls the GPU each time.
 """
 from __future__ import annotations
 
@@ -120,6 +121,32 @@ class HungarianMatcher(nn.Module):
         return matched
 
     @torch.no_grad()
+    def match_layers_on_device(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], token_mask: torch.Tensor,
+                               counts: Sequence[int], padded_targets: torch.Tensor) -> torch.Tensor:
+        """match_layers without leaving the device (batched_min_cost_assignment), so the host never waits
+        for the forward pass to finish before it queues the backward.
+
+        All layers must have the same shapes; ``counts``: target boxes per query (host ints);
+        ``padded_targets``: [Q, max k, 4] as pad_target_boxes. Returns [layers, sum(counts)] long: for each
+        query in order and each of its targets j = 0..k_q-1, the decoder query matched to target j.
+        """
+        logits = torch.stack([lg for lg, _ in layers])
+        boxes = torch.stack([bx for _, bx in layers])
+        num_layers, num_q, num_preds = boxes.shape[:3]
+        if len(counts) != num_q:
+            raise ValueError(f"{len(counts)} target counts for {num_q} queries")
+        max_targets = padded_targets.shape[1]
+        if max_targets > num_preds:
+            raise ValueError(f"{max_targets} target boxes for one query but only {num_preds} predictions")
+        costs = self.cost_matrices(logits, boxes, token_mask, padded_targets)  # [layers, Q, Nq, K]
+        # Padding targets get a constant cost, which leaves the real targets' optimum unchanged.
+        real = torch.tensor([[j < k for j in range(max_targets)] for k in counts], dtype=torch.bool)
+        costs = costs.masked_fill(~real.to(costs.device, non_blocking=True)[None, :, None, :], 0.0)
+        columns = batched_min_cost_assignment(costs.transpose(-1, -2).reshape(-1, max_targets, num_preds))
+        keep = real.reshape(-1).nonzero(as_tuple=True)[0]  # host tensor: no synchronisation
+        return columns.view(num_layers, num_q * max_targets)[:, keep.to(columns.device, non_blocking=True)]
+
+    @torch.no_grad()
     def forward(self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, token_mask: torch.Tensor,
                 target_boxes: Sequence[torch.Tensor]) -> Indices:
         """One layer: pred_logits [Q,Nq,T], pred_boxes [Q,Nq,4] cxcywh norm, token_mask [Q,T], target_boxes:
@@ -128,3 +155,64 @@ class HungarianMatcher(nn.Module):
         if len(target_boxes) != pred_logits.shape[0]:
             raise ValueError(f"{len(target_boxes)} target sets for {pred_logits.shape[0]} queries")
         return self.match_layers([(pred_logits, pred_boxes)], token_mask, target_boxes)[0]
+
+
+def batched_min_cost_assignment(cost: torch.Tensor) -> torch.Tensor:
+    """Exact minimum-cost assignment of every row to a distinct column, for a batch of [K, N] problems
+    (K <= N) at once on the cost's device, without any host synchronisation.
+
+    cost: [B, K, N] -> [B, K] long, the column assigned to each row. The Hungarian algorithm with row
+    and column potentials, adding one row at a time along a shortest augmenting path (Jonker-Volgenant
+    style). Row i's search needs at most i + 1 steps; every problem runs that many, those already done
+    masked, so the loops have fixed lengths and no step waits for a value from the device. Ties go to
+    the lowest column index; on a unique optimum the result equals scipy's linear_sum_assignment.
+    Rows whose cost is the same for every column (e.g. padding) do not change the other rows' optimum.
+    """
+    if cost.dim() != 3 or cost.shape[1] > cost.shape[2]:
+        raise ValueError(f"cost must be [B, K, N] with K <= N, got {tuple(cost.shape)}")
+    batch, rows, cols = cost.shape
+    device = cost.device
+    if rows == 0 or batch == 0:
+        return torch.zeros((batch, rows), dtype=torch.long, device=device)
+    a = torch.nan_to_num(cost.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    inf = torch.tensor(float("inf"), dtype=a.dtype, device=device)
+    # Column 0 is the algorithm's virtual start column; real columns are 1..N, rows 1..K (row 0 unused).
+    u = a.new_zeros(batch, rows + 1)
+    v = a.new_zeros(batch, cols + 1)
+    owner = torch.zeros(batch, cols + 1, dtype=torch.long, device=device)  # row holding each column, 0 = free
+    arange = torch.arange(batch, device=device)
+    padded = torch.cat([a.new_zeros(batch, rows, 1), a], dim=2)  # [B, K, N+1]; column 0 never read
+    for row in range(1, rows + 1):
+        owner[:, 0] = row
+        current = torch.zeros(batch, dtype=torch.long, device=device)  # j0
+        min_reduced = a.new_full((batch, cols + 1), float("inf"))
+        way = torch.zeros(batch, cols + 1, dtype=torch.long, device=device)
+        used = torch.zeros(batch, cols + 1, dtype=torch.bool, device=device)
+        active = torch.ones(batch, dtype=torch.bool, device=device)
+        for _ in range(row):  # at most `row` steps reach a free column
+            used[arange, current] |= active
+            source_row = owner[arange, current]  # i0
+            reduced = padded[arange, (source_row - 1).clamp(min=0)] - u[arange, source_row][:, None] - v
+            improve = active[:, None] & ~used & (reduced < min_reduced)
+            min_reduced = torch.where(improve, reduced, min_reduced)
+            way = torch.where(improve, current[:, None], way)
+            delta, nxt = torch.where(used, inf, min_reduced).min(dim=1)
+            delta = torch.where(active, delta, torch.zeros_like(delta))
+            # Potentials: rows of visited columns gain delta, visited columns lose it, the rest's slack shrinks.
+            visited = used & active[:, None]
+            u.scatter_add_(1, owner, torch.where(visited, delta[:, None], torch.zeros_like(v)))
+            v = v - torch.where(visited, delta[:, None], torch.zeros_like(v))
+            min_reduced = torch.where(~used & active[:, None], min_reduced - delta[:, None], min_reduced)
+            current = torch.where(active, nxt, current)
+            active = active & (owner[arange, current] != 0)
+        # Augment along the path back to the virtual column (at most `row` links).
+        walking = torch.ones(batch, dtype=torch.bool, device=device)
+        for _ in range(row):
+            previous = way[arange, current]
+            owner[arange, current] = torch.where(walking, owner[arange, previous], owner[arange, current])
+            current = torch.where(walking, previous, current)
+            walking = walking & (current != 0)
+    # owner[b, j] = row (1-based) of column j; invert to the column of each row.
+    assigned = torch.zeros(batch, rows + 1, dtype=torch.long, device=device)
+    assigned.scatter_(1, owner[:, 1:], torch.arange(1, cols + 1, device=device).expand(batch, cols))
+    return assigned[:, 1:] - 1
