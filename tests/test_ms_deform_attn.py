@@ -367,3 +367,33 @@ def test_first_call_from_inference_or_a_checkpointed_forward(context, monkeypatc
     assert op._device_status[torch.cuda.current_device()] is None
     ref = ms_deform_attn_pytorch(value.detach(), shapes, starts, locations, weights)
     assert torch.allclose(out.detach(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_kernel_operators_pass_opcheck_and_compile_without_graph_breaks():
+    """The kernel is a torch.library operator pair with an autograd formula: torch.compile traces a whole
+    deformable-attention module in one graph (fullgraph) and gives the eager values and gradients."""
+    _kernel()
+    value, shapes, starts, locations, weights = make_problem([[6, 5], [3, 3]], 2, 7, 2, 8, 2, dtype=torch.float32,
+                                                             device="cuda", seed=15)
+    torch.library.opcheck(msda_op._kernel_forward, (value, shapes, starts, locations, weights))
+    grad_out = torch.randn(2, 7, 16, device="cuda")
+    torch.library.opcheck(msda_op._kernel_backward, (value, shapes, starts, locations, weights, grad_out))
+
+    torch.manual_seed(0)
+    module = MultiScaleDeformableAttention(embed_dim=32, num_heads=4, num_levels=2, num_points=2).cuda()
+    query, memory, reference = torch.randn(2, 7, 32, device="cuda"), torch.randn(2, 39, 32, device="cuda"), \
+        torch.rand(2, 7, 2, 2, device="cuda")
+    level_shapes = torch.tensor([[6, 5], [3, 3]], device="cuda")
+    level_starts = torch.tensor([0, 30], device="cuda")
+    results = []
+    for compiled in (False, True):
+        module.zero_grad(set_to_none=True)
+        call = torch.compile(module, fullgraph=True, dynamic=False) if compiled else module
+        out = call(query, memory, reference, level_shapes, level_starts, None)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in module.parameters()]))
+    (eager, eager_grads), (compiled_out, compiled_grads) = results
+    torch.testing.assert_close(compiled_out, eager, rtol=1e-4, atol=1e-5)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)

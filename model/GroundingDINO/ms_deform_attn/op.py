@@ -13,7 +13,6 @@ import threading
 import warnings
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .pytorch_ref import WHERE, check_shapes, ms_deform_attn_pytorch
 
@@ -129,20 +128,51 @@ def kernel_status(device: torch.device | str = "cuda") -> str | None:
     return _verified_status(device)
 
 
-class _MSDeformAttnCUDA(torch.autograd.Function):
-    """Autograd wrapper of the extension (inputs already contiguous, locations/weights in fp32/fp64)."""
+# The kernel as two torch.library operators with a registered autograd formula, so that torch.compile
+# traces straight through the op (an autograd.Function calling the extension would split the compiled
+# graph of every deformable-attention layer in two). Inputs are already contiguous, locations/weights fp32/fp64.
+@torch.library.custom_op("chatterbox_msda::forward", mutates_args=())
+def _kernel_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                    sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    return _extension.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, 0)
 
-    @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        output = _extension.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, 0)
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return output
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        grad_value, grad_locations, grad_weights = _extension.backward(*ctx.saved_tensors, grad_output.contiguous(), 0)
-        return grad_value, None, None, grad_locations, grad_weights
+@_kernel_forward.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    batch, _, heads, head_dim = value.shape
+    return value.new_empty((batch, sampling_locations.shape[1], heads * head_dim))
+
+
+@torch.library.custom_op("chatterbox_msda::backward", mutates_args=())
+def _kernel_backward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                     sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                     grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_value, grad_locations, grad_weights = _extension.backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output.contiguous(), 0)
+    return grad_value, grad_locations, grad_weights
+
+
+@_kernel_backward.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _kernel_gradients(ctx, grad_output):
+    grad_value, grad_locations, grad_weights = _kernel_backward(*ctx.saved_tensors, grad_output)
+    return grad_value, None, None, grad_locations, grad_weights
+
+
+_kernel_forward.register_autograd(_kernel_gradients, setup_context=_save_inputs)
+
+
+@torch.compiler.assume_constant_result
+def _use_kernel(device: torch.device) -> bool:
+    """Whether ``device`` runs the kernel; a constant to torch.compile (the choice never changes)."""
+    return device.type == "cuda" and _kernel_for(device) is not None
 
 
 def ms_deform_attn(
@@ -167,9 +197,9 @@ def ms_deform_attn(
     weights are kept in fp32 (fp64 for fp64 values) so sampling positions stay exact.
     """
     check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if value.is_cuda and _kernel_for(value.device) is not None:
+    if _use_kernel(value.device):
         coord_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-        return _MSDeformAttnCUDA.apply(
+        return _kernel_forward(
             value.contiguous(),
             spatial_shapes.contiguous(),
             level_start_index.contiguous(),
