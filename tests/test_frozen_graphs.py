@@ -105,12 +105,18 @@ def test_in_place_weight_updates_are_seen_and_moved_weights_are_recaptured():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_a_training_step_with_graphed_encoders_equals_the_eager_one(tokenizer, dtype):
     model = fresh_model(tokenizer, dtype)
+    for module in model.modules():  # the fusion layers' drop-path would make every step differ
+        if hasattr(module, "drop_prob"):
+            module.drop_prob = 0.0
     model.set_gradient_checkpointing(0)
     batch = to_cuda(make_batch(tokenizer), dtype)
     with torch.no_grad():
         clip_eager = model.clip_tower(batch["images_clip"])
         swin_eager = model.vision_branch.forward_backbone(batch["images_dino"])
-    eager, eager_grads = run(model, batch)
+    # Same outputs, same layouts: the rest of the step agrees to rounding (measured on an H200: losses to
+    # 1e-6; gradients within a few times the spread of two eager steps, whose atomics differ, or one bf16
+    # rounding step, hence gradients are compared in fp32 only).
+    eager = [run(model, batch) for _ in range(2)]
     model.use_frozen_encoder_graphs()
     for _ in range(2):  # capture, then replay
         with torch.no_grad():
@@ -119,15 +125,16 @@ def test_a_training_step_with_graphed_encoders_equals_the_eager_one(tokenizer, d
         for got, want in zip([clip.image_tokens, *clip.region_levels, *swin.feature_maps, *swin.masks,
                               *swin.positions], [clip_eager.image_tokens, *clip_eager.region_levels,
                                                  *swin_eager.feature_maps, *swin_eager.masks, *swin_eager.positions]):
-            assert torch.equal(got, want)
-        # The encoders' outputs are bitwise equal; the rest of the step is not bitwise reproducible on a
-        # GPU (atomics in scatter/grid-sample kernels), graphs or not.
-        graphed, graphed_grads = run(model, batch)
-        assert graphed.keys() == eager.keys()
-        for key, value in graphed.items():
-            assert value == pytest.approx(eager[key], rel=1e-3, abs=1e-4), key
-        assert graphed_grads.keys() == eager_grads.keys()
-        if dtype == torch.float32:  # bf16 atomics make the gradients too noisy to compare elementwise
-            for name, grad in graphed_grads.items():
-                torch.testing.assert_close(grad, eager_grads[name], rtol=2e-2, atol=1e-3, msg=name)
-    assert model.clip_tower.graphs.captures == 1 and model.vision_branch.backbone_graphs.captures == 1
+            assert torch.equal(got, want) and got.stride() == want.stride()
+        losses, grads = run(model, batch)
+        assert losses.keys() == eager[0][0].keys() and grads.keys() == eager[0][1].keys()
+        for key, value in losses.items():
+            spread = abs(eager[1][0][key] - eager[0][0][key])
+            assert abs(value - eager[0][0][key]) <= 4 * spread + 1e-5 * abs(eager[0][0][key]), (key, value, eager)
+        if dtype == torch.float32:
+            for name, grad in grads.items():
+                spread = (eager[1][1][name] - eager[0][1][name]).abs().max().item()
+                error = (grad - eager[0][1][name]).abs().max().item()
+                assert error <= 4 * spread + 1e-4 * eager[0][1][name].abs().max().item(), (name, error, spread)
+    # CLIP sees both images; the backbone all of them here and only the grounding row's in the step.
+    assert model.clip_tower.graphs.captures == 1 and model.vision_branch.backbone_graphs.captures == 2

@@ -259,3 +259,27 @@ def test_clip_tower_is_registered_frozen_and_moves(tokenizer):
         out = model(**make_batch(tokenizer))
     # The whole model runs in float64 (no hard-coded casts); losses are reduced in at least fp32.
     assert torch.isfinite(out["loss"]) and out["grounding_loss"] > 0
+
+
+def test_compiled_blocks_give_the_eager_losses_and_gradients(tokenizer):
+    torch._dynamo.reset()
+    batch = make_batch(tokenizer)
+    results = []
+    for compiled in (False, True):
+        model = build_tiny(tokenizer).eval()  # eval: no dropout, so both runs compute the same function
+        if compiled:
+            # aot_eager traces forward and backward as inductor would, without needing a C++ compiler.
+            assert model.compile_layers(backend="aot_eager") == (
+                len(model.causal_lm.model.layers) + len(model.vision_branch.transformer.encoder.layers) * 2
+                + len(model.vision_branch.transformer.decoder.layers))
+        out = model(**batch)
+        out["loss"].backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert set(model.state_dict()) == set(build_tiny(tokenizer).state_dict())  # names unchanged
+    for key in ("loss", "lm_loss", "grounding_loss"):
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in compiled_grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    torch._dynamo.reset()

@@ -166,6 +166,31 @@ class ChatterBox(nn.Module):
         self.clip_tower.use_cuda_graphs(enabled, max_graphs)
         self.vision_branch.use_backbone_cuda_graphs(enabled and self.vision_branch.cfg.freeze_backbone, max_graphs)
 
+    def compilable_blocks(self, language: bool = True, vision: bool = True) -> list[nn.Module]:
+        """The blocks :meth:`compile_layers` compiles: the LLM decoder layers (``language``); the vision
+        branch's deformable encoder, text and decoder layers (``vision``).
+
+        Left eager on purpose (torch 2.11, H200, measured in docs/BENCHMARKS.md): the image-text fusion
+        layers, which compiled gave non-finite gradients in bf16 at the 13b shapes, and the region encoder,
+        whose compilation did not finish within two minutes."""
+        blocks: list[nn.Module] = []
+        if language:
+            blocks += list(self.causal_lm.model.layers)
+        if vision:
+            transformer = self.vision_branch.transformer
+            blocks += [*transformer.encoder.layers, *transformer.encoder.text_layers, *transformer.decoder.layers]
+        return blocks
+
+    def compile_layers(self, language: bool = True, vision: bool = True, **compile_options) -> int:
+        """``torch.compile`` the model's repeated blocks in place (:meth:`compilable_blocks`). Fusing their
+        elementwise work cuts the kernels the host launches per step by a large factor; parameter names,
+        state dicts and checkpoints are unchanged. ``compile_options`` go to ``nn.Module.compile`` (e.g.
+        ``backend``). Returns the number of compiled blocks."""
+        blocks = self.compilable_blocks(language, vision)
+        for block in blocks:
+            block.compile(**compile_options)
+        return len(blocks)
+
     @property
     def gradient_checkpointing_layers(self) -> int:
         return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in self.causal_lm.model.layers)
@@ -217,14 +242,16 @@ class ChatterBox(nn.Module):
 
     def build_inputs_embeds(self, input_ids: torch.Tensor, images_clip: torch.Tensor | None = None,
                             offset: torch.Tensor | None = None, region_boxes: Sequence | None = None,
-                            sample_ids: Sequence[str] | None = None) -> torch.Tensor:
+                            sample_ids: Sequence[str] | None = None,
+                            host_input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features at `<im_patch>` and region vectors at `<bbox>` positions.
 
-        The token layout is checked on one host copy of ``input_ids`` (one device->host copy per call)."""
+        The token layout is checked on a host copy of ``input_ids`` (``host_input_ids`` if given, else one
+        device->host copy)."""
         ids = self.token_ids
         embed = self.causal_lm.get_input_embeddings()
         inputs_embeds = embed(input_ids)
-        host_ids = input_ids.cpu()
+        host_ids = input_ids.cpu() if host_input_ids is None else host_input_ids
         images_per_row = check_image_layout(host_ids, ids, self.clip_tower.num_patches, sample_ids)
         bbox_counts = (host_ids == ids.bbox).sum(dim=1).tolist()
         if region_boxes is not None and len(region_boxes) != input_ids.shape[0]:
@@ -246,7 +273,7 @@ class ChatterBox(nn.Module):
         if rows_with_image.numel():
             projector = self.causal_lm.model.mm_projector
             image_embeds = projector(features.image_tokens.to(projector.weight.dtype))
-            image_embeds = image_embeds[row_to_image[rows_with_image].to(image_embeds.device)]
+            image_embeds = image_embeds[row_to_image[rows_with_image].to(image_embeds.device, non_blocking=True)]
             inputs_embeds = splice_image_features(inputs_embeds, input_ids, ids.im_patch, image_embeds,
                                                   int(images_per_row.sum()) * self.clip_tower.num_patches)
         if needs_regions:
@@ -262,8 +289,10 @@ class ChatterBox(nn.Module):
         box_images = row_to_image[box_rows]
         used_images, box_image_index = torch.unique(box_images, return_inverse=True)
         device = features.image_tokens.device
-        levels = [level.index_select(0, used_images.to(device)) for level in features.region_levels]
-        return self.region_encoder(levels, boxes.to(device), box_image_index.to(device))
+        # Host index tensors go over without a synchronising copy.
+        used_images, box_image_index = (t.to(device, non_blocking=True) for t in (used_images, box_image_index))
+        levels = [level.index_select(0, used_images) for level in features.region_levels]
+        return self.region_encoder(levels, boxes.to(device, non_blocking=True), box_image_index)
 
     # ------------------------------------------------------------------------------------------------
     # training forward
@@ -279,7 +308,8 @@ class ChatterBox(nn.Module):
         named grounding term (``loss_ce``, ``loss_bbox_0``, ...; detached, for logging). With
         ``cfg.zero_lm_loss_on_grounding`` the LM loss of a batch with grounding targets is multiplied by 0.
         """
-        inputs_embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes, sample_ids)
+        host_ids = input_ids.cpu()  # the token layout is checked on the host, before anything is queued
+        inputs_embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes, sample_ids, host_ids)
         hidden = self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=causal_mask_suffices(attention_mask),
                                       use_cache=False).last_hidden_state
         result: dict[str, torch.Tensor] = {}
@@ -291,7 +321,8 @@ class ChatterBox(nn.Module):
         else:
             lm_loss = self._lm_loss(hidden, labels) if labels is not None else hidden.sum() * 0.0
 
-        grounding = self._grounding_losses(hidden, input_ids, images_dino, offset, grounding_targets, sample_ids)
+        grounding = self._grounding_losses(hidden, input_ids, host_ids, images_dino, offset, grounding_targets,
+                                           sample_ids)
         grounding_loss = grounding.pop("loss")
         result["lm_loss"] = lm_loss
         result["grounding_loss"] = grounding_loss
@@ -313,14 +344,15 @@ class ChatterBox(nn.Module):
                                 ignore_index=IGNORE_INDEX, reduction="sum")
         return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
-    def _grounding_losses(self, hidden, input_ids, images_dino, offset, grounding_targets, sample_ids) -> dict:
+    def _grounding_losses(self, hidden, input_ids, host_ids, images_dino, offset, grounding_targets,
+                          sample_ids) -> dict:
         """Vision branch + grounding criterion; the j-th grounding target of a row is grounded from the
         hidden state before the row's j-th `[VG]`.
 
-        No host<->device round trip happens before the matcher's (one per step) when ``offset`` is a host
-        tensor or None, so the host can queue the vision branch while the GPU is still busy: the `[VG]`
-        columns are found on the device, and the check that a row has as many `[VG]` tokens as targets
-        reads counts copied early, after the criterion. An ``offset`` on the device costs one sync.
+        No host<->device round trip happens here when ``offset`` is a host tensor or None (and none in the
+        criterion when it matches on the GPU), so the host queues the vision branch and the backward while
+        the GPU is still busy: the `[VG]` columns are found on the device, and the check that a row has as
+        many `[VG]` tokens as targets reads the host copy of the ids. An ``offset`` on the device costs one sync.
         """
         num_rows = input_ids.shape[0]
         target_boxes, query_rows, query_slots, expected = [], [], [], {}
@@ -339,19 +371,18 @@ class ChatterBox(nn.Module):
                     query_rows.append(row)
                     query_slots.append(slot)
                     target_boxes.append(boxes.to(hidden.device, torch.float32))
-        outputs, vg_counts, vg_counts_copied = None, None, None
+        outputs = None
         if target_boxes:
             if images_dino is None:
                 raise ValueError("the batch has grounding targets but no images_dino")
+            found = (host_ids[:, 1:] == self.token_ids.vg).sum(dim=1).tolist()  # as positions_before_token
+            for row, count in expected.items():
+                if found[row] != count:
+                    raise ValueError(f"{_where(sample_ids, row)}: {found[row]} [VG] tokens but {count} "
+                                     f"grounding targets")
             row_to_image = self._row_to_image(offset, num_rows, images_dino.shape[0])  # host
-            before_vg = torch.zeros_like(input_ids, dtype=torch.bool)  # as positions_before_token
+            before_vg = torch.zeros_like(input_ids, dtype=torch.bool)
             before_vg[:, :-1] = input_ids[:, 1:] == self.token_ids.vg
-            vg_counts = before_vg.sum(dim=1)
-            if vg_counts.is_cuda:  # copy now, read after the criterion: by then it waits for nothing
-                vg_counts_copied = torch.cuda.Event()
-                vg_counts = torch.empty(vg_counts.shape, dtype=vg_counts.dtype, pin_memory=True).copy_(
-                    vg_counts, non_blocking=True)
-                vg_counts_copied.record(torch.cuda.current_stream(input_ids.device))
             rows_slots = torch.tensor([query_rows, query_slots]).to(input_ids.device, non_blocking=True)
             rows, slots = rows_slots[0], rows_slots[1]
             candidates = before_vg[rows]  # [Q, L]: the position whose rank in its row is slot + 1
@@ -360,21 +391,12 @@ class ChatterBox(nn.Module):
             used_images, query_image_index = torch.unique(row_to_image[torch.tensor(query_rows)], return_inverse=True)
             vision_dtype = next(self.vision_branch.input_proj.parameters()).dtype
             if used_images.tolist() != list(range(images_dino.shape[0])):  # host tensors: no sync
-                images_dino = images_dino.index_select(0, used_images.to(images_dino.device))
+                images_dino = images_dino.index_select(0, used_images.to(images_dino.device, non_blocking=True))
             features = self.vision_branch.forward_backbone(images_dino.to(vision_dtype))
             # query_image_index stays on the host: the vision branch validates it there.
             outputs = self.vision_branch.forward_enc_dec(features, queries.to(vision_dtype), query_image_index)
         # Called on every batch so that its cross-rank collective never desynchronises (spec §5.2.23).
-        losses = self.grounding_criterion(outputs, target_boxes, device=hidden.device)
-        if vg_counts is not None:
-            if vg_counts_copied is not None:
-                vg_counts_copied.synchronize()
-            found = vg_counts.tolist()
-            for row, count in expected.items():
-                if found[row] != count:
-                    raise ValueError(f"{_where(sample_ids, row)}: {found[row]} [VG] tokens but {count} "
-                                     f"grounding targets")
-        return losses
+        return self.grounding_criterion(outputs, target_boxes, device=hidden.device)
 
     # ------------------------------------------------------------------------------------------------
     # generation

@@ -81,6 +81,7 @@ class ClipTower(nn.Module):
         return ClipFeatures(image_tokens=taps[0], region_levels=list(taps[1:]))
 
     def _tapped_states(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """[image tokens, *region levels], CLS dropped."""
+        """[image tokens, *region levels], CLS dropped; contiguous, so the eager and the graphed tower hand
+        the same layout to the layers after them (whose kernels may depend on it)."""
         states = self.vision_model(pixel_values=images, output_hidden_states=True).hidden_states
-        return [states[i][:, 1:] for i in (self.cfg.image_feature_layer, *self.cfg.region_feature_layers)]
+        return [states[i][:, 1:].contiguous() for i in (self.cfg.image_feature_layer, *self.cfg.region_feature_layers)]
