@@ -15,7 +15,7 @@ def test_tiny_profile_attributes_work_to_stages(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(tmp_path)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "profile_ours_grounding.json").read_text())
+    result = json.loads((tmp_path / "profile_ours-uncompiled_grounding.json").read_text())
     assert result["queries_per_batch"] and result["queries_per_batch"][0] > 0
     vision, step = result["vision_alone"], result["step"]
     for part in (vision, step):
@@ -30,5 +30,5 @@ def test_tiny_profile_attributes_work_to_stages(tmp_path):
     assert {"llm.decoder", "bwd:llm.decoder", "step.backward", "vision.matcher"} <= set(step["stages"])
     assert step["stages"]["vision.backbone"]["cpu_ms"] > 0
     assert step["sync_sites"]["note"].startswith("CPU run")
-    report = (tmp_path / "profile_ours_grounding.md").read_text()
+    report = (tmp_path / "profile_ours-uncompiled_grounding.md").read_text()
     assert "## Vision branch alone" in report and "| vision.matcher |" in report
