@@ -63,6 +63,7 @@ def main(argv=None) -> int:
                              "region_encoder")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                         help="fp32 separates real differences from bf16 rounding (which can flip matches)")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager needs no compiler)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
         for module in model.modules():  # undo the previous variant's nn.Module.compile
             module._compiled_call_impl = None
         for block in blocks(model, variant):
-            block.compile()
+            block.compile(backend=args.backend)
         started = time.perf_counter()
         one_step(model, batch)  # compiles
         first_s = time.perf_counter() - started
