@@ -190,6 +190,18 @@ def build_batch(ids: SpecialTokenIds, shape: StreamShape, task: str, micro_batch
     )
 
 
+def stream_batches(model, cfg, stream: str, micro_batch: int, count: int, generator: torch.Generator,
+                   device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """``count`` batches of ``stream`` with ``STREAM_SHAPES[stream]`` and random content for ``model`` (its
+    tokenizer's text ids, the config's image sizes; DINO images only for grounding), moved to ``device``."""
+    from chatterbox.train.loop import move_batch
+
+    text_vocab = min(cfg.language.vocab_size, len(model.tokenizer) - 5)
+    dino = cfg.vision.image_size if stream == "grounding" else None
+    return [move_batch(build_batch(model.token_ids, STREAM_SHAPES[stream], stream, micro_batch, text_vocab,
+                                   cfg.clip.image_size, dino, generator), device, dtype) for _ in range(count)]
+
+
 def row_lengths(batch: dict) -> list[int]:
     return [int(n) for n in batch["attention_mask"].sum(dim=1)]
 
@@ -325,7 +337,7 @@ def run_mode(args) -> dict:
     from chatterbox.model.flops import llm_matmul_params, llm_step_flops
     from chatterbox.train.distributed import init_distributed
     from chatterbox.train.engine import build_engine, use_stream
-    from chatterbox.train.loop import PRECISION_DTYPES, move_batch
+    from chatterbox.train.loop import PRECISION_DTYPES
 
     mode = args.mode
     upstream_like = mode.startswith("upstream")
@@ -374,13 +386,8 @@ def run_mode(args) -> dict:
     streams.sort(key=STREAMS.index)  # grounding first: its activation memory calibrates the plan
 
     generator = torch.Generator().manual_seed(args.seed)
-    text_vocab = min(cfg.language.vocab_size, len(model.tokenizer) - 5)
-    batches = {}
-    for s in streams:
-        dino = cfg.vision.image_size if s == "grounding" else None
-        batches[s] = [move_batch(build_batch(model.token_ids, STREAM_SHAPES[s], s, args.micro_batch, text_vocab,
-                                             cfg.clip.image_size, dino, generator), device, dtype)
-                      for _ in range(args.distinct_batches)]
+    batches = {s: stream_batches(model, cfg, s, args.micro_batch, args.distinct_batches, generator, device, dtype)
+               for s in streams}
 
     # Phase A: the LLM alone, before the engine exists; calibrates activation bytes per token.
     capacity = torch.cuda.get_device_properties(device).total_memory if on_gpu else None

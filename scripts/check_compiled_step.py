@@ -69,8 +69,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    from chatterbox.train.loop import move_batch
-
     model, cfg = bench.build_model(args, "ours-uncompiled", device, dtype)
     model.train()
     for module in model.modules():  # no dropout or drop-path: the variants must compute the same function
@@ -79,11 +77,8 @@ def main(argv=None) -> int:
         if hasattr(module, "drop_prob"):
             module.drop_prob = 0.0
     model.set_gradient_checkpointing(0)
-    text_vocab = min(cfg.language.vocab_size, len(model.tokenizer) - 5)
-    dino = cfg.vision.image_size if args.stream == "grounding" else None
-    batch = move_batch(bench.build_batch(model.token_ids, bench.STREAM_SHAPES[args.stream], args.stream,
-                                         args.micro_batch, text_vocab, cfg.clip.image_size, dino,
-                                         torch.Generator().manual_seed(args.seed)), device, dtype)
+    batch = bench.stream_batches(model, cfg, args.stream, args.micro_batch, 1,
+                                 torch.Generator().manual_seed(args.seed), device, dtype)[0]
     report, reference = {}, None
     for variant in args.variants.split(","):
         torch._dynamo.reset()

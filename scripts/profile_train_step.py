@@ -308,7 +308,7 @@ def run(args) -> dict:
     from chatterbox.model.flops import llm_matmul_params
     from chatterbox.train.distributed import init_distributed
     from chatterbox.train.engine import build_engine, use_stream
-    from chatterbox.train.loop import PRECISION_DTYPES, move_batch
+    from chatterbox.train.loop import PRECISION_DTYPES
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,11 +332,8 @@ def run(args) -> dict:
     num_layers = llm_matmul_params(model.causal_lm).num_layers
     model.set_gradient_checkpointing(num_layers if upstream_like else args.checkpoint_layers)
     generator = torch.Generator().manual_seed(args.seed)
-    text_vocab = min(cfg.language.vocab_size, len(model.tokenizer) - 5)
-    dino = cfg.vision.image_size if args.stream == "grounding" else None
-    batches = [move_batch(bench.build_batch(model.token_ids, bench.STREAM_SHAPES[args.stream], args.stream,
-                                            args.micro_batch, text_vocab, cfg.clip.image_size, dino, generator),
-                          device, dtype) for _ in range(args.distinct_batches)]
+    batches = bench.stream_batches(model, cfg, args.stream, args.micro_batch, args.distinct_batches, generator,
+                                   device, dtype)
     result["queries_per_batch"] = [sum(len(t) for t in b["grounding_targets"]) for b in batches]
     result["target_boxes_per_batch"] = [sum(len(x) for t in b["grounding_targets"] for x in t) for b in batches]
 

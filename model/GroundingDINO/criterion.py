@@ -6,10 +6,11 @@ Fixes over upstream: a query may have several target boxes (upstream crashes), a
 all-reduced on every call, also on a rank without grounding samples (call ``criterion(None, [], device)``
 there), so no rank can hang in the collective.
 
-Speed: all layers are matched with one device->host copy (HungarianMatcher.match_layers), their matched
-indices go back in one host->device copy, and every loss term is computed for all layers at once on
-stacked tensors, so the criterion costs a few dozen kernels and one round trip whatever the layer and
-query counts (upstream: one round trip per sample per layer plus one per boolean-mask selection).
+Speed: all layers are matched at once, on the GPU (HungarianMatcher.match_layers_on_device: no round
+trip) or with one device->host copy and scipy (match_layers, whose indices go back in one host->device
+copy), and every loss term is computed for all layers at once on stacked tensors, so the criterion costs
+a few dozen kernels whatever the layer and query counts (upstream: one round trip per sample per layer
+plus one per boolean-mask selection).
 """
 from __future__ import annotations
 

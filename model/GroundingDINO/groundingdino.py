@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbone import BackboneFeatures, Joiner, SinePositionEncoding, SwinTransformer, downsample_mask
 from chatterbox.model.frozen_graphs import FrozenGraphRunner
 
+from .backbone import BackboneFeatures, Joiner, SinePositionEncoding, SwinTransformer, downsample_mask
 from .config import VisionBranchConfig, load_vision_config
 from .heads import MLP, ContrastiveEmbed, inverse_sigmoid
 from .transformer import DeformableTransformer
