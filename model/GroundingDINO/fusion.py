@@ -52,11 +52,15 @@ class BiMultiHeadAttention(nn.Module):
         key = self._heads(self.l_proj(l))
         logits = query @ key.transpose(-1, -2)  # [N, H, Sv, T]
         # Shift by the per-sample maximum before clamping (upstream shifts by the batch maximum; per
-        # sample keeps each query's result independent of what else is in the batch).
-        logits = logits - logits.amax(dim=(1, 2, 3), keepdim=True)
+        # sample keeps each query's result independent of what else is in the batch). The shifts are
+        # detached: a softmax does not change under a shift along its dimension, so their gradient is zero
+        # (up to rounding, while the clamp does not bite) and upstream's gradients are kept; amax's backward
+        # (gradient split over ties) gave non-finite gradients in the bf16 step compiled by torch.compile.
+        logits = logits - logits.detach().amax(dim=(1, 2, 3), keepdim=True)
         logits = logits.clamp(-self.logit_clamp, self.logit_clamp)
         logits_l = logits.transpose(-1, -2)
-        logits_l = (logits_l - logits_l.amax(dim=-1, keepdim=True)).clamp(-self.logit_clamp, self.logit_clamp)
+        logits_l = (logits_l - logits_l.detach().amax(dim=-1, keepdim=True)).clamp(-self.logit_clamp,
+                                                                                   self.logit_clamp)
         if v_padding_mask is not None:
             logits_l = logits_l.masked_fill(v_padding_mask[:, None, None, :], float("-inf"))
         if l_padding_mask is not None:
