@@ -21,9 +21,9 @@ Modes (each in its own process when --compare):
   checkpointing only on as many LLM layers as memory needs (planned from the measured activation bytes
   per token), vision-branch checkpointing off, the frozen CLIP and Swin replayed from CUDA graphs
   (train.cuda_graph_frozen_encoders), the LLM layers and the vision encoder/decoder layers compiled
-  (train.compile_layers=all, ChatterBox.compilable_blocks), ONE engine; ``ours-uncompiled``: the same
-  without compiling,
-  ``ours-eager-encoders``: that with the encoders run eagerly too;
+  (train.compile_layers=all, ChatterBox.compilable_blocks), ONE engine; ``ours-compiled-fusion``: the same
+  with the image-text fusion layers compiled too (slower: docs/BENCHMARKS.md); ``ours-uncompiled``: the same
+  without compiling, ``ours-eager-encoders``: that with the encoders run eagerly too;
 * ``upstream``: fp16 with dynamic loss scaling, eager attention, gradient checkpointing of every LLM
   layer and of the vision transformer (upstream's settings), THREE engines built around the one model
   (referring, VQA, grounding; all work through the last), as upstream's stage 2 does
@@ -72,9 +72,10 @@ STREAMS = ("grounding", "referring", "vqa")
 #: optimizer steps of each stream per 10 global steps of stage 2 (spec/upstream.md §2.5)
 STAGE2_CADENCE = {"referring": 1, "grounding": 10, "vqa": 2}
 UPSTREAM_ACCUMULATION = 20
-#: ours (the 13b/7b configs' settings); ours without compiled blocks; that without the frozen encoders'
-#: CUDA graphs either; upstream (fp16, eager, full checkpointing, three engines); the same with one engine
-MODES = ("ours", "ours-uncompiled", "ours-eager-encoders", "upstream", "upstream-1engine")
+#: ours (the 13b/7b configs' settings); that with the fusion layers compiled too; ours without compiled blocks;
+#: that without the frozen encoders' CUDA graphs either; upstream (fp16, eager, full checkpointing, three
+#: engines); the same with one engine
+MODES = ("ours", "ours-compiled-fusion", "ours-uncompiled", "ours-eager-encoders", "upstream", "upstream-1engine")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,9 +304,12 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
     model.to(device=device, dtype=dtype)
     # As training does on a GPU (train.cuda_graph_frozen_encoders); upstream runs them eagerly.
-    model.use_frozen_encoder_graphs(mode in ("ours", "ours-uncompiled"))
-    if mode == "ours":  # train.compile_layers: all (the 13b/7b configs' setting)
+    model.use_frozen_encoder_graphs(mode in ("ours", "ours-compiled-fusion", "ours-uncompiled"))
+    if mode in ("ours", "ours-compiled-fusion"):  # train.compile_layers: all (the 13b/7b configs' setting)
         model.compile_layers()
+    if mode == "ours-compiled-fusion":
+        for block in model.vision_branch.transformer.encoder.fusion_layers:
+            block.compile()
     return model, cfg
 
 
@@ -495,7 +499,7 @@ def run_mode(args) -> dict:
             peak_memory_gb=peak_memory_gb(device), times_s=times, boundary_times_s=boundary_times))
     result["streams"] = [asdict(r) for r in per_stream]
     result["stage2"] = stage2_summary(per_stream)
-    if mode == "ours":
+    if mode in ("ours", "ours-compiled-fusion"):
         from torch._dynamo.utils import counters
 
         result["compile"] = {"stats": dict(counters["stats"]), "graph_breaks": sum(counters["graph_break"].values()),
