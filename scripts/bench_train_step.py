@@ -305,11 +305,12 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
     model.to(device=device, dtype=dtype)
     # As training does on a GPU (train.cuda_graph_frozen_encoders); upstream runs them eagerly.
     model.use_frozen_encoder_graphs(mode in ("ours", "ours-compiled-fusion", "ours-uncompiled"))
+    backend = getattr(args, "compile_backend", "inductor")
     if mode in ("ours", "ours-compiled-fusion"):  # train.compile_layers: all (the 13b/7b configs' setting)
-        model.compile_layers()
+        model.compile_layers(backend=backend)
     if mode == "ours-compiled-fusion":
         for block in model.vision_branch.transformer.encoder.fusion_layers:
-            block.compile()
+            block.compile(backend=backend)
     return model, cfg
 
 

@@ -1,5 +1,6 @@
-"""scripts/profile_train_step.py on the CPU (--tiny): both parts are timed and profiled, and the
-forward and backward work is charged to the named stages of the model."""
+"""scripts/profile_train_step.py on the CPU (--tiny): both parts are timed and profiled, the forward and
+backward work is charged to the named stages of the model, and compiled blocks are profiled without
+recompiling."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ SCRIPT = REPO_ROOT / "scripts" / "profile_train_step.py"
 
 
 def test_tiny_profile_attributes_work_to_stages(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(tmp_path)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--mode", "ours-uncompiled", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "profile_ours-uncompiled_grounding.json").read_text())
     assert result["queries_per_batch"] and result["queries_per_batch"][0] > 0
@@ -32,3 +33,17 @@ def test_tiny_profile_attributes_work_to_stages(tmp_path):
     assert step["sync_sites"]["note"].startswith("CPU run")
     report = (tmp_path / "profile_ours-uncompiled_grounding.md").read_text()
     assert "## Vision branch alone" in report and "| vision.matcher |" in report
+
+
+def test_tiny_profile_of_compiled_blocks_does_not_recompile(tmp_path):
+    # aot_eager traces as inductor would (dynamo guards included) without needing a C++ compiler.
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--mode", "ours", "--compile-backend", "aot_eager",
+                           "--out", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "profile_ours_grounding.json").read_text())
+    vision, step = result["vision_alone"], result["step"]
+    assert vision["graphs_compiled_while_profiling"] == 0 and step["graphs_compiled_while_profiling"] == 0
+    # Compiled layers carry no range of their own; their work lands in the enclosing stages.
+    assert "vision.decoder.layer" not in vision["stages"] and "vision.encoder.deformable_layer" not in vision["stages"]
+    assert {"vision.decoder", "bwd:vision.decoder", "vision.encoder.fusion"} <= set(vision["stages"])
+    assert {"llm.decoder", "bwd:llm.decoder", "step.backward"} <= set(step["stages"])
