@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from check_compiled_step import relative_errors  # noqa: E402
 from chatterbox.model.presets import preset  # noqa: E402
 from chatterbox.model.region_encoder import RegionEncoder  # noqa: E402
 
@@ -118,10 +120,8 @@ def main(argv=None) -> int:
             reference = (out, grads)
         else:
             ref_out, ref_grads = reference
-            entry["output_rel_err"] = float((out - ref_out).norm() / ref_out.norm())
-            num = sum(float((grads[n] - g).square().sum()) for n, g in ref_grads.items())
-            den = sum(float(g.square().sum()) for g in ref_grads.values())
-            entry["grad_rel_err"] = (num / den) ** 0.5
+            entry["output_rel_err"] = relative_errors({"out": out}, {"out": ref_out})["all"]
+            entry["grad_rel_err"] = relative_errors(grads, ref_grads)["all"]
         report["variants"][variant] = entry
         print(f"[{variant}] {json.dumps(entry)}", flush=True)
     if args.json:

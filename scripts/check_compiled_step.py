@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 import bench_train_step as bench  # noqa: E402
 
+
 def blocks(model, variant: str) -> list:
     """The blocks a variant compiles: ``language``/``vision``/``all`` as ChatterBox.compile_layers, or one
     kind of vision block (``fusion``, ``text``, ``encoder``, ``decoder``) to find which one changes a step."""
@@ -41,6 +42,17 @@ def group_of(name: str) -> str:
         if name.startswith(prefix):
             return prefix
     return "other"
+
+
+def relative_errors(values: dict, reference: dict, group=lambda name: "all") -> dict[str, float]:
+    """|x - x_ref| / |x_ref| over all tensors of a group together (``group(name)``; default one group): a
+    single tensor's relative error is meaningless where its true value is ~0, e.g. a bias before a norm."""
+    sums: dict[str, list[float]] = {}
+    for name, value in values.items():
+        total = sums.setdefault(group(name), [0.0, 0.0])
+        total[0] += (value - reference[name]).square().sum().item()
+        total[1] += reference[name].square().sum().item()
+    return {key: (diff / max(ref, 1e-30)) ** 0.5 for key, (diff, ref) in sums.items()}
 
 
 def one_step(model, batch) -> tuple[dict, dict]:
@@ -96,15 +108,7 @@ def main(argv=None) -> int:
         if reference is None:
             reference = grads
         else:
-            # Per parameter group: |g - g_eager| / |g_eager| over all its gradients together (a single
-            # tensor's relative error is meaningless where its true gradient is ~0, e.g. a bias before a norm).
-            sums: dict[str, list[float]] = {}
-            for name, grad in grads.items():
-                total = sums.setdefault(group_of(name), [0.0, 0.0])
-                total[0] += (grad - reference[name]).square().sum().item()
-                total[1] += reference[name].square().sum().item()
-            worst = {group: (diff / max(ref, 1e-30)) ** 0.5 for group, (diff, ref) in sums.items()}
-            entry["relative_grad_error"] = worst
+            entry["relative_grad_error"] = relative_errors(grads, reference, group_of)
         report[variant] = entry
         print(f"[{variant}] {json.dumps(entry)}", flush=True)
     if args.json:

@@ -3,19 +3,14 @@ variants' outputs and gradients with the eager ones."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import run_script
 
 
 def test_region_encoder_benchmark_reports_times_and_agreement(tmp_path):
     out = tmp_path / "region.json"
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_region_encoder.py"), "--preset", "tiny",
-                           "--device", "cpu", "--images", "2", "--warmup", "1", "--reps", "2",
-                           "--variants", "eager,cudnn_benchmark", "--json", str(out)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script("bench_region_encoder.py", "--preset", "tiny", "--device", "cpu", "--images", "2", "--warmup", "1",
+               "--reps", "2", "--variants", "eager,cudnn_benchmark", "--json", out)
     report = json.loads(out.read_text())
     assert report["images"] == 2 and report["boxes"] == 6 and report["fwd_bwd_tflop_approx"] > 0
     assert list(report["variants"]) == ["eager", "cudnn_benchmark"]

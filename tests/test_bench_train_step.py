@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import statistics
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 from chatterbox.model.llava_llama import check_image_layout
 from chatterbox.tokens import special_token_ids
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_script
 
 SCRIPT = REPO_ROOT / "scripts" / "bench_train_step.py"
 
@@ -80,9 +79,7 @@ def test_checkpoint_plan(bench):
 
 def test_tiny_run_compares_both_modes(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script("bench_train_step.py", "--tiny", "--out", out)
     summary = json.loads((out / "bench_train_step.json").read_text())
     ours, upstream = summary["results"]["ours"], summary["results"]["upstream"]
     assert (ours["engines"], upstream["engines"]) == (1, 3)

@@ -3,19 +3,14 @@ gradients in fp32, and the report names non-finite gradients (none here)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import run_script
 
 
 def test_tiny_compiled_step_matches_eager_in_fp32(tmp_path):
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "check_compiled_step.py"), "--preset", "tiny",
-                           "--device", "cpu", "--micro-batch", "2", "--dtype", "fp32", "--backend", "aot_eager",
-                           "--variants", "eager,all,fusion", "--json", str(out)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script("check_compiled_step.py", "--preset", "tiny", "--device", "cpu", "--micro-batch", "2", "--dtype", "fp32",
+               "--backend", "aot_eager", "--variants", "eager,all,fusion", "--json", out, timeout=600)
     report = json.loads(out.read_text())
     assert list(report) == ["eager", "all", "fusion"]
     eager = report["eager"]["losses"]

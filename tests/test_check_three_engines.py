@@ -3,20 +3,14 @@ are counted per backward, and training through the last engine updates the weigh
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import REPO_ROOT
-
-SCRIPT = REPO_ROOT / "scripts" / "check_three_engines.py"
+from tests.conftest import run_script
 
 
 def test_each_engines_hook_calls_are_counted(tmp_path):
     out = tmp_path / "three.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--precision", "fp32", "--width", "64",
-                           "--parameters", "20000", "--engines", "3", "--gas", "2", "--cycles", "1",
-                           "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script("check_three_engines.py", "--device", "cpu", "--precision", "fp32", "--width", "64", "--parameters",
+               "20000", "--engines", "3", "--gas", "2", "--cycles", "1", "--json", out)
     result = json.loads(out.read_text())
     weights_and_biases = 2 * round(20000 / (64 * 64 + 64))
     assert result["trainable_parameters"] == weights_and_biases // 2 * (64 * 64 + 64)

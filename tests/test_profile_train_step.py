@@ -4,18 +4,12 @@ recompiling."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import REPO_ROOT
-
-SCRIPT = REPO_ROOT / "scripts" / "profile_train_step.py"
+from tests.conftest import run_script
 
 
 def test_tiny_profile_attributes_work_to_stages(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--mode", "ours-uncompiled", "--out", str(tmp_path)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script("profile_train_step.py", "--tiny", "--mode", "ours-uncompiled", "--out", tmp_path)
     result = json.loads((tmp_path / "profile_ours-uncompiled_grounding.json").read_text())
     assert result["queries_per_batch"] and result["queries_per_batch"][0] > 0
     vision, step = result["vision_alone"], result["step"]
@@ -37,9 +31,7 @@ def test_tiny_profile_attributes_work_to_stages(tmp_path):
 
 def test_tiny_profile_of_compiled_blocks_does_not_recompile(tmp_path):
     # aot_eager traces as inductor would (dynamo guards included) without needing a C++ compiler.
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--mode", "ours", "--compile-backend", "aot_eager",
-                           "--out", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script("profile_train_step.py", "--tiny", "--mode", "ours", "--compile-backend", "aot_eager", "--out", tmp_path)
     result = json.loads((tmp_path / "profile_ours_grounding.json").read_text())
     vision, step = result["vision_alone"], result["step"]
     assert vision["graphs_compiled_while_profiling"] == 0 and step["graphs_compiled_while_profiling"] == 0
