@@ -20,8 +20,10 @@ Modes (each in its own process when --compare):
 * ``ours``: bf16, SDPA attention (causal flash kernel: right padding needs no mask), gradient
   checkpointing only on as many LLM layers as memory needs (planned from the measured activation bytes
   per token), vision-branch checkpointing off, the frozen CLIP and Swin replayed from CUDA graphs
-  (train.cuda_graph_frozen_encoders), the LLM layers and the vision encoder/decoder layers compiled
-  (train.compile_layers=all, ChatterBox.compilable_blocks), ONE engine; ``ours-compiled-fusion``: the same
+  (train.cuda_graph_frozen_encoders), the grounding step's vision part and loss replayed from CUDA graphs
+  (train.cuda_graph_grounding_loss), the LLM layers and the vision encoder/decoder layers compiled
+  (train.compile_layers=all, ChatterBox.compilable_blocks), ONE engine; ``ours-eager-grounding``: the same
+  with the grounding step's vision part run eagerly (as before session 6); ``ours-compiled-fusion``: the same
   with the image-text fusion layers compiled too (slower: docs/BENCHMARKS.md); ``ours-uncompiled``: the same
   without compiling, ``ours-eager-encoders``: that with the encoders run eagerly too;
 * ``upstream``: fp16 with dynamic loss scaling, eager attention, gradient checkpointing of every LLM
@@ -75,7 +77,9 @@ UPSTREAM_ACCUMULATION = 20
 #: ours (the 13b/7b configs' settings); that with the fusion layers compiled too; ours without compiled blocks;
 #: that without the frozen encoders' CUDA graphs either; upstream (fp16, eager, full checkpointing, three
 #: engines); the same with one engine
-MODES = ("ours", "ours-compiled-fusion", "ours-uncompiled", "ours-eager-encoders", "upstream", "upstream-1engine")
+MODES = ("ours", "ours-eager-grounding", "ours-compiled-fusion", "ours-uncompiled", "ours-eager-encoders", "upstream",
+         "upstream-1engine")
+COMPILED_MODES = ("ours", "ours-eager-grounding", "ours-compiled-fusion")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,9 +308,12 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
     model.to(device=device, dtype=dtype)
     # As training does on a GPU (train.cuda_graph_frozen_encoders); upstream runs them eagerly.
-    model.use_frozen_encoder_graphs(mode in ("ours", "ours-compiled-fusion", "ours-uncompiled"))
+    model.use_frozen_encoder_graphs(mode in ("ours", "ours-eager-grounding", "ours-compiled-fusion", "ours-uncompiled"))
+    # train.cuda_graph_grounding_loss (on for GPUs)
+    model.use_grounding_loss_graphs(mode in ("ours", "ours-compiled-fusion", "ours-uncompiled"),
+                                    query_multiple=getattr(args, "graph_query_multiple", 4))
     backend = getattr(args, "compile_backend", "inductor")
-    if mode in ("ours", "ours-compiled-fusion"):  # train.compile_layers: all (the 13b/7b configs' setting)
+    if mode in COMPILED_MODES:  # train.compile_layers: all (the 13b/7b configs' setting)
         model.compile_layers(backend=backend)
     if mode == "ours-compiled-fusion":
         for block in model.vision_branch.transformer.encoder.fusion_layers:
@@ -500,7 +507,7 @@ def run_mode(args) -> dict:
             peak_memory_gb=peak_memory_gb(device), times_s=times, boundary_times_s=boundary_times))
     result["streams"] = [asdict(r) for r in per_stream]
     result["stage2"] = stage2_summary(per_stream)
-    if mode in ("ours", "ours-compiled-fusion"):
+    if mode in COMPILED_MODES:
         from torch._dynamo.utils import counters
 
         result["compile"] = {"stats": dict(counters["stats"]), "graph_breaks": sum(counters["graph_break"].values()),
@@ -564,7 +571,7 @@ def compare(args) -> dict:
         if args.mode_timeout:
             cmd += ["--hang-dump", str(max(1, args.mode_timeout - 20))]
         for key in ("preset", "device", "streams", "micro_batch", "gas", "cycles", "distinct_batches",
-                    "llm_only_reps", "peak_size", "peak_reps", "seed", "memory_fraction"):
+                    "llm_only_reps", "peak_size", "peak_reps", "seed", "memory_fraction", "graph_query_multiple"):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         print("+ " + " ".join(cmd), flush=True)  # the child prints its progress and table
         started = time.perf_counter()
@@ -612,6 +619,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gas", type=int, default=3, help="accumulation steps of the timed cycles")
     parser.add_argument("--cycles", type=int, default=2, help="timed accumulation cycles (after one warm-up)")
     parser.add_argument("--distinct-batches", type=int, default=3)
+    parser.add_argument("--graph-query-multiple", type=int, default=4,
+                        help="grounding graphs: pad the query count to a multiple of this")
     parser.add_argument("--llm-only-reps", type=int, default=3)
     parser.add_argument("--peak-size", type=int, default=8192)
     parser.add_argument("--peak-reps", type=int, default=20)

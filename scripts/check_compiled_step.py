@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model, cfg = bench.build_model(args, "ours-uncompiled", device, dtype)
+    model.use_grounding_loss_graphs(False)  # the variants differ only in what is compiled
     model.train()
     for module in model.modules():  # no dropout or drop-path: the variants must compute the same function
         if isinstance(module, torch.nn.Dropout):

@@ -45,12 +45,17 @@ fi
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "== GPU tests (PyTorch deformable attention so they need not wait for the build)"
-  CHATTERBOX_MSDA_BACKEND=pytorch $PY -m pytest tests/test_model_gpu.py tests/test_vision_gpu.py tests/test_frozen_graphs.py -q -rs \
-    -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  CHATTERBOX_MSDA_BACKEND=pytorch $PY -m pytest tests/test_model_gpu.py tests/test_vision_gpu.py tests/test_frozen_graphs.py \
+    tests/test_matcher_batched.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 fi
 
 [ -n "$BUILD" ] && wait $BUILD
 echo "== kernel build: $(tail -1 "$BUILD_LOG")"
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  echo "== GPU tests that need the kernel (CUDA-graph capture of the grounding step)"
+  $PY -m pytest tests/test_grounding_graphs.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests_kernel.log" | tail -15
+fi
 
 if [ "${PROFILE:-0}" = 1 ]; then
   if [ -n "${BEFORE_TREE:-}" ]; then

@@ -479,7 +479,8 @@ def format_report(result: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("ours", "ours-uncompiled", "ours-eager-encoders", "upstream"),
+    parser.add_argument("--mode", choices=("ours", "ours-eager-grounding", "ours-uncompiled", "ours-eager-encoders",
+                                           "upstream"),
                         default="ours", help="as in bench_train_step.py; upstream = its upstream-1engine. "
                         "Compiled blocks get no per-module range (their time goes to the enclosing stage)")
     parser.add_argument("--compile-backend", default="inductor",

@@ -12,7 +12,8 @@ from scipy.optimize import linear_sum_assignment
 from chatterbox.boxes import cxcywh_to_xyxy, elementwise_giou, pairwise_giou
 from model.GroundingDINO import GroundingCriterion, HungarianMatcher, VisionBranchConfig
 from model.GroundingDINO.criterion import sigmoid_focal_loss
-from model.GroundingDINO.matcher import batched_min_cost_assignment, focal_match_cost, pad_target_boxes
+from model.GroundingDINO.matcher import (batched_min_cost_assignment, focal_match_cost, pad_target_boxes,
+                                         real_target_mask)
 
 ALPHA, GAMMA = 0.25, 2.0
 
@@ -209,14 +210,58 @@ def test_device_matching_finds_the_host_matches_of_every_layer(seed):
     predictions = [(lay["pred_logits"], lay["pred_boxes"]) for lay in layers]
     matcher = HungarianMatcher()
     host = matcher.match_layers(predictions, outputs["text_token_mask"], targets)
-    device = matcher.match_layers_on_device(predictions, outputs["text_token_mask"], counts, pad_target_boxes(targets))
-    assert device.shape == (7, sum(counts))
+    padded = pad_target_boxes(targets)
+    device = matcher.match_padded(torch.stack([lg for lg, _ in predictions]), torch.stack([bx for _, bx in predictions]),
+                                  outputs["text_token_mask"], padded, real_target_mask(counts, padded.shape[1]))
+    assert device.shape == (7, len(counts), max(counts))
     for layer, (on_device, on_host) in enumerate(zip(device, host)):
-        start = 0
         for q, (rows, cols) in enumerate(on_host):
-            got = on_device[start:start + counts[q]]  # decoder query of target 0, 1, ...
-            start += counts[q]
+            got = on_device[q, :counts[q]]  # decoder query of target 0, 1, ...
             assert sorted(zip(cols.tolist(), rows.tolist())) == list(enumerate(got.tolist())), (layer, q)
+            assert len(set(on_device[q].tolist())) == max(counts)  # padding slots take other decoder queries
+
+
+def pad_queries(outputs, extra: int):
+    """The outputs with ``extra`` padding queries appended (random predictions, one valid token)."""
+    filler = random_outputs(99, num_q=extra, nq=outputs["pred_boxes"].shape[1], slots=outputs["text_token_mask"].shape[1],
+                            padded_to=outputs["pred_logits"].shape[-1])
+
+    def cat(layer, more):
+        return {k: torch.cat([layer[k], more[k].detach()]) for k in ("pred_logits", "pred_boxes")}
+    return {**cat(outputs, filler), "text_token_mask": torch.cat([outputs["text_token_mask"], filler["text_token_mask"]]),
+            "aux_outputs": [cat(a, b) for a, b in zip(outputs["aux_outputs"], filler["aux_outputs"])],
+            "interm_outputs": cat(outputs["interm_outputs"], filler["interm_outputs"])}
+
+
+@pytest.mark.parametrize("ce_normalization", ["num_boxes", "local_matches"])
+def test_padding_queries_and_target_slots_changes_neither_losses_nor_gradients(ce_normalization):
+    """What the CUDA-graphed step relies on: padding queries (query_mask False) and padding target slots
+    (target_mask False) add nothing, so fixed shapes give the unpadded losses and gradients."""
+    cfg = dataclasses.replace(VisionBranchConfig(), ce_normalization=ce_normalization)
+    criterion = GroundingCriterion(cfg)
+    criterion.matching = "device"
+    counts = [2, 1, 3, 0, 1]
+    targets = random_targets(21, counts)
+    ours = random_outputs(22, padded_to=6)
+    theirs = clone_outputs(ours)
+    want = criterion(theirs, targets)
+
+    padded_layers = [layer for _, layer in criterion.loss_layers(pad_queries(ours, extra=3))]
+    boxes = pad_target_boxes(targets + random_targets(23, [2, 2, 2]))  # padding queries have "targets" too
+    boxes = torch.cat([boxes, torch.full((8, 2, 4), 0.5)], dim=1)  # and two padding slots each: K = 5
+    target_mask = torch.cat([real_target_mask(counts + [0, 0, 0], 3), torch.zeros(8, 2, dtype=torch.bool)], 1)
+    query_mask = torch.arange(8) < 5
+    token_mask = torch.cat([ours["text_token_mask"], torch.ones(3, 3, dtype=torch.bool)])
+    terms = criterion.padded_terms(padded_layers, token_mask, boxes, target_mask, query_mask,
+                                   torch.tensor(float(sum(counts))))
+    got = criterion.named_losses(terms, [suffix for suffix, _ in criterion.loss_layers(ours)], "cpu")
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    got["loss"].backward()
+    want["loss"].backward()
+    for mine, ref in zip(leaves(ours), leaves(theirs)):
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("ce_normalization", ["num_boxes", "local_matches"])

@@ -87,6 +87,7 @@ class ChatterBox(nn.Module):
         self.query_head = QueryHead(cfg.query_head, hidden)
         self.vision_branch = vision_branch
         self.grounding_criterion = GroundingCriterion(vision_branch.cfg)
+        self.grounding_graphs = None  # see use_grounding_loss_graphs
         if cfg.keep_unused_upstream_heads:
             # Dead in upstream too (spec §1.4); present only so its checkpoints round-trip.
             self.tgt_align = nn.Linear(cfg.query_head.out_dim, cfg.query_head.out_dim)
@@ -165,6 +166,16 @@ class ChatterBox(nn.Module):
         of ~1,300 small kernels per training step (chatterbox.model.frozen_graphs)."""
         self.clip_tower.use_cuda_graphs(enabled, max_graphs)
         self.vision_branch.use_backbone_cuda_graphs(enabled and self.vision_branch.cfg.freeze_backbone, max_graphs)
+
+    def use_grounding_loss_graphs(self, enabled: bool = True, **options) -> None:
+        """Run the grounding step's trainable vision part (encoder, decoder, heads, loss; forward and
+        backward) from CUDA graphs where it can (chatterbox.model.grounding_graphs: CUDA, grad enabled, no
+        vision activation checkpointing, at most 8 boxes per query); the eager path elsewhere. Options go
+        to GroundingLossGraphs (``query_multiple``, ``max_graphs``, ``graphs=False`` for its eager form)."""
+        from chatterbox.model.grounding_graphs import GroundingLossGraphs
+
+        self.grounding_graphs = GroundingLossGraphs(self.vision_branch, self.grounding_criterion, **options) \
+            if enabled else None
 
     def compilable_blocks(self, language: bool = True, vision: bool = True) -> list[nn.Module]:
         """The blocks :meth:`compile_layers` compiles: the LLM decoder layers (``language``); the vision
@@ -371,7 +382,7 @@ class ChatterBox(nn.Module):
                                          f"cxcywh normalised, got {tuple(boxes.shape)}")
                     query_rows.append(row)
                     query_slots.append(slot)
-                    target_boxes.append(boxes.to(hidden.device, torch.float32))
+                    target_boxes.append(boxes)
         outputs = None
         if target_boxes:
             if images_dino is None:
@@ -394,8 +405,13 @@ class ChatterBox(nn.Module):
             if used_images.tolist() != list(range(images_dino.shape[0])):  # host tensors: no sync
                 images_dino = images_dino.index_select(0, used_images.to(images_dino.device, non_blocking=True))
             features = self.vision_branch.forward_backbone(images_dino.to(vision_dtype))
+            graphs = self.grounding_graphs
+            if graphs is not None and graphs.accepts(queries, [len(b) for b in target_boxes]):
+                host_boxes = [b.to(torch.float32) if b.device.type == "cpu" else b.float().cpu() for b in target_boxes]
+                return graphs(features, queries.to(vision_dtype), query_image_index, host_boxes)
             # query_image_index stays on the host: the vision branch validates it there.
             outputs = self.vision_branch.forward_enc_dec(features, queries.to(vision_dtype), query_image_index)
+        target_boxes = [b.to(hidden.device, torch.float32) for b in target_boxes]
         # Called on every batch so that its cross-rank collective never desynchronises (spec §5.2.23).
         return self.grounding_criterion(outputs, target_boxes, device=hidden.device)
 

@@ -102,6 +102,8 @@ def train(cfg: ChatterBoxConfig, max_steps: int | None = None) -> dict:
     model = build_model(cfg, dist.device, PRECISION_DTYPES[cfg.train.precision])
     if dist.device.type == "cuda" and cfg.train.cuda_graph_frozen_encoders:
         model.use_frozen_encoder_graphs()
+    if dist.device.type == "cuda" and cfg.train.cuda_graph_grounding_loss:
+        model.use_grounding_loss_graphs()
     if cfg.train.compile_layers != "none":
         model.compile_layers(vision=cfg.train.compile_layers == "all")
     if dist.is_main:

@@ -6,9 +6,9 @@ Fixes over upstream: a query may have several target boxes (upstream crashes), a
 all-reduced on every call, also on a rank without grounding samples (call ``criterion(None, [], device)``
 there), so no rank can hang in the collective.
 
-Speed: all layers are matched at once, on the GPU (HungarianMatcher.match_layers_on_device: no round
-trip) or with one device->host copy and scipy (match_layers, whose indices go back in one host->device
-copy), and every loss term is computed for all layers at once on stacked tensors, so the criterion costs
+Speed: all layers are matched at once, on the GPU (HungarianMatcher.match_padded: no round trip, fixed
+shapes, see ``padded_terms``) or with one device->host copy and scipy (match_layers, whose indices go back
+in one host->device copy), and every loss term is computed for all layers at once on stacked tensors, so the criterion costs
 a few dozen kernels whatever the layer and query counts (upstream: one round trip per sample per layer
 plus one per boolean-mask selection).
 """
@@ -23,7 +23,7 @@ from torch import nn
 from chatterbox.boxes import cxcywh_to_xyxy, elementwise_giou
 
 from .config import VisionBranchConfig
-from .matcher import HungarianMatcher, pad_target_boxes
+from .matcher import HungarianMatcher, pad_target_boxes, real_target_mask
 
 __all__ = ["GroundingCriterion", "sigmoid_focal_loss", "global_num_boxes"]
 
@@ -71,18 +71,6 @@ def _host_pairs(indices: list[list[tuple[np.ndarray, np.ndarray]]], device) -> t
             quads[3, col:col + n] = tgt
             col += n
     return tuple(_to_device(quads, device).unbind(0)), pairs_per_layer
-
-
-def _device_pairs(counts: list[int], matched: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The index tensors of ``match_layers_on_device``'s result [layers, sum(counts)]: layer, query and
-    target indices are known on the host (one copy), the decoder queries stay where they were solved."""
-    num_layers, per_layer = matched.shape
-    query = np.repeat(np.arange(len(counts)), counts)
-    target = np.concatenate([np.arange(k) for k in counts]) if counts else np.zeros(0, dtype=np.int64)
-    known = np.stack([np.repeat(np.arange(num_layers), per_layer), np.tile(query, num_layers),
-                      np.tile(target, num_layers)]).astype(np.int64)
-    layer_idx, query_idx, tgt_idx = _to_device(known, matched.device).unbind(0)
-    return layer_idx, query_idx, matched.reshape(-1), tgt_idx
 
 
 class GroundingCriterion(nn.Module):
@@ -136,11 +124,7 @@ class GroundingCriterion(nn.Module):
             return losses
 
         token_mask = outputs["text_token_mask"]
-        layers = [("", outputs)]
-        layers += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
-        if "interm_outputs" in outputs:
-            layers.append(("_interm", outputs["interm_outputs"]))
-        layers = [(suffix, layer) for suffix, layer in layers if f"loss_ce{suffix}" in self.weight_dict]
+        layers = self.loss_layers(outputs)
         if not layers:
             zero = outputs["pred_boxes"].sum() * 0.0
             return {"loss": zero}
@@ -148,20 +132,36 @@ class GroundingCriterion(nn.Module):
         predictions = [(layer["pred_logits"], layer["pred_boxes"]) for _, layer in layers]
         counts = [int(b.shape[0]) for b in target_boxes]
         if self._matches_on_device(predictions, counts):
-            matched = self.matcher.match_layers_on_device(predictions, token_mask, counts, padded_targets)
-            terms = self._stacked_losses([layer for _, layer in layers], token_mask, padded_targets,
-                                         _device_pairs(counts, matched), [sum(counts)] * len(layers), num_boxes)
+            target_mask = real_target_mask(counts, padded_targets.shape[1]).to(device, non_blocking=True)
+            query_mask = torch.ones(len(counts), dtype=torch.bool, device=device)
+            terms = self.padded_terms([layer for _, layer in layers], token_mask, padded_targets, target_mask,
+                                      query_mask, num_boxes)
         else:
             indices = self.matcher.match_layers_host(predictions, token_mask, target_boxes, padded_targets)
             terms = self._all_layer_losses([layer for _, layer in layers], token_mask, padded_targets, indices,
                                            num_boxes)
-        losses = {}
-        for i, (suffix, _) in enumerate(layers):
-            for name in self.TERMS:
-                losses[name + suffix] = terms[name][i]
-        weights = self._weights([suffix for suffix, _ in layers], device)  # [3, layers]
-        losses["loss"] = (weights * torch.stack([terms[name] for name in self.TERMS])).sum()
-        return losses
+        return self.named_losses(terms, [suffix for suffix, _ in layers], device)
+
+    def loss_layers(self, outputs: dict) -> list[tuple[str, dict]]:
+        """(suffix, predictions) of every output layer that has a loss weight: final, auxiliary, encoder."""
+        layers = [("", outputs)]
+        layers += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        if "interm_outputs" in outputs:
+            layers.append(("_interm", outputs["interm_outputs"]))
+        return [(suffix, layer) for suffix, layer in layers if f"loss_ce{suffix}" in self.weight_dict]
+
+    def named_losses(self, terms: dict[str, torch.Tensor], suffixes: list[str], device) -> dict[str, torch.Tensor]:
+        """{term: [layers]} -> every named term (``loss_ce_0``, ...) and ``loss`` = their weighted sum."""
+        stacked = torch.stack([terms[name] for name in self.TERMS])
+        return {**self.name_terms(stacked, suffixes), "loss": self.weighted_sum(stacked, suffixes, device)}
+
+    def name_terms(self, stacked: torch.Tensor, suffixes: list[str]) -> dict[str, torch.Tensor]:
+        """[3, layers] (loss_ce, loss_bbox, loss_giou per layer) -> {``loss_ce_0``: value, ...}."""
+        return {name + suffix: stacked[t, i] for i, suffix in enumerate(suffixes) for t, name in enumerate(self.TERMS)}
+
+    def weighted_sum(self, stacked: torch.Tensor, suffixes: list[str], device) -> torch.Tensor:
+        """The grounding loss: sum of weight * term over the [3, layers] terms."""
+        return (self._weights(suffixes, device) * stacked).sum()
 
     def _weights(self, suffixes: list[str], device) -> torch.Tensor:
         """[3, layers] weights of (loss_ce, loss_bbox, loss_giou) per layer, made once per device/layout."""
@@ -170,6 +170,40 @@ class GroundingCriterion(nn.Module):
             table = [[self.weight_dict.get(name + suffix, 0.0) for suffix in suffixes] for name in self.TERMS]
             self._weight_cache[key] = torch.tensor(table, dtype=torch.float32, device=device)
         return self._weight_cache[key]
+
+    def padded_terms(self, layers: list[dict], token_mask: torch.Tensor, padded_targets: torch.Tensor,
+                     target_mask: torch.Tensor, query_mask: torch.Tensor, num_boxes) -> dict[str, torch.Tensor]:
+        """Each term for every layer at once -> {term: [layers] float32}, matched on the device with fixed
+        shapes: no host synchronisation and no shape that depends on the data, so the whole computation can
+        be captured in a CUDA graph. ``padded_targets`` [Q,K,4] with ``target_mask`` [Q,K] marking the real
+        boxes; ``query_mask`` [Q] the real queries (a padding query adds nothing); ``num_boxes`` a float or
+        a 0-d tensor."""
+        num_slots = token_mask.shape[1]
+        # [layers, Q, Nq, T]; drop the -inf padding columns if the logits were padded
+        logits = torch.stack([layer["pred_logits"][..., :num_slots] for layer in layers])
+        boxes = torch.stack([layer["pred_boxes"] for layer in layers])
+        matched = self.matcher.match_padded(logits, boxes, token_mask, padded_targets, target_mask)  # [layers,Q,K]
+        real = target_mask.to(torch.float32).expand(len(layers), -1, -1).contiguous()
+
+        # Classification: each matched decoder query is positive on every valid text token. The decoder
+        # queries a layer matches to one query's targets are distinct, so padding slots (value 0) never
+        # overwrite a real match.
+        positives = torch.zeros(logits.shape[:3], dtype=torch.float32, device=logits.device)
+        positives.scatter_(2, matched, real)
+        valid = token_mask[None, :, None, :] & query_mask[None, :, None, None]
+        focal = sigmoid_focal_loss(logits.masked_fill(~valid, 0.0), positives[..., None].expand_as(logits),
+                                   self.focal_alpha, self.focal_gamma)
+        focal = (focal * valid).sum(dim=(1, 2, 3))
+        if self.ce_normalization == "num_boxes":
+            loss_ce = focal / num_boxes
+        else:  # upstream: this rank's matched pairs, the same count in every layer
+            loss_ce = focal / real[0].sum().clamp(min=1.0)
+
+        picked = boxes.gather(2, matched[..., None].expand(-1, -1, -1, 4)).float()  # [layers, Q, K, 4]
+        target = padded_targets[None].expand_as(picked)
+        l1 = ((picked - target).abs().sum(-1) * real).sum(dim=(1, 2))
+        giou = ((1 - elementwise_giou(cxcywh_to_xyxy(picked), cxcywh_to_xyxy(target))) * real).sum(dim=(1, 2))
+        return {"loss_ce": loss_ce, "loss_bbox": l1 / num_boxes, "loss_giou": giou / num_boxes}
 
     def _all_layer_losses(self, layers, token_mask, padded_targets, indices, num_boxes) -> dict[str, torch.Tensor]:
         """{term: [layers]}; layers of equal shapes (normally all of them) are computed as one stack."""

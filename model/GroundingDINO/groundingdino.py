@@ -147,6 +147,17 @@ class VisionBranch(nn.Module):
         """
         queries, query_image_index, query_token_mask, one_query_per_image, text_padding = self._check_queries(
             features, queries, query_image_index, query_token_mask)
+        return self.decode_checked(features, queries, query_image_index, query_token_mask, one_query_per_image,
+                                   text_padding)
+
+    def decode_checked(self, features: BackboneFeatures, queries: torch.Tensor, query_image_index: torch.Tensor,
+                       query_token_mask: torch.Tensor, one_query_per_image: bool = False,
+                       text_padding: bool = True) -> dict:
+        """forward_enc_dec on arguments it has validated: queries [Q,T,C], query_image_index [Q] long and
+        query_token_mask [Q,T] bool on the queries' device. Only queues device work (no host
+        synchronisation, and no host->device copy once the transformer has seen this feature layout), so
+        it can be captured in a CUDA graph. ``one_query_per_image``: query i uses image i for all i (skips
+        the gather); ``text_padding=False`` promises that every token is valid (skips the masking)."""
         srcs, masks, positions = self.project_features(features)
         if not one_query_per_image:
             pick = lambda ts: [t.index_select(0, query_image_index) for t in ts]  # noqa: E731

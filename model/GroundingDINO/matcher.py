@@ -8,8 +8,8 @@ NaN/Inf costs are replaced by 0, so the solver always has a finite problem.
 
 All cost matrices of a training step (every decoder layer, the encoder output, every query) are built
 on the device in one batch and either copied to the host once, where scipy solves each matrix
-(``match_layers``), or solved in one batch on the device (``match_layers_on_device``, for the GPU: the
-host then never waits). Upstream copies one matrix per sample per layer, which stalls the GPU each time.
+(``match_layers``), or solved in one batch on the device (``match_padded``, for the GPU: the host then
+never waits). Upstream copies one matrix per sample per layer, which stalls the GPU each time.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from chatterbox.boxes import cxcywh_to_xyxy, elementwise_giou
 
-__all__ = ["HungarianMatcher", "focal_match_cost", "pad_target_boxes"]
+__all__ = ["HungarianMatcher", "focal_match_cost", "pad_target_boxes", "real_target_mask"]
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]  # per query: (decoder-query indices, target indices)
 
@@ -32,6 +32,11 @@ def focal_match_cost(prob: torch.Tensor, alpha: float, gamma: float) -> torch.Te
     positive = alpha * (1 - prob) ** gamma * (-(prob + 1e-8).log())
     negative = (1 - alpha) * prob ** gamma * (-(1 - prob + 1e-8).log())
     return positive - negative
+
+
+def real_target_mask(counts: Sequence[int], max_targets: int) -> torch.Tensor:
+    """[Q, max_targets] bool on the host: True where slot j < counts[q] holds a real target box."""
+    return torch.arange(max_targets)[None, :] < torch.as_tensor(list(counts), dtype=torch.long).reshape(-1, 1)
 
 
 def pad_target_boxes(target_boxes: Sequence[torch.Tensor], device=None) -> torch.Tensor:
@@ -121,30 +126,24 @@ class HungarianMatcher(nn.Module):
         return matched
 
     @torch.no_grad()
-    def match_layers_on_device(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], token_mask: torch.Tensor,
-                               counts: Sequence[int], padded_targets: torch.Tensor) -> torch.Tensor:
-        """match_layers without leaving the device (batched_min_cost_assignment), so the host never waits
-        for the forward pass to finish before it queues the backward.
+    def match_padded(self, logits: torch.Tensor, boxes: torch.Tensor, token_mask: torch.Tensor,
+                     padded_targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """Every layer's matches without leaving the device (batched_min_cost_assignment) and with fixed
+        shapes, so the host never waits for the forward pass and the step can be captured in a CUDA graph.
 
-        All layers must have the same shapes; ``counts``: target boxes per query (host ints);
-        ``padded_targets``: [Q, max k, 4] as pad_target_boxes. Returns [layers, sum(counts)] long: for each
-        query in order and each of its targets j = 0..k_q-1, the decoder query matched to target j.
+        logits [layers,Q,Nq,T], boxes [layers,Q,Nq,4] cxcywh norm, token_mask [Q,T], padded_targets [Q,K,4]
+        (pad_target_boxes), target_mask [Q,K] True = real target. Returns [layers,Q,K] long: the decoder
+        query matched to each target slot; the slots of one query get distinct decoder queries, padding
+        slots whichever are left (callers mask them out).
         """
-        logits = torch.stack([lg for lg, _ in layers])
-        boxes = torch.stack([bx for _, bx in layers])
-        num_layers, num_q, num_preds = boxes.shape[:3]
-        if len(counts) != num_q:
-            raise ValueError(f"{len(counts)} target counts for {num_q} queries")
-        max_targets = padded_targets.shape[1]
+        num_preds, max_targets = boxes.shape[2], padded_targets.shape[1]
         if max_targets > num_preds:
             raise ValueError(f"{max_targets} target boxes for one query but only {num_preds} predictions")
         costs = self.cost_matrices(logits, boxes, token_mask, padded_targets)  # [layers, Q, Nq, K]
         # Padding targets get a constant cost, which leaves the real targets' optimum unchanged.
-        real = torch.tensor([[j < k for j in range(max_targets)] for k in counts], dtype=torch.bool)
-        costs = costs.masked_fill(~real.to(costs.device, non_blocking=True)[None, :, None, :], 0.0)
+        costs = costs.masked_fill(~target_mask[None, :, None, :], 0.0)
         columns = batched_min_cost_assignment(costs.transpose(-1, -2).reshape(-1, max_targets, num_preds))
-        keep = real.reshape(-1).nonzero(as_tuple=True)[0]  # host tensor: no synchronisation
-        return columns.view(num_layers, num_q * max_targets)[:, keep.to(columns.device, non_blocking=True)]
+        return columns.view(*boxes.shape[:2], max_targets)
 
     @torch.no_grad()
     def forward(self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, token_mask: torch.Tensor,
@@ -175,7 +174,7 @@ def batched_min_cost_assignment(cost: torch.Tensor) -> torch.Tensor:
     if rows == 0 or batch == 0:
         return torch.zeros((batch, rows), dtype=torch.long, device=device)
     a = torch.nan_to_num(cost.double(), nan=0.0, posinf=0.0, neginf=0.0)
-    inf = torch.tensor(float("inf"), dtype=a.dtype, device=device)
+    inf = a.new_full((), float("inf"))  # made on the device: no host copy (capturable)
     # Column 0 is the algorithm's virtual start column; real columns are 1..N, rows 1..K (row 0 unused).
     u = a.new_zeros(batch, rows + 1)
     v = a.new_zeros(batch, cols + 1)

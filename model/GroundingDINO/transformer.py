@@ -255,7 +255,19 @@ class DeformableTransformer(nn.Module):
         self.enc_output_norm = nn.LayerNorm(d)
         self.enc_out_bbox_embed: nn.Module | None = None  # set by the owner (a copy of the box head)
         self.enc_out_class_embed = ContrastiveEmbed(cfg.max_text_len, cfg.pad_logits_to_max_text_len)
+        self._shape_tensors: dict[tuple, torch.Tensor] = {}
         self._reset_parameters()
+
+    def _spatial_shapes(self, shapes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+        """The feature pyramid's [levels, 2] (h, w) as a long tensor on ``device``, copied once per layout:
+        a host->device copy per call could not be captured in a CUDA graph (and a blocking one would wait
+        for the backbone queued before it)."""
+        key = (tuple(shapes), str(device))
+        tensor = self._shape_tensors.get(key)
+        if tensor is None:
+            tensor = torch.tensor(shapes, dtype=torch.long).to(device, non_blocking=True)
+            self._shape_tensors[key] = tensor
+        return tensor
 
     def _reset_parameters(self) -> None:
         # Upstream order: xavier on every matrix, then the deformable-attention init, then level_embed.
@@ -284,8 +296,7 @@ class DeformableTransformer(nn.Module):
         if src_flat.shape[1] < self.num_queries:
             raise ValueError(f"the {src_flat.shape[1]} encoder tokens of a {shapes} feature pyramid are fewer "
                              f"than num_queries={self.num_queries}; use larger images or fewer queries")
-        # Asynchronous copy: a blocking host->device copy would wait for the backbone queued before it.
-        spatial_shapes = torch.tensor(shapes, dtype=torch.long).to(src_flat.device, non_blocking=True)
+        spatial_shapes = self._spatial_shapes(shapes, src_flat.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1)  # [N,L,2]
         if text_padding is None:

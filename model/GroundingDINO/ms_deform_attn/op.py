@@ -175,6 +175,12 @@ def _use_kernel(device: torch.device) -> bool:
     return device.type == "cuda" and _kernel_for(device) is not None
 
 
+def uses_cuda_kernel(device: torch.device | str) -> bool:
+    """Whether ms_deform_attn runs the CUDA kernel on ``device``. The PyTorch reference it falls back to
+    reads the level layout on the host, so only the kernel can be captured in a CUDA graph."""
+    return _use_kernel(torch.device(device))
+
+
 def ms_deform_attn(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,

@@ -1,0 +1,214 @@
+"""The grounding step's vision part replayed from CUDA graphs (chatterbox.model.grounding_graphs).
+
+On the CPU its padded computation runs eagerly (``graphs=False``) and must give the eager path's losses
+and gradients; on a GPU (skipped without one; run by scripts/gpu_bench_train.sh) the captured graphs must
+give the same as both, across padded shapes, gradient accumulation and repeated replays."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatterbox.model.grounding_graphs import GroundingLossGraphs, padded_size, target_slots
+from chatterbox.model.lora import parameter_group
+from tests.test_model_chatterbox import build_tiny, make_batch
+
+
+
+def _kernel_missing() -> str | None:
+    from model.GroundingDINO.ms_deform_attn import kernel_status, uses_cuda_kernel
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    return None if uses_cuda_kernel("cuda") else f"the deformable-attention kernel is not in use: {kernel_status('cuda')}"
+
+
+cuda = pytest.mark.skipif(_kernel_missing() is not None, reason=str(_kernel_missing()))
+
+# Three rows with 2, 1 and 1 `[VG]`: four queries, with 1, 3, 2 and 1 target boxes.
+TEXTS = ("<image>\n Where are the dog[VG] and the cats[VG]? Here.</s>",
+         "<image>\n Where is the ball?[VG] On the grass.</s>",
+         "<image>\n Find the kite.[VG]</s>")
+TARGETS = [[[[0.5, 0.5, 0.2, 0.3]], [[0.3, 0.3, 0.1, 0.1], [0.7, 0.6, 0.2, 0.2], [0.2, 0.8, 0.1, 0.1]]],
+           [[[0.4, 0.6, 0.3, 0.2], [0.6, 0.4, 0.2, 0.2]]],
+           [[[0.5, 0.3, 0.4, 0.2]]]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    from chatterbox.tokens import load_tokenizer
+
+    return load_tokenizer(str(tiny_tokenizer_dir))
+
+
+def grounding_batch(tokenizer, rows=(0, 1, 2)) -> dict:
+    batch = make_batch(tokenizer, texts=tuple(TEXTS[r] for r in rows))
+    g = torch.Generator().manual_seed(3)
+    batch.update(images_clip=torch.randn(len(rows), 3, 224, 224, generator=g),
+                 images_dino=torch.randn(len(rows), 3, 128, 128, generator=g),
+                 offset=torch.arange(len(rows) + 1), image_sizes=torch.tensor([[480, 640]] * len(rows)),
+                 region_boxes=[torch.zeros(0, 4)] * len(rows),
+                 grounding_targets=[[torch.tensor(t) for t in TARGETS[r]] for r in rows],
+                 task=["grounding"] * len(rows), sample_ids=[f"gnd.json#{r}" for r in rows])
+    return batch
+
+
+def fresh_model(tokenizer, device="cpu", dtype=torch.float32):
+    """Tiny model in eval mode (no dropout or drop-path, so two paths can be compared) with grad on."""
+    model = build_tiny(tokenizer)
+    with torch.no_grad():  # LoRA B starts at zero, which would hide gradients of A
+        for index, (name, param) in enumerate(model.named_parameters()):
+            if ".lora_B." in name:
+                param.normal_(std=0.02, generator=torch.Generator().manual_seed(index))
+    return model.to(device, dtype).eval()
+
+
+def step(model, batch, accumulate: int = 1) -> tuple[dict, dict]:
+    model.zero_grad(set_to_none=True)
+    for _ in range(accumulate):
+        out = model(**batch)
+        out["loss"].backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach().float() for k, v in out.items()}, grads
+
+
+def assert_same_step(got, want, rtol: float, atol: float) -> None:
+    (losses, grads), (ref_losses, ref_grads) = got, want
+    assert set(losses) == set(ref_losses)
+    for name in ref_losses:
+        torch.testing.assert_close(losses[name], ref_losses[name], rtol=rtol, atol=atol, msg=name)
+    assert set(grads) == set(ref_grads)
+    assert any(name.startswith("vision_branch.") for name in grads)
+    for name, want in ref_grads.items():  # relative L2 distance: a padded batch may round differently
+        assert torch.isfinite(grads[name]).all(), name
+        assert (grads[name] - want).norm() <= rtol * want.norm() + atol, name
+
+
+def to_device(batch: dict, device) -> dict:
+    from chatterbox.train.loop import move_batch
+
+    return move_batch(batch, torch.device(device), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_padding_sizes():
+    assert [padded_size(q, 4) for q in (1, 4, 5, 9)] == [4, 4, 8, 12]
+    assert [target_slots(k) for k in (0, 1, 2, 3, 4, 5, 8)] == [1, 1, 2, 4, 4, 8, 8]
+
+
+@pytest.mark.parametrize("query_multiple", [1, 4, 6])
+def test_padded_step_gives_the_eager_losses_and_gradients(tokenizer, query_multiple):
+    model = fresh_model(tokenizer)
+    batch = grounding_batch(tokenizer)
+    want = step(model, batch, accumulate=2)
+    model.use_grounding_loss_graphs(query_multiple=query_multiple, graphs=False)
+    got = step(model, batch, accumulate=2)  # gradients accumulate into .grad as the eager ones do
+    assert len(model.grounding_graphs) == 1
+    assert_same_step(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_shapes_that_pad_alike_share_one_step(tokenizer):
+    model = fresh_model(tokenizer)
+    model.use_grounding_loss_graphs(query_multiple=4, max_graphs=2, graphs=False)
+    runner = model.grounding_graphs
+    # (queries, most boxes of one query): (4, 3), (4, 3), (3, 2), (3, 1) -> padded (4, 4), (4, 4), (4, 2), (4, 1)
+    for rows in [(0, 1, 2), (0, 2, 2), (1, 2, 2), (2, 2, 2)]:
+        step(model, grounding_batch(tokenizer, rows))
+    assert [key[:2] for key in runner._steps] == [(4, 2), (4, 1)]  # (4, 4) was used least recently
+
+
+def test_each_forward_needs_its_backward_before_the_next(tokenizer):
+    model = fresh_model(tokenizer)
+    model.use_grounding_loss_graphs(graphs=False)
+    batch = grounding_batch(tokenizer)
+    first = model(**batch)["loss"]
+    second = model(**batch)["loss"]
+    with pytest.raises(RuntimeError, match="overwritten by a later one"):
+        first.backward()
+    second.backward()  # the latest one is fine
+
+
+def test_where_the_runner_declines_the_eager_path_runs(tokenizer):
+    model = fresh_model(tokenizer)
+    model.use_grounding_loss_graphs(graphs=False)
+    runner = model.grounding_graphs
+    queries = torch.zeros(2, model.vision_branch.cfg.hidden_dim)
+    assert runner.accepts(queries, [1, 3])
+    assert not runner.accepts(queries, [1, 9])  # more boxes than the device matcher takes
+    with torch.no_grad():
+        assert not runner.accepts(queries, [1, 3])
+    model.grounding_criterion.matching = "host"
+    assert not runner.accepts(queries, [1, 3])
+    model.grounding_criterion.matching = "auto"
+    model.vision_branch.train()
+    model.vision_branch.cfg.use_transformer_ckpt = True
+    assert not runner.accepts(queries, [1, 3])
+    model.vision_branch.cfg.use_transformer_ckpt = False
+    assert runner.accepts(queries, [1, 3])
+    assert not GroundingLossGraphs(model.vision_branch, model.grounding_criterion).accepts(queries, [1])  # CPU
+    with pytest.raises(ValueError, match="query_multiple"):
+        GroundingLossGraphs(model.vision_branch, model.grounding_criterion, query_multiple=0)
+
+
+def test_bad_inputs_name_what_is_wrong(tokenizer):
+    model = fresh_model(tokenizer)
+    runner = GroundingLossGraphs(model.vision_branch, model.grounding_criterion, graphs=False)
+    features = model.vision_branch.forward_backbone(torch.randn(2, 3, 128, 128))
+    queries = torch.randn(2, model.vision_branch.cfg.hidden_dim, requires_grad=True)
+    boxes = [torch.tensor([[0.5, 0.5, 0.2, 0.2]])] * 2
+    with pytest.raises(ValueError, match="out of range for 2 images"):
+        runner(features, queries, torch.tensor([0, 2]), boxes)
+    with pytest.raises(ValueError, match="on the host"):
+        runner(features, queries, torch.tensor([0.0, 1.0]), boxes)
+    with pytest.raises(ValueError, match="1 target sets for 2 queries"):
+        runner(features, queries, torch.tensor([0, 1]), boxes[:1])
+    with pytest.raises(ValueError, match=r"target_boxes\[1\] must be a host tensor \[k,4\]"):
+        runner(features, queries, torch.tensor([0, 1]), [boxes[0], torch.zeros(4)])
+    with pytest.raises(ValueError, match="queries must be"):
+        runner(features, queries[:, :3], torch.tensor([0, 1]), boxes)
+    losses = runner(features, queries, torch.tensor([1, 1]), boxes)
+    assert torch.isfinite(losses["loss"]) and "loss_giou_interm" in losses
+
+
+# ---------------------------------------------------------------------------------------------------
+@cuda
+def test_graphs_replay_the_eager_step_on_the_gpu(tokenizer):
+    model = fresh_model(tokenizer, "cuda")
+    batches = {rows: to_device(grounding_batch(tokenizer, rows), "cuda") for rows in [(0, 1, 2), (1, 2), (0,)]}
+    eager = {rows: step(model, batch, accumulate=2) for rows, batch in batches.items()}
+    model.use_grounding_loss_graphs(query_multiple=4, graphs=False)
+    padded = {rows: step(model, batch, accumulate=2) for rows, batch in batches.items()}
+    model.use_grounding_loss_graphs(query_multiple=4)
+    runner = model.grounding_graphs
+    for _ in range(2):  # captured on the first round, replayed on the second
+        for rows, batch in batches.items():
+            got = step(model, batch, accumulate=2)
+            assert_same_step(got, padded[rows], rtol=1e-4, atol=1e-5)
+            assert_same_step(got, eager[rows], rtol=1e-2, atol=1e-5)  # TF32 convolutions on other shapes
+    assert runner.captures == len(runner) == 3  # (4 queries, 4 slots), (4, 2), (4, 4) on 1 image
+
+
+@cuda
+def test_graphs_under_torch_compile_and_bf16(tokenizer):
+    """The training configuration: compiled vision layers inside the captured graphs, bf16 weights."""
+    model = fresh_model(tokenizer, "cuda", torch.bfloat16)
+    model.compile_layers(language=False)
+    batch = to_device(grounding_batch(tokenizer), "cuda")
+    batch = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    want_losses, want_grads = step(model, batch)
+    model.use_grounding_loss_graphs()
+    for _ in range(3):
+        losses, grads = step(model, batch)
+        assert torch.isfinite(losses["loss"])
+        assert losses["loss"].item() == pytest.approx(want_losses["loss"].item(), rel=2e-2)
+        # Relative L2 distance per parameter group, as in test_model_gpu: single tensors can be pure bf16
+        # rounding noise (a convolution bias before GroupNorm has a true gradient of 0).
+        diff, norm = {}, {}
+        for name, grad in want_grads.items():
+            assert torch.isfinite(grads[name]).all(), name
+            group = parameter_group(name)
+            diff[group] = diff.get(group, 0.0) + float((grads[name] - grad).pow(2).sum())
+            norm[group] = norm.get(group, 0.0) + float(grad.pow(2).sum())
+        assert {"vision_branch", "query_head", "lora"} <= set(diff)
+        for group in diff:
+            assert diff[group] ** 0.5 <= 5e-2 * norm[group] ** 0.5 + 1e-8, group
+    assert model.grounding_graphs.captures == 1
