@@ -407,11 +407,12 @@ class ChatterBox(nn.Module):
             features = self.vision_branch.forward_backbone(images_dino.to(vision_dtype))
             graphs = self.grounding_graphs
             if graphs is not None and graphs.accepts(queries, [len(b) for b in target_boxes]):
-                host_boxes = [b.to(torch.float32) if b.device.type == "cpu" else b.float().cpu() for b in target_boxes]
+                # Targets given on the device cost one wait for the forward pass each (move_batch keeps them on the host).
+                host_boxes = [b.to("cpu", torch.float32) for b in target_boxes]
                 return graphs(features, queries.to(vision_dtype), query_image_index, host_boxes)
             # query_image_index stays on the host: the vision branch validates it there.
             outputs = self.vision_branch.forward_enc_dec(features, queries.to(vision_dtype), query_image_index)
-        target_boxes = [b.to(hidden.device, torch.float32) for b in target_boxes]
+        target_boxes = [b.to(hidden.device, torch.float32, non_blocking=True) for b in target_boxes]
         # Called on every batch so that its cross-rank collective never desynchronises (spec §5.2.23).
         return self.grounding_criterion(outputs, target_boxes, device=hidden.device)
 

@@ -39,8 +39,9 @@ def stream_cadence(cfg: ChatterBoxConfig) -> dict[str, int]:
 def move_batch(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Tensors (also inside lists) to ``device``; floating-point images to the training dtype.
 
-    Box tensors stay float32: they are coordinates, not activations. ``offset`` (rows -> images) stays on
-    the host, where the model reads it.
+    Box tensors stay float32: they are coordinates, not activations. ``offset`` (rows -> images) and
+    ``grounding_targets`` stay on the host, where the model reads them (the grounding step packs the
+    targets into one transfer; reading device copies back would make the host wait for the forward).
     """
 
     def move(value, cast: bool):
@@ -51,7 +52,8 @@ def move_batch(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
             return type(value)(move(v, cast) for v in value)
         return value
 
-    return {k: v if k == "offset" else move(v, cast=k.startswith("images")) for k, v in batch.items()}
+    on_host = ("offset", "grounding_targets")
+    return {k: v if k in on_host else move(v, cast=k.startswith("images")) for k, v in batch.items()}
 
 
 @dataclass
