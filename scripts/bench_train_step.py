@@ -21,11 +21,11 @@ Modes (each in its own process when --compare):
   checkpointing only on as many LLM layers as memory needs (planned from the measured activation bytes
   per token), vision-branch checkpointing off, the frozen CLIP and Swin replayed from CUDA graphs
   (train.cuda_graph_frozen_encoders), the grounding step's vision part and loss replayed from CUDA graphs
-  (train.cuda_graph_grounding_loss), the LLM layers and the vision encoder/decoder layers compiled
-  (train.compile_layers=all, ChatterBox.compilable_blocks), ONE engine; ``ours-eager-grounding``: the same
-  with the grounding step's vision part run eagerly (as before session 6); ``ours-compiled-fusion``: the same
-  with the image-text fusion layers compiled too (slower: docs/BENCHMARKS.md); ``ours-uncompiled``: the same
-  without compiling, ``ours-eager-encoders``: that with the encoders run eagerly too;
+  (train.cuda_graph_grounding_loss), the LLM layers and the vision encoder, text, decoder and fusion layers
+  compiled (train.compile_layers=all, ChatterBox.compilable_blocks), ONE engine; ``ours-eager-grounding``:
+  the same with the grounding step's vision part run eagerly (as before session 6), hence its fusion layers
+  not compiled; ``ours-uncompiled``: ``ours`` without compiling, ``ours-eager-encoders``: that with the
+  encoders and the grounding step run eagerly too;
 * ``upstream``: fp16 with dynamic loss scaling, eager attention, gradient checkpointing of every LLM
   layer and of the vision transformer (upstream's settings), THREE engines built around the one model
   (referring, VQA, grounding; all work through the last), as upstream's stage 2 does
@@ -77,9 +77,8 @@ UPSTREAM_ACCUMULATION = 20
 #: ours (the 13b/7b configs' settings); that with the fusion layers compiled too; ours without compiled blocks;
 #: that without the frozen encoders' CUDA graphs either; upstream (fp16, eager, full checkpointing, three
 #: engines); the same with one engine
-MODES = ("ours", "ours-eager-grounding", "ours-compiled-fusion", "ours-uncompiled", "ours-eager-encoders", "upstream",
-         "upstream-1engine")
-COMPILED_MODES = ("ours", "ours-eager-grounding", "ours-compiled-fusion")
+MODES = ("ours", "ours-eager-grounding", "ours-uncompiled", "ours-eager-encoders", "upstream", "upstream-1engine")
+COMPILED_MODES = ("ours", "ours-eager-grounding")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,16 +307,14 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
     model.to(device=device, dtype=dtype)
     # As training does on a GPU (train.cuda_graph_frozen_encoders); upstream runs them eagerly.
-    model.use_frozen_encoder_graphs(mode in ("ours", "ours-eager-grounding", "ours-compiled-fusion", "ours-uncompiled"))
+    model.use_frozen_encoder_graphs(mode.startswith("ours") and mode != "ours-eager-encoders")
     # train.cuda_graph_grounding_loss (on for GPUs)
-    model.use_grounding_loss_graphs(mode in ("ours", "ours-compiled-fusion", "ours-uncompiled"),
+    eager_grounding = ("ours-eager-encoders", "ours-eager-grounding")
+    model.use_grounding_loss_graphs(mode.startswith("ours") and mode not in eager_grounding,
                                     query_multiple=getattr(args, "graph_query_multiple", 4))
     backend = getattr(args, "compile_backend", "inductor")
     if mode in COMPILED_MODES:  # train.compile_layers: all (the 13b/7b configs' setting)
         model.compile_layers(backend=backend)
-    if mode == "ours-compiled-fusion":
-        for block in model.vision_branch.transformer.encoder.fusion_layers:
-            block.compile(backend=backend)
     return model, cfg
 
 

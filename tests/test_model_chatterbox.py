@@ -268,10 +268,15 @@ def test_compiled_blocks_give_the_eager_losses_and_gradients(tokenizer):
     for compiled in (False, True):
         model = build_tiny(tokenizer).eval()  # eval: no dropout, so both runs compute the same function
         if compiled:
+            vision_blocks = (len(model.vision_branch.transformer.encoder.layers) * 2
+                             + len(model.vision_branch.transformer.decoder.layers))
+            # Fusion layers are compiled only where the grounding step runs from CUDA graphs.
+            model.use_grounding_loss_graphs()
+            assert len(model.compilable_blocks(language=False)) == vision_blocks + len(
+                model.vision_branch.transformer.encoder.fusion_layers)
+            model.use_grounding_loss_graphs(False)
             # aot_eager traces forward and backward as inductor would, without needing a C++ compiler.
-            assert model.compile_layers(backend="aot_eager") == (
-                len(model.causal_lm.model.layers) + len(model.vision_branch.transformer.encoder.layers) * 2
-                + len(model.vision_branch.transformer.decoder.layers))
+            assert model.compile_layers(backend="aot_eager") == len(model.causal_lm.model.layers) + vision_blocks
         out = model(**batch)
         out["loss"].backward()
         results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
