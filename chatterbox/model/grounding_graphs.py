@@ -21,6 +21,7 @@ check it against the eager path, the GPU tests the graphs against both.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ from model.GroundingDINO.criterion import global_num_boxes
 from model.GroundingDINO.ms_deform_attn import uses_cuda_kernel
 
 __all__ = ["GroundingLossGraphs"]
+
+logger = logging.getLogger(__name__)
 
 
 def padded_size(count: int, multiple: int) -> int:
@@ -327,6 +330,8 @@ class GroundingLossGraphs:
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.set_rng_state(rng, device)
         self.captures += 1
+        logger.info("grounding step: CUDA graphs captured for %d padded queries x %d target slots (%d captures so far)",
+                    step.queries.shape[0], step.slots, self.captures)
 
     def run_forward(self, step: _Step) -> None:
         if self.graphs:
