@@ -310,7 +310,7 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
     model.use_frozen_encoder_graphs(mode.startswith("ours") and mode != "ours-eager-encoders")
     # train.cuda_graph_grounding_loss (on for GPUs)
     eager_grounding = ("ours-eager-encoders", "ours-eager-grounding")
-    model.use_grounding_loss_graphs(mode.startswith("ours") and mode not in eager_grounding,
+    model.use_grounding_loss_graphs(device.type == "cuda" and mode.startswith("ours") and mode not in eager_grounding,
                                     query_multiple=getattr(args, "graph_query_multiple", 4))
     backend = getattr(args, "compile_backend", "inductor")
     if mode in COMPILED_MODES:  # train.compile_layers: all (the 13b/7b configs' setting)

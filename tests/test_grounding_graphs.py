@@ -19,7 +19,9 @@ def _kernel_missing() -> str | None:
 
     if not torch.cuda.is_available():
         return "needs a CUDA GPU"
-    return None if uses_cuda_kernel("cuda") else f"the deformable-attention kernel is not in use: {kernel_status('cuda')}"
+    if uses_cuda_kernel("cuda"):
+        return None
+    return f"the deformable-attention kernel is not in use: {kernel_status('cuda')}"
 
 
 cuda = pytest.mark.skipif(_kernel_missing() is not None, reason=str(_kernel_missing()))

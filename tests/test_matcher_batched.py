@@ -211,8 +211,9 @@ def test_device_matching_finds_the_host_matches_of_every_layer(seed):
     matcher = HungarianMatcher()
     host = matcher.match_layers(predictions, outputs["text_token_mask"], targets)
     padded = pad_target_boxes(targets)
-    device = matcher.match_padded(torch.stack([lg for lg, _ in predictions]), torch.stack([bx for _, bx in predictions]),
-                                  outputs["text_token_mask"], padded, real_target_mask(counts, padded.shape[1]))
+    logits, boxes = torch.stack([lg for lg, _ in predictions]), torch.stack([bx for _, bx in predictions])
+    device = matcher.match_padded(logits, boxes, outputs["text_token_mask"], padded,
+                                  real_target_mask(counts, padded.shape[1]))
     assert device.shape == (7, len(counts), max(counts))
     for layer, (on_device, on_host) in enumerate(zip(device, host)):
         for q, (rows, cols) in enumerate(on_host):
@@ -223,12 +224,13 @@ def test_device_matching_finds_the_host_matches_of_every_layer(seed):
 
 def pad_queries(outputs, extra: int):
     """The outputs with ``extra`` padding queries appended (random predictions, one valid token)."""
-    filler = random_outputs(99, num_q=extra, nq=outputs["pred_boxes"].shape[1], slots=outputs["text_token_mask"].shape[1],
-                            padded_to=outputs["pred_logits"].shape[-1])
+    filler = random_outputs(99, num_q=extra, nq=outputs["pred_boxes"].shape[1],
+                            slots=outputs["text_token_mask"].shape[1], padded_to=outputs["pred_logits"].shape[-1])
 
     def cat(layer, more):
         return {k: torch.cat([layer[k], more[k].detach()]) for k in ("pred_logits", "pred_boxes")}
-    return {**cat(outputs, filler), "text_token_mask": torch.cat([outputs["text_token_mask"], filler["text_token_mask"]]),
+    token_mask = torch.cat([outputs["text_token_mask"], filler["text_token_mask"]])
+    return {**cat(outputs, filler), "text_token_mask": token_mask,
             "aux_outputs": [cat(a, b) for a, b in zip(outputs["aux_outputs"], filler["aux_outputs"])],
             "interm_outputs": cat(outputs["interm_outputs"], filler["interm_outputs"])}
 

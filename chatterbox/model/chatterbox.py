@@ -192,7 +192,7 @@ class ChatterBox(nn.Module):
         if vision:
             encoder, decoder = self.vision_branch.transformer.encoder, self.vision_branch.transformer.decoder
             blocks += [*encoder.layers, *encoder.text_layers, *decoder.layers]
-            if self.grounding_graphs is not None:
+            if self.grounding_graphs is not None and self.grounding_graphs.graphs:
                 blocks += list(encoder.fusion_layers)
         return blocks
 
@@ -410,7 +410,8 @@ class ChatterBox(nn.Module):
             features = self.vision_branch.forward_backbone(images_dino.to(vision_dtype))
             graphs = self.grounding_graphs
             if graphs is not None and graphs.accepts(queries, [len(b) for b in target_boxes]):
-                # Targets given on the device cost one wait for the forward pass each (move_batch keeps them on the host).
+                # Targets on the device would cost one wait for the forward pass each (move_batch keeps them
+                # on the host).
                 host_boxes = [b.to("cpu", torch.float32) for b in target_boxes]
                 return graphs(features, queries.to(vision_dtype), query_image_index, host_boxes)
             # query_image_index stays on the host: the vision branch validates it there.

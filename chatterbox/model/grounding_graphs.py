@@ -16,8 +16,9 @@ then backward, one at a time, which ``_Order`` enforces.
 
 The graphs are used where :meth:`GroundingLossGraphs.accepts` holds (CUDA with the deformable-attention
 kernel, grad enabled, frozen backbone, no activation checkpointing, at most ``DEVICE_MATCH_MAX_TARGETS``
-boxes per query); elsewhere the caller runs the eager path. ``graphs=False`` runs the same padded computation eagerly (no capture): the CPU tests
-check it against the eager path, the GPU tests the graphs against both.
+boxes per query); elsewhere the caller runs the eager path. ``graphs=False`` runs the same padded
+computation eagerly (no capture): the CPU tests check it against the eager path, the GPU tests the graphs
+against both.
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ class _Step:
     slots: int                        # target slots per query
     features: list[torch.Tensor]      # the backbone's flat outputs (feature maps, masks, positions, image mask)
     queries: torch.Tensor             # [Qp, C] leaf, requires grad; rows past the real queries are zero
-    packed: torch.Tensor              # float32: boxes [Qp,K,4], target mask [Qp,K], query mask [Qp], image index [Qp], num_boxes
+    # float32, flat: boxes [Qp,K,4], target mask [Qp,K], query mask [Qp], image index [Qp], num_boxes
+    packed: torch.Tensor
     grad_loss: torch.Tensor           # 0-d, the incoming gradient of the loss
     suffixes: list[str] = field(default_factory=list)
     loss: torch.Tensor | None = None
@@ -172,7 +174,9 @@ class GroundingLossGraphs:
         return len(self._steps)
 
     def clear(self) -> None:
+        """Drop every captured step; their memory pool is freed with the last of them."""
         self._steps.clear()
+        self._pool = None
 
     def accepts(self, queries: torch.Tensor, counts: Sequence[int]) -> bool:
         """Whether this step can run here (else the caller runs the eager path)."""

@@ -8,9 +8,9 @@ there), so no rank can hang in the collective.
 
 Speed: all layers are matched at once, on the GPU (HungarianMatcher.match_padded: no round trip, fixed
 shapes, see ``padded_terms``) or with one device->host copy and scipy (match_layers, whose indices go back
-in one host->device copy), and every loss term is computed for all layers at once on stacked tensors, so the criterion costs
-a few dozen kernels whatever the layer and query counts (upstream: one round trip per sample per layer
-plus one per boolean-mask selection).
+in one host->device copy), and every loss term is computed for all layers at once on stacked tensors, so
+the criterion costs a few dozen kernels whatever the layer and query counts (upstream: one round trip per
+sample per layer plus one per boolean-mask selection).
 """
 from __future__ import annotations
 

@@ -6,4 +6,5 @@ from .module import MultiScaleDeformableAttention
 from .op import kernel_status, ms_deform_attn, uses_cuda_kernel
 from .pytorch_ref import ms_deform_attn_pytorch
 
-__all__ = ["MultiScaleDeformableAttention", "kernel_status", "ms_deform_attn", "ms_deform_attn_pytorch", "uses_cuda_kernel"]
+__all__ = ["MultiScaleDeformableAttention", "kernel_status", "ms_deform_attn", "ms_deform_attn_pytorch",
+           "uses_cuda_kernel"]
