@@ -74,9 +74,9 @@ STREAMS = ("grounding", "referring", "vqa")
 #: optimizer steps of each stream per 10 global steps of stage 2 (spec/upstream.md §2.5)
 STAGE2_CADENCE = {"referring": 1, "grounding": 10, "vqa": 2}
 UPSTREAM_ACCUMULATION = 20
-#: ours (the 13b/7b configs' settings); that with the fusion layers compiled too; ours without compiled blocks;
-#: that without the frozen encoders' CUDA graphs either; upstream (fp16, eager, full checkpointing, three
-#: engines); the same with one engine
+#: ours (the 13b/7b configs' settings); that with the grounding step's vision part run eagerly; ours without
+#: compiled blocks; that with the frozen encoders and the grounding step run eagerly too; upstream (fp16, eager,
+#: full checkpointing, three engines); the same with one engine
 MODES = ("ours", "ours-eager-grounding", "ours-uncompiled", "ours-eager-encoders", "upstream", "upstream-1engine")
 COMPILED_MODES = ("ours", "ours-eager-grounding")
 
