@@ -182,3 +182,19 @@ def test_llava_folder_and_clip_folder_load(tmp_path):
     clip.save_pretrained(tmp_path / "clip")
     tower = load_clip_vision(tmp_path / "clip")
     assert torch.equal(tower.embeddings.patch_embedding.weight, clip.vision_model.embeddings.patch_embedding.weight)
+
+
+def test_a_trained_clip_is_exported_even_when_its_base_is_referenced(tokenizer, tmp_path):
+    """model.clip.freeze=False: the tower's weights are trained, so the export must hold them."""
+    cfg = preset("tiny")
+    cfg.clip.freeze = False
+    torch.manual_seed(0)
+    model = ChatterBox.build(cfg, tokenizer=tokenizer, verbose=False)
+    model.cfg.clip.clip_path = "/models/clip-vit-large-patch14"
+    model.save_pretrained(tmp_path / "export")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "export" / "trainable.safetensors"), "pt") as f:
+        names = set(f.keys())
+    clip_names = {n for n, _ in model.clip_tower.named_parameters(prefix="clip_tower")}
+    assert clip_names and clip_names <= names

@@ -92,7 +92,8 @@ class ChatterBox(nn.Module):
             # Dead in upstream too (spec §1.4); present only so its checkpoints round-trip.
             self.tgt_align = nn.Linear(cfg.query_head.out_dim, cfg.query_head.out_dim)
             self.refpoint_align = nn.Linear(cfg.query_head.out_dim, 4)
-        apply_trainable_policy(self, train_vision_backbone=not vision_branch.cfg.freeze_backbone)
+        apply_trainable_policy(self, train_vision_backbone=not vision_branch.cfg.freeze_backbone,
+                               train_clip=not cfg.clip.freeze, train_llm_base=not cfg.language.freeze_base)
 
     # ------------------------------------------------------------------------------------------------
     # construction

@@ -1,8 +1,10 @@
-"""The frozen CLIP ViT image encoder of the language branch (spec §1.2-1.3).
+"""The CLIP ViT image encoder of the language branch (spec §1.2-1.3), frozen as upstream's.
 
 Unlike upstream (which hides it in a Python list), the tower is a registered sub-module, so ``.to()``
-and dtype changes move it with the model; its parameters never require grad, it always runs in eval
-mode under ``no_grad``, and the trainable export skips it (it is a base weight, referenced by path).
+and dtype changes move it with the model. Frozen (``ClipConfig.freeze``, the default), its parameters
+never require grad, it always runs in eval mode under ``no_grad``, and the trainable export skips it
+(it is a base weight, referenced by path). Unfrozen (a CLIP with random weights, the tiny preset), it
+trains with the rest of the model.
 
 Taps: ``hidden_states[image_feature_layer]`` (default -2) without CLS -> the 256 image tokens of the
 LLM; ``hidden_states[i]`` for ``region_feature_layers`` (default -11,-8,-5,-2 = ViT blocks 14/17/20/23)
@@ -11,6 +13,8 @@ LLM; ``hidden_states[i]`` for ``region_feature_layers`` (default -11,-8,-5,-2 = 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import contextlib
 
 import torch
 from torch import nn
@@ -48,13 +52,14 @@ class ClipTower(nn.Module):
             if not -num_states <= index < num_states:
                 raise ValueError(f"CLIP layer index {index} out of range for {cfg.num_hidden_layers} layers")
         self.vision_model = vision_model if vision_model is not None else CLIPVisionModel(clip_vision_config(cfg))
-        self.vision_model.requires_grad_(False)
-        self.vision_model.eval()
+        self.vision_model.requires_grad_(not cfg.freeze)
+        self.vision_model.train(not cfg.freeze)
         self.graphs: FrozenGraphRunner | None = None
 
     def use_cuda_graphs(self, enabled: bool = True, max_graphs: int = 2) -> None:
-        """Replay the tower from CUDA graphs on CUDA inputs (chatterbox.model.frozen_graphs)."""
-        self.graphs = FrozenGraphRunner(self._tapped_states, self, max_graphs) if enabled else None
+        """Replay the frozen tower from CUDA graphs on CUDA inputs (chatterbox.model.frozen_graphs); a
+        trainable tower always runs eagerly."""
+        self.graphs = FrozenGraphRunner(self._tapped_states, self, max_graphs) if enabled and self.cfg.freeze else None
 
     @property
     def num_patches(self) -> int:
@@ -66,10 +71,10 @@ class ClipTower(nn.Module):
 
     def train(self, mode: bool = True) -> "ClipTower":
         super().train(mode)
-        self.vision_model.eval()  # frozen: never in train mode
+        if self.cfg.freeze:
+            self.vision_model.eval()  # frozen: never in train mode
         return self
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> ClipFeatures:
         """images [I,3,S,S] CLIP-normalised -> image tokens and region levels (CLS dropped)."""
         size = self.cfg.image_size
@@ -77,7 +82,8 @@ class ClipTower(nn.Module):
             raise ValueError(f"CLIP images must be [I,3,{size},{size}], got {tuple(images.shape)}")
         dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
         images = images.to(dtype)
-        taps = self.graphs(images) if self.graphs is not None else self._tapped_states(images)
+        with torch.no_grad() if self.cfg.freeze else contextlib.nullcontext():
+            taps = self.graphs(images) if self.graphs is not None else self._tapped_states(images)
         return ClipFeatures(image_tokens=taps[0], region_levels=list(taps[1:]))
 
     def _tapped_states(self, images: torch.Tensor) -> list[torch.Tensor]:

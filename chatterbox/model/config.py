@@ -37,6 +37,10 @@ class LanguageConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Upstream freezes the pretrained LLaMA weights (and mm_projector, norms) and trains LoRA, embed_tokens
+    # and lm_head. False also trains them: for an LLM with random weights (the tiny preset), where
+    # freezing keeps nothing that was learned.
+    freeze_base: bool = True
 
 
 @dataclass
@@ -53,6 +57,9 @@ class ClipConfig:
     image_feature_layer: int = -2
     # hidden_states indices feeding the region encoder, shallow -> deep (ViT blocks 14/17/20/23).
     region_feature_layers: list[int] = field(default_factory=lambda: [-11, -8, -5, -2])
+    # Upstream keeps the pretrained CLIP frozen (run under no_grad). False trains it with the rest: for a
+    # CLIP with random weights (the tiny preset), whose frozen features would be random projections.
+    freeze: bool = True
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Trainable: LoRA A/B, the full ``embed_tokens`` and ``lm_head`` (the added tokens need new rows),
 the region encoder, the query head and the vision branch except its Swin backbone (which upstream
 runs under no_grad, so it never received gradients there either). Frozen: CLIP, the base LLaMA
-weights, ``mm_projector``, the norms.
+weights, ``mm_projector``, the norms. The pretrained parts upstream freezes can be trained instead
+(``model.clip.freeze``, ``model.language.freeze_base``, ``model.vision.freeze_backbone``), which is
+what a model built with random weights (the tiny preset) needs.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def is_lora_parameter(name: str) -> bool:
 def parameter_group(name: str) -> str:
     """The row of the trainable-parameter table a ChatterBox parameter belongs to."""
     if name.startswith("clip_tower."):
-        return "clip_tower (frozen)"
+        return "clip_tower"
     if name.startswith("language_model."):
         if is_lora_parameter(name):
             return "lora"
@@ -51,11 +53,16 @@ def parameter_group(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def apply_trainable_policy(model: nn.Module, train_vision_backbone: bool = False) -> None:
-    """Set requires_grad on every parameter of a ChatterBox according to spec §1.8."""
+def apply_trainable_policy(model: nn.Module, train_vision_backbone: bool = False, train_clip: bool = False,
+                           train_llm_base: bool = False) -> None:
+    """Set requires_grad on every parameter of a ChatterBox: spec §1.8, plus the frozen parts asked for."""
     trainable_groups = {"lora", "embed_tokens", "lm_head", "region_encoder", "query_head", "vision_branch"}
     if train_vision_backbone:
         trainable_groups.add("vision_backbone")
+    if train_clip:
+        trainable_groups.add("clip_tower")
+    if train_llm_base:
+        trainable_groups |= {"llm_base", "mm_projector"}
     for name, param in model.named_parameters():
         param.requires_grad_(parameter_group(name) in trainable_groups)
 
