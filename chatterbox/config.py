@@ -128,6 +128,7 @@ def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
     pairs = [
         ("data.dino_image_size", cfg.data.dino_image_size, "model.vision.image_size", cfg.model.vision.image_size),
         ("data.clip_image_size", cfg.data.clip_image_size, "model.clip.image_size", cfg.model.clip.image_size),
+        ("data.clip_patch_size", cfg.data.clip_patch_size, "model.clip.patch_size", cfg.model.clip.patch_size),
         ("model.query_head.out_dim", cfg.model.query_head.out_dim,
          "model.vision.hidden_dim", cfg.model.vision.hidden_dim),
     ]
@@ -145,6 +146,7 @@ def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
 DATA_KEYS_FROM_MODEL = {
     "dino_image_size": lambda cfg: cfg.model.vision.image_size,
     "clip_image_size": lambda cfg: cfg.model.clip.image_size,
+    "clip_patch_size": lambda cfg: cfg.model.clip.patch_size,
 }
 
 

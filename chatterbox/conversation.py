@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from chatterbox.tokens import expand_image_placeholder
+from chatterbox.tokens import NUM_IMAGE_PATCHES, expand_image_placeholder
 
 IGNORE_INDEX = -100
 USER = "user"
@@ -125,10 +125,12 @@ def tokenize_conversation(
     template: ConversationTemplate = VICUNA_V1_1,
     expand_images: bool = True,
     where: str = "dialogue",
+    num_image_patches: int = NUM_IMAGE_PATCHES,
 ) -> TokenizedConversation:
     """Tokenise a rendered dialogue (BOS first) and build labels supervising only assistant replies.
 
-    ``expand_images`` replaces `<image>` by its 258 image-token positions before tokenising, as upstream.
+    ``expand_images`` replaces `<image>` by its image-token positions before tokenising, as upstream
+    (``num_image_patches`` + 2: 258 for CLIP ViT-L/14 at 224 px).
     Lengths are not limited here: truncation at round boundaries is the data pipeline's decision.
     """
     rendered = render(messages, template, where)
@@ -136,7 +138,7 @@ def tokenize_conversation(
     spans = rendered.supervised_spans
     round_ends_chars = rendered.round_ends
     if expand_images:
-        text, remap = _expand_with_offsets(text)
+        text, remap = _expand_with_offsets(text, num_image_patches)
         spans = [(remap(s), remap(e)) for s, e in spans]
         round_ends_chars = [remap(e) for e in round_ends_chars]
     # BOS is prepended here rather than by the tokenizer: whether a tokenizer adds it depends on its
@@ -170,14 +172,14 @@ def _num_leading_zero_width(offsets) -> int:
     return n
 
 
-def _expand_with_offsets(text: str):
+def _expand_with_offsets(text: str, num_patches: int):
     """Expand `<image>` placeholders and return a function mapping old character offsets to new ones."""
     from chatterbox.tokens import IMAGE_PLACEHOLDER
 
-    expanded = expand_image_placeholder(text)
+    expanded = expand_image_placeholder(text, num_patches)
     if expanded == text:
         return text, lambda p: p
-    growth = len(expand_image_placeholder(IMAGE_PLACEHOLDER)) - len(IMAGE_PLACEHOLDER)
+    growth = len(expand_image_placeholder(IMAGE_PLACEHOLDER, num_patches)) - len(IMAGE_PLACEHOLDER)
     starts = []
     i = text.find(IMAGE_PLACEHOLDER)
     while i != -1:

@@ -45,6 +45,7 @@ class DataConfig:
     )
     vqa_mixture: dict[str, float] = field(default_factory=lambda: {"cb_lc_vqa": 2, "cb_mrg_vqa": 1, "llava": 7})
     clip_image_size: int = 224
+    clip_patch_size: int = 14  # with clip_image_size: (224 / 14)^2 = 256 <im_patch> positions per image
     dino_image_size: int = 512
     max_length: int = 2048
     # Region (<bbox>) boxes given to the model are xyxy normalised to the CLIP input. "crop": mapped
@@ -58,6 +59,9 @@ class DataConfig:
     # "<image>\n " in training; [VG] follows the question after vg_separator (" " = the eval prompt form).
     image_prompt_prefix: str = "<image>\n "
     vg_separator: str = " "
+    # CB-GND / CB-LC grounding samples: "first" single-box answer gets [VG] (upstream), or "all" of them
+    # (several queries about one image per sample: more grounding supervision per LLM pass).
+    grounding_rounds: Literal["first", "all"] = "first"
     # CB-MRG: probability that a single-box question names its object as "the region <bbox>".
     region_name_replace_prob: float = 0.3
     # COCO detection (coco_det): upstream's mmdet RandomShift(p=0.5, +-32 px) + RandomFlip(p=0.5).
@@ -76,3 +80,8 @@ class DataConfig:
     # When to redraw instead of failing: a record a builder cannot use (e.g. every box too small) is
     # redrawn at most this many times in a row before the stream gives up.
     max_redraws: int = 100
+
+    @property
+    def num_image_patches(self) -> int:
+        """`<im_patch>` positions per image: one per CLIP patch."""
+        return (self.clip_image_size // self.clip_patch_size) ** 2

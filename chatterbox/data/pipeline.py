@@ -17,7 +17,7 @@ from chatterbox.data.transforms import (
     SquashAugment, check_boxes_in_image, clip_image, dino_image, grounding_targets_for_model, load_image,
     region_boxes_from_pixels,
 )
-from chatterbox.tokens import special_token_ids
+from chatterbox.tokens import NUM_IMAGE_PATCHES, special_token_ids
 
 
 @dataclass
@@ -39,8 +39,10 @@ class SampleEncoder:
     """Encodes samples for one tokenizer and data config (`DataConfig`)."""
 
     def __init__(self, tokenizer, max_length: int = 2048, clip_image_size: int = 224, dino_image_size: int = 512,
-                 region_box_normalisation: str = "crop", dino_for_all: bool = False):
+                 region_box_normalisation: str = "crop", dino_for_all: bool = False,
+                 num_image_patches: int = NUM_IMAGE_PATCHES):
         self.tokenizer = tokenizer
+        self.num_image_patches = num_image_patches
         self.ids = special_token_ids(tokenizer)
         self.max_length = max_length
         self.clip_image_size = clip_image_size
@@ -51,14 +53,15 @@ class SampleEncoder:
     @classmethod
     def from_config(cls, tokenizer, data_cfg) -> "SampleEncoder":
         return cls(tokenizer, data_cfg.max_length, data_cfg.clip_image_size, data_cfg.dino_image_size,
-                   data_cfg.region_box_normalisation)
+                   data_cfg.region_box_normalisation, num_image_patches=data_cfg.num_image_patches)
 
     def tokenize(self, sample: Sample):
         """Token ids/labels of the (possibly truncated) dialogue and the number of rounds kept."""
         messages = []
         for turn in sample.turns:
             messages += [Message(USER, turn.user), Message(ASSISTANT, turn.assistant)]
-        tok = tokenize_conversation(self.tokenizer, messages, where=sample.sample_id)
+        tok = tokenize_conversation(self.tokenizer, messages, where=sample.sample_id,
+                                    num_image_patches=self.num_image_patches)
         n_rounds = len(sample.turns)
         input_ids, labels = tok.input_ids, tok.labels
         if len(input_ids) > self.max_length:

@@ -28,7 +28,7 @@ import torch
 from chatterbox.conversation import USER, Message, generation_prompt
 from chatterbox.data.errors import DataError, parse_sample_id
 from chatterbox.data.transforms import clip_image, dino_image, load_image, region_boxes_from_pixels
-from chatterbox.tokens import expand_image_placeholder, special_token_ids
+from chatterbox.tokens import NUM_IMAGE_PATCHES, expand_image_placeholder, special_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,10 @@ class RequestEncoder:
     """Tokenises prompts and prepares images exactly as the training data path does (data/transforms)."""
 
     def __init__(self, tokenizer, clip_image_size: int = 224, dino_image_size: int = 512,
-                 region_box_normalisation: str = "crop", max_length: int = 2048):
+                 region_box_normalisation: str = "crop", max_length: int = 2048,
+                 num_image_patches: int = NUM_IMAGE_PATCHES):
         self.tokenizer = tokenizer
+        self.num_image_patches = num_image_patches
         self.ids = special_token_ids(tokenizer)
         self.clip_image_size = clip_image_size
         self.dino_image_size = dino_image_size
@@ -86,10 +88,10 @@ class RequestEncoder:
     def from_config(cls, tokenizer, cfg) -> "RequestEncoder":
         """``cfg``: the project config (data sizes + model_max_length)."""
         return cls(tokenizer, cfg.data.clip_image_size, cfg.data.dino_image_size, cfg.data.region_box_normalisation,
-                   min(cfg.data.max_length, cfg.model.language.model_max_length))
+                   min(cfg.data.max_length, cfg.model.language.model_max_length), cfg.data.num_image_patches)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        text = expand_image_placeholder(generation_prompt(request.messages))
+        text = expand_image_placeholder(generation_prompt(request.messages), self.num_image_patches)
         return [self.ids.bos] + list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode(self, request: GenerationRequest) -> EncodedRequest:
