@@ -63,6 +63,20 @@ def test_chain_grounding_picks_first_single_box_answer_after_start():
     assert D.build_chain_grounding(_dialogue_record(2, [0, 2]), random.Random(0), D.BuildOptions()) is None
 
 
+def test_chain_grounding_all_rounds_targets_every_single_box_answer_from_the_start():
+    record = _dialogue_record(6, [2, 1, 0, 1, 3, 1])
+    options = D.BuildOptions(grounding_rounds="all")
+    for seed in range(20):
+        sample = D.build_chain_grounding(record, random.Random(seed), options)
+        sample.check()
+        first_round = int(sample.turns[0].user.split("Question ")[1][0])
+        targets = [int(t.user.split("Question ")[1][0]) for t in sample.turns if t.grounding_boxes_xyxy_abs]
+        assert targets == [r for r in (1, 3, 5) if r >= first_round]
+        for t in sample.turns:
+            assert t.user.endswith(" [VG]") == (t.grounding_boxes_xyxy_abs is not None)
+        assert sample.turns[-1].grounding_boxes_xyxy_abs is not None  # nothing after the last target
+
+
 def test_cb_referring_records_every_box_of_placeholder_turns():
     turns = [DialogueTurn("Who is near the tree?", "A man.", [NamedBox("tree", (1, 1, 5, 5))], []),
              DialogueTurn("What are <it> holding?", "Umbrellas.",

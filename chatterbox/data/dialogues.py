@@ -31,6 +31,9 @@ from chatterbox.tokens import BBOX_TOKEN, IMAGE_PLACEHOLDER, VG_TOKEN
 class BuildOptions:
     image_prefix: str = "<image>\n "  # how upstream opens the first human message of CB/grounding/VQA data
     vg_separator: str = " "
+    # CB-GND / CB-LC: "first" = upstream, one `[VG]` (the first single-box answer); "all" = every single-box
+    # answer from there on gets its `[VG]` (several queries about one image in one sample).
+    grounding_rounds: str = "first"
     region_name_replace_prob: float = 0.3  # CB-MRG: chance a single-box turn's name becomes "the region <bbox>"
     max_regions_coco_det: int = 100
     max_regions_refcoco: int = 15
@@ -105,7 +108,9 @@ def _plain(text: str, logic: bool) -> str:
 def build_chain_grounding(record: DialogueRecord, rng: random.Random, options: BuildOptions,
                           logic: bool = False) -> Sample | None:
     """CB-GND (random start) / CB-LC (``logic``: no random start, `[it]` -> it): context rounds, then the
-    first round whose answer has exactly one box gets `[VG]` with that box as target; stop there."""
+    first round whose answer has exactly one box gets `[VG]` with that box as target; stop there. With
+    ``options.grounding_rounds == "all"`` the dialogue goes on to its end and every later single-box
+    answer gets its `[VG]` too."""
     eligible = single_box_rounds(record)
     if not eligible:
         return None
@@ -114,15 +119,15 @@ def build_chain_grounding(record: DialogueRecord, rng: random.Random, options: B
     if not after:
         start = 0
         after = eligible
-    target = after[0]
+    targets = set(after) if options.grounding_rounds == "all" else {after[0]}
     turns = []
-    for i in range(start, target + 1):
+    for i in range(start, max(targets) + 1):
         t = record.turns[i]
         question = _plain(t.question, logic)
         if not question:
             raise DataError("question is empty once its box group is cut", record.file, record.index,
                             f"conversation[{2 * i}].value")
-        if i == target:
+        if i in targets:
             turns.append(Turn(question + options.vg_separator + VG_TOKEN, _plain(_answer_text(t), logic),
                               grounding_boxes_xyxy_abs=[t.answer_boxes[0].box_xyxy_abs]))
         else:

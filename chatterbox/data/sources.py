@@ -171,6 +171,7 @@ SOURCES: dict[str, SourceSpec] = {s.name: s for s in [
 
 def build_options(data_cfg) -> D.BuildOptions:
     return D.BuildOptions(image_prefix=data_cfg.image_prompt_prefix, vg_separator=data_cfg.vg_separator,
+                          grounding_rounds=data_cfg.grounding_rounds,
                           region_name_replace_prob=data_cfg.region_name_replace_prob,
                           clip_size=data_cfg.clip_image_size, coco_det_augment=data_cfg.coco_det_augment)
 
