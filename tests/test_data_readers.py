@@ -117,7 +117,6 @@ def test_coco_unique_category_questions():
 def test_coco_det_shift_flip_moves_image_and_boxes_together(tiny_tokenizer):
     """With upstream's shift/flip on, the CLIP pixel at each region box's centre still shows that shape."""
     from dataclasses import replace
-    from chatterbox.data.synthetic import COLOURS
     from chatterbox.data.transforms import CLIP_MEAN, CLIP_STD
     from data_support import synthetic_corpus
     cfg = synthetic_data_config(coco_det_augment=True)
@@ -137,10 +136,11 @@ def test_coco_det_shift_flip_moves_image_and_boxes_together(tiny_tokenizer):
         scene = next(s for s in synthetic_corpus().scenes if s.image_id == image_id)
         for turn, box in zip(sample.turns, enc.region_boxes_xyxy_clip_norm):
             name = turn.assistant.split(" a ", 1)[1].split(" in ")[0].rstrip(".")
-            # horizontal centre, 70% down: inside every drawn kind (a triangle's apex region is background)
+            shape = next(sh for sh in scene.shapes if sh.name == name)
+            # the box centre is inside every drawn kind (triangles point any way, their middle is filled)
             x = int((box[0] + box[2]) / 2 * 224)
-            y = int(box[1] * 224 + 0.7 * (box[3] - box[1]) * 224)
-            expected = torch.tensor(COLOURS[name.split()[0]], dtype=torch.float32)
+            y = int((box[1] + box[3]) / 2 * 224)
+            expected = torch.tensor(shape.fill, dtype=torch.float32)
             assert (rgb[:, y, x] - expected).abs().max() < 60, (sample.sample_id, name, rgb[:, y, x])
             checked += 1
     assert checked > 10

@@ -1,13 +1,17 @@
 """A small synthetic corpus in every upstream on-disk format, with boxes that are known exactly.
 
-Each scene is a JPEG with 2-4 coloured shapes (circle, square, triangle) on a plain background; a shape
-is named by colour and kind ("red circle") and is unique in its image, so "Where is the red circle?"
-has exactly one right box. The same scenes are written in the layouts of COCO 2014/2017, the refer
+Each scene is a JPEG with 2-4 coloured shapes (circle, square, triangle pointing any way) on a plain,
+gradient or noisy low-saturation background, in sizes from an eighth to ~40% of the image side; fills
+vary around each colour's hue. A shape is named by colour and kind ("red circle") and the name is unique
+in its image (a colour or a kind may repeat), so "Where is the red circle?" has exactly one right box
+and needs both words. The same scenes are written in the layouts of COCO 2014/2017, the refer
 toolkit (refs pickles + instances.json), CB-300K, CB-materials, the MDETR-style RefCOCO/VG/Flickr30K
 json files and LLaVA-Instruct, so every reader is exercised on files in their real layout, and the tiny
-preset can learn something measurable (colour/kind -> location) in minutes on a CPU.
+preset can learn something measurable (colour/kind -> location, region -> name) in minutes on a CPU.
+Every question is well posed: relation questions ("What is to the left of the red circle?") are asked
+only where one shape is in that relation.
 
-Scenes are split into train and eval (held out: COCO val2017, refer val/test splits, eval QA files).
+Scenes are split into train and eval (held out: COCO val2017, refer val/test splits, eval/ files).
 Everything is deterministic given the seed.
 """
 from __future__ import annotations
@@ -22,13 +26,21 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+#: Prototype RGB of each colour name (a shape's fill is drawn around it, see `_fill`).
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220),
     "yellow": (235, 205, 40), "purple": (140, 50, 170), "orange": (245, 135, 20),
 }
+#: Hue range (degrees) of each colour name. Fills vary in hue, saturation and brightness so that a model
+#: learns the colour category, not one RGB value.
+HUES = {"red": (-8, 8), "orange": (22, 36), "yellow": (48, 60), "green": (95, 150), "blue": (205, 240),
+        "purple": (270, 295)}
 KINDS = ("circle", "square", "triangle")
 CATEGORIES = [f"{c} {k}" for c in COLOURS for k in KINDS]  # COCO category id = index + 1
-IMAGE_SIZES = [(320, 240), (240, 320), (256, 256), (320, 160), (192, 256), (288, 216), (160, 224), (128, 128)]
+IMAGE_SIZES = [(320, 240), (240, 320), (256, 256), (320, 160), (192, 256), (288, 216), (160, 224), (128, 128),
+               (400, 300), (224, 168), (352, 288), (200, 300)]
+TRIANGLE_POINTS = ("up", "down", "left", "right")
+BACKGROUND_TEXTURES = ("plain", "gradient", "noise")
 
 
 @dataclass
@@ -36,6 +48,8 @@ class Shape:
     colour: str
     kind: str
     box_xyxy_abs: tuple[int, int, int, int]
+    fill: tuple[int, int, int] | None = None  # drawn RGB (None: the colour's prototype)
+    points: str = "up"  # where a triangle's apex points
 
     @property
     def name(self) -> str:
@@ -64,6 +78,9 @@ class Scene:
     shapes: list[Shape]
     split: str  # "train" or "eval"
     jpeg: bytes = b""
+    texture: str = "plain"  # "plain", "gradient" (to background2) or "noise"
+    background2: tuple[int, int, int] | None = None
+    texture_seed: int = 0
 
     def position(self, shape: Shape) -> str:
         cx, cy = shape.centre()
@@ -86,42 +103,102 @@ def relation(a: Shape, b: Shape) -> str:
     return "below" if by > ay else "above"
 
 
+def unique_relations(scene: Scene) -> list[tuple[Shape, str, Shape]]:
+    """(a, relation, b) where b is the only shape of the scene in that relation to a: "What is to the
+    left of a?" then has exactly one right answer."""
+    out = []
+    for a in scene.shapes:
+        others = [b for b in scene.shapes if b is not a]
+        for b in others:
+            rel = relation(a, b)
+            if sum(relation(a, c) == rel for c in others) == 1:
+                out.append((a, rel, b))
+    return out
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((h % 360) / 360, s, v)
+    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
+
+
+def _fill(rng: random.Random, colour: str) -> tuple[int, int, int]:
+    low, high = HUES[colour]
+    value = rng.uniform(0.75, 1.0) if colour in ("yellow", "orange") else rng.uniform(0.55, 0.95)
+    return _hsv_to_rgb(rng.uniform(low, high), rng.uniform(0.7, 1.0), value)
+
+
+def _background(rng: random.Random) -> tuple[int, int, int]:
+    """A low-saturation colour (white, greys, black, tints): never mistaken for a shape's colour."""
+    return _hsv_to_rgb(rng.uniform(0, 360), rng.uniform(0.0, 0.2), rng.choice([rng.uniform(0.05, 0.3),
+                                                                                 rng.uniform(0.55, 1.0)]))
+
+
 def _make_scene(rng: random.Random, image_id: int, split: str, image_sizes=IMAGE_SIZES) -> Scene:
+    """2-4 shapes with distinct names (a colour or a kind may repeat: "red circle" beside "red square"),
+    on a plain, gradient or noisy low-saturation background."""
     width, height = rng.choice(image_sizes)
-    background = tuple(rng.randint(200, 250) for _ in range(3))
     n_shapes = rng.randint(2, 4)
-    colours = rng.sample(list(COLOURS), n_shapes)  # distinct colours: names are unique per image
+    names = rng.sample([(c, k) for c in COLOURS for k in KINDS], n_shapes)
     shapes: list[Shape] = []
-    for colour in colours:
+    short = min(width, height)
+    for colour, kind in names:
         for _ in range(100):
-            side = rng.randint(max(16, min(width, height) // 6), max(24, min(width, height) // 3))
+            side = rng.randint(max(14, short // 8), max(24, int(short / 2.6)))
             w = side if rng.random() < 0.5 else int(side * rng.uniform(0.7, 1.3))
-            h = side
+            w = max(12, min(w, width - 2))
+            h = min(side, height - 2)
             x1, y1 = rng.randint(0, width - w), rng.randint(0, height - h)
             box = (x1, y1, x1 + w, y1 + h)
             if all(_gap(box, s.box_xyxy_abs) for s in shapes):
-                shapes.append(Shape(colour, rng.choice(KINDS), box))
+                shapes.append(Shape(colour, kind, box, _fill(rng, colour), rng.choice(TRIANGLE_POINTS)))
                 break
-    return Scene(image_id, width, height, background, shapes, split)
+    texture = rng.choice(BACKGROUND_TEXTURES)
+    return Scene(image_id, width, height, _background(rng), shapes, split, texture=texture,
+                 background2=_background(rng), texture_seed=rng.randrange(2**31))
 
 
 def _gap(a, b, margin: int = 4) -> bool:
     return a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1]
 
 
+def _triangle(box, points: str) -> list[tuple[float, float]]:
+    x1, y1, x2, y2 = box[0], box[1], box[2] - 1, box[3] - 1
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return {"up": [(x1, y2), (x2, y2), (cx, y1)], "down": [(x1, y1), (x2, y1), (cx, y2)],
+            "left": [(x2, y1), (x2, y2), (x1, cy)], "right": [(x1, y1), (x1, y2), (x2, cy)]}[points]
+
+
+def _background_image(scene: Scene) -> Image.Image:
+    size = (scene.width, scene.height)
+    if scene.texture == "plain" or scene.background2 is None:
+        return Image.new("RGB", size, scene.background)
+    if scene.texture == "gradient":
+        ramp = Image.linear_gradient("L").resize(size)
+        if scene.texture_seed % 2:
+            ramp = ramp.transpose(Image.Transpose.ROTATE_90).resize(size)
+        return Image.composite(Image.new("RGB", size, scene.background2), Image.new("RGB", size, scene.background),
+                               ramp)
+    # noise: the background with every pixel's brightness jittered (a grain a shape must stand out from)
+    grain = Image.frombytes("L", size, random.Random(scene.texture_seed).randbytes(size[0] * size[1]))
+    base = Image.new("RGB", size, scene.background)
+    return Image.blend(base, Image.merge("RGB", (grain, grain, grain)), 0.25)
+
+
 def render_scene(scene: Scene) -> Image.Image:
-    img = Image.new("RGB", (scene.width, scene.height), scene.background)
+    img = _background_image(scene)
     draw = ImageDraw.Draw(img)
     for s in scene.shapes:
         x1, y1, x2, y2 = s.box_xyxy_abs
-        fill = COLOURS[s.colour]
+        fill = s.fill or COLOURS[s.colour]
         # PIL's outlines are inclusive: drawing to x2-1/y2-1 fills exactly the pixels of [x1,x2)x[y1,y2).
         if s.kind == "circle":
             draw.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill)
         elif s.kind == "square":
             draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=fill)
         else:
-            draw.polygon([(x1, y2 - 1), (x2 - 1, y2 - 1), ((x1 + x2 - 1) / 2, y1)], fill=fill)
+            draw.polygon(_triangle(s.box_xyxy_abs, s.points), fill=fill)
     return img
 
 
@@ -210,7 +287,7 @@ def write_corpus(root: str | os.PathLike, num_images: int = 64, seed: int = 0, e
     _write_cb300k(root, train, rng)
     _write_mdetr(root, train, rng)
     _write_llava(root, train, rng)
-    _write_eval_files(root, evals)
+    _write_eval_files(root, evals, rng)
     paths = corpus.data_paths()
     _write_json(root / "data_paths.json", paths)
     (root / "data_paths.yaml").write_text(
@@ -314,10 +391,10 @@ def _write_cb_materials(root: Path, train: list[Scene], rng: random.Random) -> N
     _write_json(folder / "CB-refcoco-REF.json", {"data": refcoco_ref})
 
 
-def _chain(s: Scene, rng: random.Random) -> list[tuple[Shape, Shape]]:
-    """A chain of (subject, object) pairs visiting the shapes of a scene in random order."""
-    order = rng.sample(s.shapes, len(s.shapes))
-    return list(zip(order[:-1], order[1:]))
+def _relation_rounds(s: Scene, rng: random.Random, limit: int = 3) -> list[tuple[Shape, str, Shape]]:
+    """Up to ``limit`` well-posed relation questions about a scene (see `unique_relations`)."""
+    triples = unique_relations(s)
+    return rng.sample(triples, min(limit, len(triples)))
 
 
 def _write_cb300k(root: Path, train: list[Scene], rng: random.Random) -> None:
@@ -326,10 +403,13 @@ def _write_cb300k(root: Path, train: list[Scene], rng: random.Random) -> None:
     for s in train:
         common = {"image": f"VG_100K/{vg_name(s)}", "id": s.image_id, "image_wh": [s.width, s.height]}
         conv = []
-        for a, b in _chain(s, rng):
-            rel = relation(a, b)
+        for a, rel, b in _relation_rounds(s, rng):
             conv += [{"from": "human", "value": f"What is {rel} the {a.name}? {_group([(a.name, a.box_xyxy_abs)])}"},
                      {"from": "gpt", "value": f"The {b.name} is {rel} the {a.name}. {_group([(b.name, b.box_xyxy_abs)])}"}]
+        if not conv:  # no well-posed relation: name a shape instead
+            sh = rng.choice(s.shapes)
+            conv = [{"from": "human", "value": f"What is <it>? {_group([('object', sh.box_xyxy_abs)])}"},
+                    {"from": "gpt", "value": f"It is {article(sh.name)}."}]
         mrg.append({**common, "conversation": conv})
 
         conv = []
@@ -338,7 +418,7 @@ def _write_cb300k(root: Path, train: list[Scene], rng: random.Random) -> None:
             if placeholder == "<it>":
                 q = f"What is <it>? {_group([('object', sh.box_xyxy_abs)])}"
             elif placeholder == "<region>":
-                q = f"What colour is the shape in <region>? {_group([('object', sh.box_xyxy_abs)])}"
+                q = f"What is the shape in <region>? {_group([('object', sh.box_xyxy_abs)])}"
             else:
                 q = f"What is {s.position(sh)} of the image? {_group([('object', sh.box_xyxy_abs)])}"
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": f"It is {article(sh.name)}."}]
@@ -355,17 +435,23 @@ def _write_cb300k(root: Path, train: list[Scene], rng: random.Random) -> None:
                      {"from": "gpt", "value": f"It is {s.position(sh)}. {_group([(sh.name, sh.box_xyxy_abs)])}"}]
         gnd.append({**common, "conversation": conv})
 
-        conv = []
-        for k, (a, b) in enumerate(_chain(s, rng)):
-            rel = relation(a, b)
-            subject = f"the {a.name}" if k == 0 else "[it]"
-            conv += [{"from": "human", "value": f"What is {rel} {subject}? {_group([(a.name, a.box_xyxy_abs)])}"},
-                     {"from": "gpt", "value": f"The {b.name}. {_group([(b.name, b.box_xyxy_abs)])}"}]
-        lc.append({**common, "conversation": conv})
+        lc.append({**common, "conversation": _coreference_rounds(s, rng, logic_marker="[it]")})
     _write_json(folder / "CB_MRG.json", {"data": mrg})
     _write_json(folder / "CB_REF.json", {"data": ref})
     _write_json(folder / "CB_GND.json", {"data": gnd})
     _write_json(folder / "CB_LC.json", {"data": lc})
+
+
+def _coreference_rounds(s: Scene, rng: random.Random, logic_marker: str = "it") -> list[dict]:
+    """Pairs of rounds whose second needs the first: "What is <it>?" about a region, answered with the
+    shape's name, then "Where is it?", answered with that shape's box. Every shape of the scene once."""
+    conv = []
+    for sh in rng.sample(s.shapes, len(s.shapes)):
+        conv += [{"from": "human", "value": f"What is <it>? {_group([('object', sh.box_xyxy_abs)])}"},
+                 {"from": "gpt", "value": f"It is {article(sh.name)}."},
+                 {"from": "human", "value": f"Where is {logic_marker}?"},
+                 {"from": "gpt", "value": f"It is {s.position(sh)}. {_group([(sh.name, sh.box_xyxy_abs)])}"}]
+    return conv
 
 
 def _mdetr_json(train: list[Scene], file_name, captions, dataset_name: str) -> dict:
@@ -465,8 +551,10 @@ def _write_llava(root: Path, train: list[Scene], rng: random.Random) -> None:
     _write_json(root / "llava_instruct_150k.json", items)
 
 
-def _write_eval_files(root: Path, evals: list[Scene]) -> None:
-    """Held-out QA files in upstream's evaluation formats (spec §4.1 / §4.2)."""
+def _write_eval_files(root: Path, evals: list[Scene], rng: random.Random) -> None:
+    """Held-out question files: COCO grounding QA in upstream's format (spec §4.1), and multi-round
+    dialogues in the CB-MRG format (`_coreference_rounds`: round 2k answers with the box of round
+    2k-1's region, which only the dialogue says)."""
     qa = []
     for s in evals:
         for sh in s.shapes:
@@ -475,3 +563,6 @@ def _write_eval_files(root: Path, evals: list[Scene]) -> None:
                        "catgory": sh.name, "question": f"Where is the {sh.name}?",
                        "answer": f"<{sh.name}:[{x}, {y}, {w}, {h}]>", "gt_box": [x, y, w, h]})
     _write_json(root / "eval" / "grounding_qa.json", qa)
+    dialogues = [{"image": f"VG_100K/{vg_name(s)}", "id": s.image_id, "image_wh": [s.width, s.height],
+                  "conversation": _coreference_rounds(s, rng)} for s in evals]
+    _write_json(root / "eval" / "CB_MRG_eval.json", {"data": dialogues})
