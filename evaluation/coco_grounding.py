@@ -2,7 +2,7 @@
 
     python evaluation/coco_grounding.py --config CONFIG [--checkpoint EXPORT_DIR] [--data COCO2017_DIR]
         [--questions grounding_qa.json] [--image-dir DIR] [--output-dir DIR] [--batch-size N] [--limit N]
-        [--visualize N]
+        [--visualize N] [--query-swap]
     torchrun --nproc_per_node 8 evaluation/coco_grounding.py ...      # sharded; same files as one process
 
 Questions: built from <data>/annotations/instances_val2017.json as upstream does (3,422 on COCO;
@@ -11,15 +11,18 @@ Prompt = question + " [VG]". Writes predictions.jsonl (incremental; a rerun resu
 prediction.json, summary.json and summary.md; the last line printed is the metrics JSON (miou,
 success_rate, miou_at_success, num_samples, ...), the same as eval_grounding.py on prediction.json.
 --visualize N draws the first N predictions (GT green, prediction red) to <output-dir>/visualizations.
+--query-swap adds success_rate_query_swapped: each question answered with the [VG] query of another
+question about the same image (grounding_metrics.evaluate_query_swap), the control for "the box
+follows the words".
 """
 from __future__ import annotations
 
 import json
 import os
 
-from chatterbox.eval.cli import (add_grounding_arguments, add_visualize_argument, entry_point, print_outcome,
-                                 resolve_box_threshold, run_fields, run_single_round, runner_parser,
-                                 score_grounding_run, write_visualizations)
+from chatterbox.eval.cli import (add_grounding_arguments, add_query_swap_argument, add_visualize_argument, entry_point, print_outcome,
+                                 query_swap_fields, resolve_box_threshold, run_fields, run_single_round,
+                                 runner_parser, score_grounding_run, write_visualizations)
 
 
 def parse_args(argv=None):
@@ -27,6 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--questions", default="", help="upstream grounding_qa.json instead of building from instances")
     p.add_argument("--image-dir", default="", help="default: <data>/val2017")
     add_grounding_arguments(p)
+    add_query_swap_argument(p)
     add_visualize_argument(p)
     return p.parse_args(argv)
 
@@ -55,6 +59,8 @@ def main(argv=None) -> int:
         return 0
     num_entries, predictions, evaluation = score_grounding_run(s, items, records_out, args.iou_threshold)
     result = evaluation.to_dict()
+    if args.query_swap:
+        result.update(query_swap_fields(predictions.records, args.iou_threshold))
     summary = {"benchmark": "coco_grounding", "questions": source, **run_fields(args, stats),
                "world_size": s.dist.world_size, **result}
     write_summary_json(s.output_dir / "summary.json", summary)

@@ -2,12 +2,13 @@
 
     python evaluation/eval_grounding.py --predictions prediction.json [--questions grounding_qa.json]
         [--missing error|zero] [--iou-threshold 0.5] [--group-by FIELD]
-        [--out-dir DIR [--visualize N --image-root DIR]]
+        [--out-dir DIR [--visualize N --image-root DIR]] [--query-swap]
 
 Reads upstream's prediction.json as is (gt: COCO xywh floats, out_boxes: pixel xyxy). The last line
 printed is a JSON object with miou, success_rate, miou_at_success, num_samples (unrounded), plus
 num_success, num_missing, num_fallback, iou_threshold and, with --group-by, per-group summaries
-(e.g. REC Acc@0.5 per split: the success_rate of each group).
+(e.g. REC Acc@0.5 per split: the success_rate of each group). --query-swap adds the query-swap control
+(success_rate_query_swapped: each question scored with the box another question about the same image got).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import logging
 import sys
 
+from chatterbox.eval.cli import add_query_swap_argument, query_swap_fields
 from chatterbox.eval.grounding_metrics import (
     DEFAULT_IOU_THRESHOLD,
     MISSING_POLICIES,
@@ -37,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=None, help="write summary.json and summary.md here")
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="with --out-dir: draw N predictions as PNG")
     p.add_argument("--image-root", default=None, help="folder holding the images (replaces the files' absolute dirs)")
+    add_query_swap_argument(p)
     return p.parse_args(argv)
 
 
@@ -55,6 +58,8 @@ def main(argv=None) -> int:
         return 1
     evaluation = evaluate_grounding(predictions, iou_threshold=args.iou_threshold)
     result = evaluation.to_dict()
+    if args.query_swap:
+        result.update(query_swap_fields(predictions.records, args.iou_threshold))
     s = evaluation.summary
 
     print(f"predictions: {args.predictions} ({s.num_samples} questions, {s.num_missing} missing counted as IoU 0, "

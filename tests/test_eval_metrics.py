@@ -12,10 +12,13 @@ import torch
 
 from chatterbox.eval.grounding_metrics import (
     GroundingInputError,
+    GroundingRecord,
     evaluate_grounding,
+    evaluate_query_swap,
     iou_per_item,
     read_upstream_grounding_predictions,
     rec_accuracy,
+    query_swap_partners,
     rec_accuracy_per_split,
     summarize_ious,
     summarize_ious_by_group,
@@ -259,6 +262,42 @@ def test_command_reports_bad_input_clearly(tmp_path):
     proc = _run_eval_grounding("--predictions", str(path))
     assert proc.returncode == 1
     assert "entry 0.score" in proc.stderr
+
+
+def _record(i, image, prompt, gt, pred):
+    return GroundingRecord(index=i, gt_box_xyxy_abs=gt, pred_box_xyxy_abs=pred, image_path=image, prompt=prompt)
+
+
+def test_query_swap_partners_stay_on_the_image_and_change_the_question():
+    records = [_record(0, "a.jpg", "Where is the dog?", (0, 0, 1, 1), None),
+               _record(1, "b.jpg", "Where is the cat?", (0, 0, 1, 1), None),
+               _record(2, "a.jpg", "Where is the dog?", (0, 0, 1, 1), None),  # same words: not a partner
+               _record(3, "a.jpg", "Where is the cup?", (0, 0, 1, 1), None)]
+    assert query_swap_partners(records) == [3, None, 3, 0]
+
+
+def test_query_swap_separates_grounding_the_words_from_one_box_per_image():
+    dog, cat = (0, 0, 10, 10), (50, 50, 70, 70)
+    follows = [_record(0, "a.jpg", "Where is the dog?", dog, dog), _record(1, "a.jpg", "Where is the cat?", cat, cat)]
+    result = evaluate_query_swap(follows)
+    assert result == {"num_swappable": 2, "success_rate": 1.0, "success_rate_query_swapped": 0.0}
+    same_box = [_record(0, "a.jpg", "Where is the dog?", dog, dog), _record(1, "a.jpg", "Where is the cat?", cat, dog)]
+    result = evaluate_query_swap(same_box)
+    assert result["success_rate"] == 0.5 and result["success_rate_query_swapped"] == 0.5
+    # a missing answer is a miss in both rates; an image with one question has no partner
+    lone = [_record(0, "a.jpg", "Where is the dog?", dog, None), _record(1, "a.jpg", "Where is the cat?", cat, cat),
+            _record(2, "b.jpg", "Where is the cup?", dog, dog)]
+    assert evaluate_query_swap(lone) == {"num_swappable": 2, "success_rate": 0.5, "success_rate_query_swapped": 0.0}
+
+
+def test_query_swap_command_on_a_predictions_file(tmp_path):
+    entries = [_entry([0, 0, 10, 10], [0, 0, 10, 10], prompt="Where is the dog? [VG]"),
+               _entry([50, 50, 20, 20], [50, 50, 70, 70], prompt="Where is the cat? [VG]")]
+    proc = _run_eval_grounding("--predictions", str(_write(tmp_path / "p.json", entries)), "--query-swap")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["success_rate"] == 1.0 and result["success_rate_query_swapped"] == 0.0
+    assert result["num_query_swappable"] == 2
 
 
 def test_reproduces_published_coco_grounding_numbers(tmp_path):

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from chatterbox.data.errors import DataError
 from chatterbox.eval.benchmarks import grounding_prediction_entries, read_grounding_file, single_round_predictor
-from chatterbox.eval.grounding_metrics import evaluate_grounding
+from chatterbox.eval.grounding_metrics import evaluate_grounding, evaluate_query_swap
 from chatterbox.eval.runner import RunnerSetup, RunStats, add_runner_arguments, run_items
 
 __all__ = ["runner_parser", "add_grounding_arguments", "add_meteor_argument", "add_visualize_argument",
@@ -37,6 +37,19 @@ def add_grounding_arguments(parser: argparse.ArgumentParser) -> None:
     """``--iou-threshold`` (success) and ``--box-threshold`` (DINO score cut; default from the config)."""
     parser.add_argument("--iou-threshold", type=float, default=0.5)
     parser.add_argument("--box-threshold", type=float, default=None, help="default: model.vision.box_threshold")
+
+
+def add_query_swap_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--query-swap", action="store_true",
+                        help="also score each question with the [VG] query of another question about the same "
+                             "image (success_rate_query_swapped): a model that grounds the words drops here")
+
+
+def query_swap_fields(records, iou_threshold: float) -> dict:
+    """The metrics-JSON fields of the query-swap control (grounding_metrics.evaluate_query_swap)."""
+    control = evaluate_query_swap(records, iou_threshold=iou_threshold)
+    return {"success_rate_query_swapped": control["success_rate_query_swapped"],
+            "success_rate_swappable": control["success_rate"], "num_query_swappable": control["num_swappable"]}
 
 
 def add_meteor_argument(parser: argparse.ArgumentParser) -> None:

@@ -41,6 +41,8 @@ __all__ = [
     "read_upstream_grounding_predictions",
     "read_grounding_questions",
     "evaluate_grounding",
+    "query_swap_partners",
+    "evaluate_query_swap",
 ]
 
 MISSING_POLICIES = ("error", "zero")
@@ -416,3 +418,55 @@ def evaluate_grounding(
         labels = [r.group if r.group is not None else "" for r in records]
         groups = summarize_ious_by_group(ious, labels, iou_threshold=iou_threshold, missing_mask=missing_mask)
     return GroundingEvaluation(summary=summary, ious=ious, groups=groups, num_fallback=num_fallback)
+
+
+# ----------------------------------------------------------------------------------------------
+# Query-swap control: does the box follow the words?
+# ----------------------------------------------------------------------------------------------
+
+
+def query_swap_partners(records: Sequence[GroundingRecord]) -> list[int | None]:
+    """For each record, the index (in ``records``) of the next record about the same image whose prompt
+    differs (cyclically, in record order); None when the image has no other question."""
+    by_image: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        if r.image_path is None or r.prompt is None:
+            raise ValueError(f"record {r.index} has no image path or prompt: the query-swap control needs both")
+        by_image.setdefault(r.image_path, []).append(i)
+    partners: list[int | None] = [None] * len(records)
+    for members in by_image.values():
+        for k, i in enumerate(members):
+            for step in range(1, len(members)):
+                j = members[(k + step) % len(members)]
+                if records[j].prompt != records[i].prompt:
+                    partners[i] = j
+                    break
+    return partners
+
+
+def evaluate_query_swap(records: Sequence[GroundingRecord], *,
+                        iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> dict:
+    """Success rate when each question's ``[VG]`` query is replaced by that of another question about the
+    same image (`query_swap_partners`), the image unchanged.
+
+    The box depends only on the image and the query, so the swapped answer to question i *is* the
+    prediction of its partner j: it is scored against i's ground truth, no model run needed. A model that
+    grounds the words scores far lower here than unswapped; one that returns the same box whatever the
+    question asks scores the same. Both rates are over the questions that have a partner.
+    """
+    partners = query_swap_partners(records)
+    pairs = [(i, j) for i, j in enumerate(partners) if j is not None]
+    if not pairs:
+        return {"num_swappable": 0, "success_rate": None, "success_rate_query_swapped": None}
+    zero = (0.0, 0.0, 0.0, 0.0)
+
+    def box(r):
+        return r.pred_box_xyxy_abs if r.pred_box_xyxy_abs is not None else zero
+
+    gt = [records[i].gt_box_xyxy_abs for i, _ in pairs]
+    own = iou_per_item([box(records[i]) for i, _ in pairs], gt)
+    swapped = iou_per_item([box(records[j]) for _, j in pairs], gt)
+    return {"num_swappable": len(pairs),
+            "success_rate": float((own >= iou_threshold).double().mean()),
+            "success_rate_query_swapped": float((swapped >= iou_threshold).double().mean())}
+
