@@ -15,7 +15,9 @@ The model sees "<image> " + question + eval.referring_suffix ("Please give a bri
 sentence less than 10 words.", no space); the answer is the text after "ASSISTANT:". Writes
 predictions.jsonl (resumable), upstream's raw_output file <dataset>_<split>.json, summary.json/.md; the
 last line printed is the metrics JSON (Bleu_1..4, METEOR, ROUGE_L, CIDEr unrounded), the same as
-eval_referring.py on the written raw_output file. --bertscore adds BERTScore_F1 when the bert_score
+eval_referring.py on the written raw_output file, plus name_accuracy: the fraction of answers naming the
+ref's COCO category (every word of it, whole words; benchmarks.referring_name_accuracy) beside
+name_accuracy_most_frequent_category, what always naming the commonest category would score. --bertscore adds BERTScore_F1 when the bert_score
 package and its model are on disk (never downloaded); otherwise BERTScore_F1 is null and
 bertscore_unavailable says why.
 """
@@ -55,7 +57,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     from chatterbox.data.readers.refcoco import DEFAULT_SPLIT_BY
     from chatterbox.eval import questions as Q
-    from chatterbox.eval.benchmarks import referring_raw_output
+    from chatterbox.data.readers.common import load_json, read_categories
+    from chatterbox.eval.benchmarks import referring_name_accuracy, referring_raw_output
     from chatterbox.eval.caption_metrics import CaptionScorer, optional_bertscore, refer_reference
     from chatterbox.eval.cleaning import clean_caption_upstream
     from chatterbox.eval.reports import write_markdown_report, write_summary_json
@@ -91,10 +94,14 @@ def main(argv=None) -> int:
         result.update(optional_bertscore({str(e["ref_id"]): e["gt"] for e in raw}, hyps))
         if result["BERTScore_F1"] is None:
             print(f"BERTScore unavailable: {result['bertscore_unavailable']}")
+    instances = os.path.join(folder, "instances.json")
+    categories = read_categories(load_json(instances), instances, "instances.json")
+    result.update(referring_name_accuracy([e["text_output"] for e in raw],
+                                          [categories.get(r["category_id"]) for r in records[:len(raw)]]))
     result.update({"num_refs": len(refs), "clean": clean})
     write_summary_json(s.output_dir / "summary.json", {"benchmark": f"{args.dataset}_referring", "split": args.split,
                                                         "split_by": split_by, **run_fields(args, stats), **result})
-    columns = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "BERTScore_F1", "num_refs")
+    columns = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "BERTScore_F1", "name_accuracy", "num_refs")
     write_markdown_report(s.output_dir / "summary.md", f"{args.dataset} {args.split} referring",
                           {f"{args.split}{' (clean)' if clean else ''}": result}, [k for k in columns if k in result],
                           notes=[f"BERTScore unavailable: {result['bertscore_unavailable']}"]

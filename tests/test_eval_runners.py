@@ -314,7 +314,7 @@ def synthetic_root(tmp_path_factory):
     from chatterbox.data.synthetic import write_corpus
 
     root = tmp_path_factory.mktemp("synthetic") / "data"
-    write_corpus(root, num_images=8, seed=3)
+    write_corpus(root, num_images=12, seed=3)
     return root
 
 
@@ -389,6 +389,20 @@ def test_referring_raw_output_format(tiny_setup, tmp_path):
     assert raw[0]["text_output"] == out[0]["text"] and raw[0]["gt"] == ["the brown dog.", "a dog left."]
 
 
+def test_referring_name_accuracy_counts_whole_words_and_reports_the_frequency_baseline():
+    from chatterbox.eval.benchmarks import names_object, referring_name_accuracy
+
+    assert names_object("It is a Red circle.", "red circle")
+    assert not names_object("It is a reddish circle.", "red circle")  # whole words only
+    assert not names_object("It is a circle.", "red circle")  # every word of the name
+    result = referring_name_accuracy(["It is a red circle.", "It is a red circle.", "a blue square", "x"],
+                                     ["red circle", "blue square", "blue square", None])
+    assert result == {"name_accuracy": 2 / 3, "name_accuracy_most_frequent_category": 2 / 3,
+                      "num_named": 3, "num_unnamed": 1}
+    with pytest.raises(ValueError, match="2 answers but 1"):
+        referring_name_accuracy(["a", "b"], ["dog"])
+
+
 class _RecordingEncoder:
     """Wraps a RequestEncoder and keeps every request it encodes (to inspect the prompts)."""
 
@@ -454,6 +468,30 @@ def test_evaluate_mrg_breaks_down_by_round():
     assert g["by_round"]["2"]["miou"] == pytest.approx(0.25) and g["by_round"]["2"]["num_missing"] == 1
     assert g["dialogue_all_success_rate"] == pytest.approx(0.5)
     assert summary["referring"] == {"num_samples": 2, "skipped": "no caption scorer"}
+
+
+def test_evaluate_mrg_later_rounds_and_target_swap_control():
+    from chatterbox.eval.mrg import evaluate_mrg
+
+    def rnd(k, target, box):
+        return {"round": k, "run": True, "target_box_xyxy_abs": target, "box_xyxy_abs": box, "text": "",
+                "region_boxes_xyxy_abs": [], "reference_answer": ""}
+
+    a, b = [0, 0, 10, 10], [50, 50, 60, 60]
+    follows = {"id": "d0", "rounds": [rnd(1, a, a), rnd(2, b, b), rnd(3, a, a)]}
+    same_box = {"id": "d1", "rounds": [rnd(1, a, a), rnd(2, b, a), rnd(3, a, a)]}
+    g = evaluate_mrg([follows], scorer=None)["grounding"]
+    assert g["success_rate"] == 1.0 and g["success_rate_target_swapped"] == 0.0
+    assert g["later_rounds"]["num_samples"] == 2 and g["later_rounds"]["success_rate"] == 1.0
+    assert g["later_rounds"]["success_rate_target_swapped"] == 0.0
+    # one box for every round: right where the target happens to be that box, and as right swapped
+    g = evaluate_mrg([same_box], scorer=None)["grounding"]
+    assert g["later_rounds"]["success_rate"] == 0.5 and g["later_rounds"]["success_rate_target_swapped"] == 0.5
+    assert g["success_rate"] == pytest.approx(2 / 3) and g["success_rate_target_swapped"] == pytest.approx(1 / 3)
+    # a dialogue whose [VG] rounds all share one target has no partner: not in the control's denominator
+    g = evaluate_mrg([{"id": "d2", "rounds": [rnd(1, a, a), rnd(2, a, None)]}], scorer=None)["grounding"]
+    assert g["num_target_swappable"] == 0 and g["success_rate_target_swapped"] is None
+    assert g["later_rounds"]["num_missing"] == 1
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer needs Java")

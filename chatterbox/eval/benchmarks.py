@@ -5,10 +5,12 @@
   mIoU / success rate / mIoU@success (and Acc@0.5 per split), computed on exactly those entries, so
   ``evaluation/eval_grounding.py`` on the written file prints the same numbers.
 * referring (RefCOCOg): the answer text -> upstream's ``raw_output`` entries (``text_output``) ->
-  BLEU/METEOR/ROUGE-L/CIDEr with the refer-toolkit procedure (optionally on upstream-cleaned answers).
+  BLEU/METEOR/ROUGE-L/CIDEr with the refer-toolkit procedure (optionally on upstream-cleaned answers),
+  and the name accuracy: does the answer name the pointed object's category?
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Sequence
 
 from chatterbox.eval.grounding_metrics import (GroundingEvaluation, GroundingPredictions, evaluate_grounding,
@@ -17,7 +19,7 @@ from chatterbox.eval.questions import EvalItem
 from chatterbox.eval.runner import EVAL_IMAGE_PREFIX, GenerationRequest, RequestEncoder, generate_for_requests
 
 __all__ = ["single_round_predictor", "grounding_prediction_entries", "read_grounding_file", "evaluate_grounding_file",
-           "referring_raw_output"]
+           "referring_raw_output", "names_object", "referring_name_accuracy"]
 
 
 def single_round_predictor(model, encoder: RequestEncoder, *, max_new_tokens: int, box_threshold: float | None,
@@ -103,3 +105,31 @@ def referring_raw_output(items: Sequence[EvalItem], records: Sequence[dict]) -> 
                     "input_bbox": [[int(v) for v in b] for b in it.region_boxes_xyxy_abs],
                     "prompt": it.upstream["prompt"], "text_output": rec["text"]})
     return out
+
+
+def names_object(text: str, name: str) -> bool:
+    """Whether every word of ``name`` (a category such as "red circle") is a whole word of ``text``,
+    case-insensitive: "It is a red circle." names "red circle", "It is a reddish circle." does not."""
+    words = set(re.findall(r"[a-z0-9]+", text.lower()))
+    wanted = re.findall(r"[a-z0-9]+", name.lower())
+    return bool(wanted) and all(w in words for w in wanted)
+
+
+def referring_name_accuracy(texts: Sequence[str], names: Sequence[str | None]) -> dict:
+    """Fraction of answers that name their object's category (`names_object`), over the answers whose
+    object has one (``names[i]`` None: not counted, and reported as ``num_unnamed``).
+
+    Captioning metrics reward fluent generic text; this one asks the question referring is for: does the
+    answer say *what* the box points at? A model that gives every region the same answer scores at most
+    the share of the most frequent category."""
+    if len(texts) != len(names):
+        raise ValueError(f"{len(texts)} answers but {len(names)} category names")
+    scored = [(t, n) for t, n in zip(texts, names) if n is not None]
+    hits = sum(names_object(t, n) for t, n in scored)
+    counts: dict[str, int] = {}
+    for _, n in scored:
+        counts[n] = counts.get(n, 0) + 1
+    return {"name_accuracy": hits / len(scored) if scored else None,
+            "name_accuracy_most_frequent_category": max(counts.values()) / len(scored) if scored else None,
+            "num_named": len(scored), "num_unnamed": len(texts) - len(scored)}
+

@@ -9,7 +9,8 @@ regions and ``[VG]`` kept (``"keep"``, as a chat session would). Rounds of a bat
 together, one batched generation per round index.
 
 Scores: ``[VG]`` rounds -> IoU of the box answering this round's ``[VG]`` with the answer's box
-(success = IoU >= 0.5, mIoU, mIoU@success); rounds with a region input -> BLEU/METEOR/ROUGE-L/CIDEr
+(success = IoU >= 0.5, mIoU, mIoU@success; also for the rounds after the first, and the target-swap
+control, see `evaluate_mrg`); rounds with a region input -> BLEU/METEOR/ROUGE-L/CIDEr
 of the answer against the ground-truth answer; both overall and per round index. A round that could
 not run (its prompt would exceed the context) stays in every denominator: IoU 0 / empty answer,
 and is counted (``num_rounds_not_run``).
@@ -122,32 +123,44 @@ def _round_record(rnd, out: dict | None) -> dict:
 def evaluate_mrg(records: list[dict], scorer=None, iou_threshold: float = 0.5) -> dict:
     """Summary of `mrg_predictor` records: grounding and referring metrics, overall and per round index.
 
+    Grounding also reports ``later_rounds`` (the ``[VG]`` rounds after a dialogue's first round, whose
+    answer may depend on what came before) and, for both, ``success_rate_target_swapped``: each round's
+    box scored against the target of the next ``[VG]`` round of the same dialogue that has another
+    target. A model that follows the dialogue ("Where is it?" after "What is <region>?") scores far lower
+    there; one that answers every round with the same salient object scores about the same.
+
     ``scorer``: a `caption_metrics.CaptionScorer` (reused across calls); None skips the caption metrics.
     """
-    ious, iou_rounds, missing = [], [], []
+    ious, iou_rounds, missing, swapped_hits, later = [], [], [], [], []
     refs, hyps, ref_rounds = {}, {}, {}
     num_rounds = num_not_run = 0
     dialogues_with_vg = dialogues_all_success = 0
     for d, rec in enumerate(records):
         vg_success = []
+        vg_rounds = [r for r in rec["rounds"] if r["target_box_xyxy_abs"] is not None]
         for r in rec["rounds"]:
             num_rounds += 1
             num_not_run += not r["run"]
-            if r["target_box_xyxy_abs"] is not None:
-                if r["box_xyxy_abs"] is None:
-                    iou = 0.0
-                    missing.append(True)
-                else:
-                    iou = float(iou_per_item([r["box_xyxy_abs"]], [r["target_box_xyxy_abs"]])[0])
-                    missing.append(False)
-                ious.append(iou)
-                iou_rounds.append(str(r["round"]))
-                vg_success.append(iou >= iou_threshold)
             if r["region_boxes_xyxy_abs"]:
                 key = f"{rec['id']}/round{r['round']}"
                 refs[key] = [r["reference_answer"]]
                 hyps[key] = r["text"].strip()
                 ref_rounds[key] = str(r["round"])
+        for k, r in enumerate(vg_rounds):
+            box = r["box_xyxy_abs"]
+            iou = 0.0 if box is None else float(iou_per_item([box], [r["target_box_xyxy_abs"]])[0])
+            missing.append(box is None)
+            ious.append(iou)
+            iou_rounds.append(str(r["round"]))
+            later.append(r["round"] > 1)
+            vg_success.append(iou >= iou_threshold)
+            partner = next((p for p in vg_rounds[k + 1:] + vg_rounds[:k]
+                            if p["target_box_xyxy_abs"] != r["target_box_xyxy_abs"]), None)
+            if partner is None:
+                swapped_hits.append(None)
+            else:
+                swapped = 0.0 if box is None else float(iou_per_item([box], [partner["target_box_xyxy_abs"]])[0])
+                swapped_hits.append(swapped >= iou_threshold)
         if vg_success:
             dialogues_with_vg += 1
             dialogues_all_success += all(vg_success)
@@ -156,7 +169,9 @@ def evaluate_mrg(records: list[dict], scorer=None, iou_threshold: float = 0.5) -
     if ious:
         overall = summarize_ious(ious, iou_threshold=iou_threshold, num_missing=sum(missing))
         by_round = summarize_ious_by_group(ious, iou_rounds, iou_threshold=iou_threshold, missing_mask=missing)
-        summary["grounding"] = {**overall.to_dict(), "by_round": {k: v.to_dict() for k, v in _by_index(by_round)},
+        summary["grounding"] = {**overall.to_dict(), **_target_swapped(swapped_hits),
+                                "by_round": {k: v.to_dict() for k, v in _by_index(by_round)},
+                                "later_rounds": _later_rounds(ious, missing, later, swapped_hits, iou_threshold),
                                 # consistency over a dialogue: every [VG] round of it succeeded
                                 "dialogue_all_success_rate": dialogues_all_success / dialogues_with_vg,
                                 "num_dialogues": dialogues_with_vg}
@@ -174,6 +189,21 @@ def evaluate_mrg(records: list[dict], scorer=None, iou_threshold: float = 0.5) -
     else:
         summary["referring"] = None if not refs else {"num_samples": len(refs), "skipped": "no caption scorer"}
     return summary
+
+
+def _target_swapped(hits: list) -> dict:
+    scored = [h for h in hits if h is not None]
+    return {"success_rate_target_swapped": sum(scored) / len(scored) if scored else None,
+            "num_target_swappable": len(scored)}
+
+
+def _later_rounds(ious, missing, later, swapped_hits, iou_threshold) -> dict | None:
+    idx = [i for i, is_later in enumerate(later) if is_later]
+    if not idx:
+        return None
+    summary = summarize_ious([ious[i] for i in idx], iou_threshold=iou_threshold,
+                             num_missing=sum(missing[i] for i in idx))
+    return {**summary.to_dict(), **_target_swapped([swapped_hits[i] for i in idx])}
 
 
 def mrg_grounding_records(records: list[dict]) -> list[GroundingRecord]:
