@@ -129,6 +129,7 @@ def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
         ("data.dino_image_size", cfg.data.dino_image_size, "model.vision.image_size", cfg.model.vision.image_size),
         ("data.clip_image_size", cfg.data.clip_image_size, "model.clip.image_size", cfg.model.clip.image_size),
         ("data.clip_patch_size", cfg.data.clip_patch_size, "model.clip.patch_size", cfg.model.clip.patch_size),
+        ("data.clip_resize", cfg.data.clip_resize, "model.clip.resize", cfg.model.clip.resize),
         ("model.query_head.out_dim", cfg.model.query_head.out_dim,
          "model.vision.hidden_dim", cfg.model.vision.hidden_dim),
     ]
@@ -147,6 +148,7 @@ DATA_KEYS_FROM_MODEL = {
     "dino_image_size": lambda cfg: cfg.model.vision.image_size,
     "clip_image_size": lambda cfg: cfg.model.clip.image_size,
     "clip_patch_size": lambda cfg: cfg.model.clip.patch_size,
+    "clip_resize": lambda cfg: cfg.model.clip.resize,
 }
 
 

@@ -122,6 +122,18 @@ def test_regions_and_boxes_are_in_original_pixels(model):
     assert reply.boxes_as_lists()[0] == [round(v, 2) for v in reply.boxes_xyxy_abs[0].tolist()]
 
 
+def test_a_model_trained_on_squashed_images_is_asked_with_squashed_images(model, monkeypatch):
+    """model.clip.resize=squash (the tiny preset): the chat squashes too, unless the options say otherwise."""
+    image = sample_image(320, 240)
+    monkeypatch.setattr(model.cfg.clip, "resize", "squash")
+    chat = ChatSession(model, image, max_new_tokens=2)
+    assert chat.clip_geometry.mode == "squash"
+    chat.ask("What is <bbox>?", [[40, 30, 200, 150]])
+    torch.testing.assert_close(chat.region_boxes_clip_norm, torch.tensor([[40 / 320, 30 / 240, 200 / 320, 150 / 240]]))
+    forced = ChatSession(model, image, options=session_module.PromptOptions(clip_resize="crop"))
+    assert forced.clip_geometry.mode == "crop"
+
+
 def test_reset_forgets_history_and_cache(model):
     chat = ChatSession(model, sample_image(), max_new_tokens=MAX_NEW)
     first = chat.ask("What is <bbox>?", [[10, 20, 100, 120]])

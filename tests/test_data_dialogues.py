@@ -142,3 +142,23 @@ def test_truncation_drops_whole_rounds_with_their_boxes(tiny_tokenizer):
     assert len(kept.grounding_targets_cxcywh_norm) == 1 and int((kept.input_ids == ids.vg).sum()) == 1
     with pytest.raises(DataError, match="first round"):
         SampleEncoder(tiny_tokenizer, max_length=50).encode(_multi_round_sample(2))
+
+
+def test_clip_resize_squash_overrides_each_sources_crop(tiny_tokenizer):
+    """data.clip_resize=squash: a sample its source would centre-crop is squashed, so a region at the
+    image border stays in view, and its <bbox> is normalised to the whole image."""
+    from dataclasses import replace
+
+    from chatterbox.data.transforms import clip_image, load_image
+
+    sample = replace(_multi_round_sample(1), clip_resize="crop")
+    image = load_image(sample.image_path, sample.sample_id)
+    width, height = image.size
+    assert width != height  # a crop would cut part of this image off
+    cropped = SampleEncoder(tiny_tokenizer).encode(sample)
+    squashed = SampleEncoder(tiny_tokenizer, clip_resize="squash").encode(sample)
+    assert torch.equal(squashed.image_clip, clip_image(image, 224, "squash")[0])
+    assert torch.equal(cropped.image_clip, clip_image(image, 224, "crop")[0])
+    x1, y1, x2, y2 = sample.turns[0].region_boxes_xyxy_abs[0]
+    torch.testing.assert_close(squashed.region_boxes_xyxy_clip_norm[0],
+                               torch.tensor([x1 / width, y1 / height, x2 / width, y2 / height]))

@@ -46,6 +46,8 @@ class DataConfig:
     vqa_mixture: dict[str, float] = field(default_factory=lambda: {"cb_lc_vqa": 2, "cb_mrg_vqa": 1, "llava": 7})
     clip_image_size: int = 224
     clip_patch_size: int = 14  # with clip_image_size: (224 / 14)^2 = 256 <im_patch> positions per image
+    # "per_source": each source's own CLIP preprocessing (upstream); "squash": every image (model.clip.resize)
+    clip_resize: Literal["per_source", "squash"] = "per_source"
     dino_image_size: int = 512
     max_length: int = 2048
     # Region (<bbox>) boxes given to the model are xyxy normalised to the CLIP input. "crop": mapped

@@ -40,8 +40,9 @@ class SampleEncoder:
 
     def __init__(self, tokenizer, max_length: int = 2048, clip_image_size: int = 224, dino_image_size: int = 512,
                  region_box_normalisation: str = "crop", dino_for_all: bool = False,
-                 num_image_patches: int = NUM_IMAGE_PATCHES):
+                 num_image_patches: int = NUM_IMAGE_PATCHES, clip_resize: str = "per_source"):
         self.tokenizer = tokenizer
+        self.clip_resize = clip_resize
         self.num_image_patches = num_image_patches
         self.ids = special_token_ids(tokenizer)
         self.max_length = max_length
@@ -53,7 +54,8 @@ class SampleEncoder:
     @classmethod
     def from_config(cls, tokenizer, data_cfg) -> "SampleEncoder":
         return cls(tokenizer, data_cfg.max_length, data_cfg.clip_image_size, data_cfg.dino_image_size,
-                   data_cfg.region_box_normalisation, num_image_patches=data_cfg.num_image_patches)
+                   data_cfg.region_box_normalisation, num_image_patches=data_cfg.num_image_patches,
+                   clip_resize=data_cfg.clip_resize)
 
     def tokenize(self, sample: Sample):
         """Token ids/labels of the (possibly truncated) dialogue and the number of rounds kept."""
@@ -85,10 +87,11 @@ class SampleEncoder:
 
         image = load_image(sample.image_path, sample.sample_id, sample.image_size)
         width, height = image.size
-        image_clip, geometry = clip_image(image, self.clip_image_size, sample.clip_resize)
+        resize = "squash" if self.clip_resize == "squash" else sample.clip_resize
+        image_clip, geometry = clip_image(image, self.clip_image_size, resize)
         augment = SquashAugment(*sample.clip_augment) if sample.clip_augment else None
         if augment is not None:
-            if sample.clip_resize != "squash":
+            if resize != "squash":
                 raise ValueError(f"{sample.sample_id}: clip_augment is only defined for squash-resized images")
             image_clip = augment.apply_to_image(image_clip)
 

@@ -75,8 +75,9 @@ class RequestEncoder:
 
     def __init__(self, tokenizer, clip_image_size: int = 224, dino_image_size: int = 512,
                  region_box_normalisation: str = "crop", max_length: int = 2048,
-                 num_image_patches: int = NUM_IMAGE_PATCHES):
+                 num_image_patches: int = NUM_IMAGE_PATCHES, clip_resize: str = "per_source"):
         self.tokenizer = tokenizer
+        self.clip_resize = clip_resize  # "squash": overrides every request's own mode
         self.num_image_patches = num_image_patches
         self.ids = special_token_ids(tokenizer)
         self.clip_image_size = clip_image_size
@@ -88,7 +89,8 @@ class RequestEncoder:
     def from_config(cls, tokenizer, cfg) -> "RequestEncoder":
         """``cfg``: the project config (data sizes + model_max_length)."""
         return cls(tokenizer, cfg.data.clip_image_size, cfg.data.dino_image_size, cfg.data.region_box_normalisation,
-                   min(cfg.data.max_length, cfg.model.language.model_max_length), cfg.data.num_image_patches)
+                   min(cfg.data.max_length, cfg.model.language.model_max_length), cfg.data.num_image_patches,
+                   cfg.data.clip_resize)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         text = expand_image_placeholder(generation_prompt(request.messages), self.num_image_patches)
@@ -107,7 +109,8 @@ class RequestEncoder:
                             record, "prompt")
         image = load_image(request.image_path, request.request_id, request.image_size)
         width, height = image.size
-        image_clip, geometry = clip_image(image, self.clip_image_size, request.clip_resize)
+        resize = "squash" if self.clip_resize == "squash" else request.clip_resize
+        image_clip, geometry = clip_image(image, self.clip_image_size, resize)
         regions = region_boxes_from_pixels(request.region_boxes_xyxy_abs, width, height, geometry,
                                            self.region_box_normalisation, request.request_id)
         # Always prepared: the model may also generate a [VG] in its reply, which needs the DINO image.

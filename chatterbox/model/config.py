@@ -60,6 +60,12 @@ class ClipConfig:
     # Upstream keeps the pretrained CLIP frozen (run under no_grad). False trains it with the rest: for a
     # CLIP with random weights (the tiny preset), whose frozen features would be random projections.
     freeze: bool = True
+    # How an image becomes the CLIP square. "per_source": upstream's, the HF CLIPImageProcessor's centre
+    # crop (shortest side -> image_size) for every source except COCO detection, which is squashed.
+    # "squash": every image squashed to the square in training, evaluation and chat, so nothing is cut
+    # off: for scenes whose objects reach the image borders (the synthetic corpus), where a crop would
+    # hide the region a question is about.
+    resize: Literal["per_source", "squash"] = "per_source"
 
 
 @dataclass

@@ -156,7 +156,8 @@ class PromptOptions:
 
     image_prefix: str = "<image>\n "      # opens the first user message (spec §3.2)
     vg_separator: str = " "               # question + separator + "[VG]" when ``ground=True``
-    clip_resize: str = "crop"             # CLIP preprocessing: "crop" (HF CLIPImageProcessor) or "squash"
+    # CLIP preprocessing: "crop" (HF CLIPImageProcessor) or "squash"; None: the model's (model.clip.resize)
+    clip_resize: str | None = None
     region_box_normalisation: str = "crop"
 
     @classmethod
@@ -200,7 +201,8 @@ class ChatSession:
         self.width, self.height = self.image.size
         cfg = model.cfg
         self.device = next(model.parameters()).device
-        images_clip, self.clip_geometry = clip_image(self.image, cfg.clip.image_size, self.options.clip_resize)
+        resize = self.options.clip_resize or ("squash" if cfg.clip.resize == "squash" else "crop")
+        images_clip, self.clip_geometry = clip_image(self.image, cfg.clip.image_size, resize)
         self._images_clip = images_clip[None].to(self.device)
         self._images_dino = dino_image(self.image, cfg.vision.image_size)[None]
         self._vision_features = None  # backbone features of the image, computed on the first [VG]
