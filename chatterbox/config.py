@@ -136,6 +136,9 @@ def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
     for key_a, a, key_b, b in pairs:
         if a != b:
             raise ConfigError(f"{key_a}={a} must equal {key_b}={b}")
+    for key in ("save_every_steps", "steps_per_epoch", "epochs"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be >= 1")
     if cfg.data.max_length > cfg.model.language.model_max_length:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds "
                           f"model.language.model_max_length={cfg.model.language.model_max_length}")

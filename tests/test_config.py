@@ -90,7 +90,7 @@ def test_7b_stage2_keeps_the_7b_model_and_stage2_streams():
 
 def test_data_image_sizes_follow_the_model_unless_set():
     cfg = load_config("tiny_stage1")
-    assert (cfg.data.dino_image_size, cfg.data.clip_image_size) == (128, 224)
+    assert (cfg.data.dino_image_size, cfg.data.clip_image_size) == (128, 112)
     cfg = load_config("tiny_stage1", ["model.vision.image_size=256", "model.vision.swin_pretrain_img_size=256"])
     assert cfg.data.dino_image_size == 256
     assert load_config("13b_stage1").data.dino_image_size == 512
@@ -101,6 +101,8 @@ def test_data_image_sizes_follow_the_model_unless_set():
 def test_values_shared_by_data_and_model_must_agree():
     with pytest.raises(ConfigError, match=r"data.dino_image_size=512 must equal model.vision.image_size=128"):
         load_config("tiny_stage1", ["data.dino_image_size=512"])
+    with pytest.raises(ConfigError, match=r"train.save_every_steps=0 must be >= 1"):
+        load_config("tiny_stage1", ["train.save_every_steps=0"])
     with pytest.raises(ConfigError, match=r"data.clip_resize=squash must equal model.clip.resize=per_source"):
         load_config("13b_stage1", ["data.clip_resize=squash"])
     with pytest.raises(ConfigError, match=r"model.query_head.out_dim=256 must equal model.vision.hidden_dim=32"):
