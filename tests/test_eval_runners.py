@@ -398,7 +398,13 @@ def test_referring_name_accuracy_counts_whole_words_and_reports_the_frequency_ba
     result = referring_name_accuracy(["It is a red circle.", "It is a red circle.", "a blue square", "x"],
                                      ["red circle", "blue square", "blue square", None])
     assert result == {"name_accuracy": 2 / 3, "name_accuracy_most_frequent_category": 2 / 3,
+                      "name_word_accuracy": [2 / 3, 2 / 3], "name_word_accuracy_most_frequent": [2 / 3, 2 / 3],
                       "num_named": 3, "num_unnamed": 1}
+    # each word on its own: the colour right, the kind wrong
+    by_word = referring_name_accuracy(["a red square", "a blue circle", "a red square"],
+                                      ["red circle", "blue square", "red triangle"])
+    assert by_word["name_accuracy"] == 0 and by_word["name_word_accuracy"] == [1.0, 0.0]
+    assert by_word["name_word_accuracy_most_frequent"] == [2 / 3, 1 / 3]
     with pytest.raises(ValueError, match="2 answers but 1"):
         referring_name_accuracy(["a", "b"], ["dog"])
 

@@ -121,15 +121,29 @@ def referring_name_accuracy(texts: Sequence[str], names: Sequence[str | None]) -
 
     Captioning metrics reward fluent generic text; this one asks the question referring is for: does the
     answer say *what* the box points at? A model that gives every region the same answer scores at most
-    the share of the most frequent category."""
+    the share of the most frequent category.
+
+    ``name_word_accuracy[k]``: the same for the k-th word of the category names alone (for "red circle":
+    the colour, then the kind), with ``name_word_accuracy_most_frequent[k]``, its most-frequent-word
+    control; over the categories that have a k-th word."""
     if len(texts) != len(names):
         raise ValueError(f"{len(texts)} answers but {len(names)} category names")
     scored = [(t, n) for t, n in zip(texts, names) if n is not None]
-    hits = sum(names_object(t, n) for t, n in scored)
+    result = _accuracy_and_control(scored)
+    words = [(t, n.split()) for t, n in scored]
+    by_word = [_accuracy_and_control([(t, w[k]) for t, w in words if len(w) > k])
+               for k in range(max((len(w) for _, w in words), default=0))]
+    return {"name_accuracy": result[0], "name_accuracy_most_frequent_category": result[1],
+            "name_word_accuracy": [a for a, _ in by_word], "name_word_accuracy_most_frequent": [c for _, c in by_word],
+            "num_named": len(scored), "num_unnamed": len(texts) - len(scored)}
+
+
+def _accuracy_and_control(scored: list[tuple[str, str]]) -> tuple[float | None, float | None]:
+    """(fraction of texts naming their name, share of the most frequent name)."""
+    if not scored:
+        return None, None
     counts: dict[str, int] = {}
     for _, n in scored:
         counts[n] = counts.get(n, 0) + 1
-    return {"name_accuracy": hits / len(scored) if scored else None,
-            "name_accuracy_most_frequent_category": max(counts.values()) / len(scored) if scored else None,
-            "num_named": len(scored), "num_unnamed": len(texts) - len(scored)}
+    return sum(names_object(t, n) for t, n in scored) / len(scored), max(counts.values()) / len(scored)
 
