@@ -1,7 +1,7 @@
 """A small synthetic corpus in every upstream on-disk format, with boxes that are known exactly.
 
 Each scene is a JPEG with 2-4 coloured shapes (circle, square, triangle pointing any way) on a plain,
-gradient or noisy low-saturation background, in sizes from an eighth to ~40% of the image side; fills
+gradient or noisy low-saturation background, in sizes from a fifth to ~45% of the image side; fills
 vary around each colour's hue. A shape is named by colour and kind ("red circle") and the name is unique
 in its image (a colour or a kind may repeat), so "Where is the red circle?" has exactly one right box
 and needs both words. The same scenes are written in the layouts of COCO 2014/2017, the refer
@@ -145,7 +145,7 @@ def _make_scene(rng: random.Random, image_id: int, split: str, image_sizes=IMAGE
     short = min(width, height)
     for colour, kind in names:
         for _ in range(100):
-            side = rng.randint(max(14, short // 8), max(24, int(short / 2.6)))
+            side = rng.randint(max(20, short // 5), max(28, int(short / 2.2)))
             w = side if rng.random() < 0.5 else int(side * rng.uniform(0.7, 1.3))
             w = max(12, min(w, width - 2))
             h = min(side, height - 2)
