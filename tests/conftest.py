@@ -28,6 +28,14 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
     return proc
 
 
+@pytest.fixture(autouse=True)
+def no_inherited_rendezvous_port():
+    """An in-process training test leaves this process's rendezvous store listening on MASTER_PORT; a
+    script started later must not inherit the variable and try to bind the same port."""
+    yield
+    os.environ.pop("MASTER_PORT", None)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
 
