@@ -2,8 +2,9 @@
 """The main job on the tiny preset (CPU): synthetic data -> stage 1 -> stage 2 -> evaluation.
 
 Every step is the command a user would run; this script only chains them and summarises. The last
-printed line is a JSON object with the grounding metrics of the trained and the untrained model, the
-referring metrics, where the checkpoint and the picture of predicted boxes are, and the wall time.
+printed line is a JSON object with the grounding metrics of the trained and the untrained model (with
+the query-swap control), the referring metrics (with the name accuracy), the multi-round accuracy (with
+its target-swap control), where the checkpoint and the picture of predicted boxes are, and the wall time.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="outputs/quickstart", help="where logs, metrics and pictures go")
     parser.add_argument("--data-dir", default="data/synthetic", help="synthetic corpus (the tiny configs read it)")
+    parser.add_argument("--num-images", type=int, default=1200, help="synthetic scenes to write")
+    parser.add_argument("--eval-fraction", type=float, default=0.05, help="share of scenes held out for evaluation")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     work = REPO / args.work_dir
@@ -66,7 +69,10 @@ def main(argv=None) -> int:
 
     stage1, stage2 = load_config("tiny_stage1"), load_config("tiny_stage2")
     coco_dir = str(Path(args.data_dir) / "MSCOCO2017")
-    run([PY, "scripts/make_synthetic_data.py", "--out", args.data_dir], work / "data.log")
+    # 1200 scenes, 60 of them held out: enough variety that the model cannot memorise its way through
+    # (the eval scenes are never trained on), few enough eval questions for a CPU.
+    run([PY, "scripts/make_synthetic_data.py", "--out", args.data_dir, "--num-images", str(args.num_images),
+         "--eval-fraction", str(args.eval_fraction)], work / "data.log")
 
     untrained = json.loads(run(
         [PY, "evaluation/coco_grounding.py", "--config", "tiny_stage1", "--seed", str(stage1.train.seed),
@@ -80,10 +86,20 @@ def main(argv=None) -> int:
 
     grounding = json.loads(run(
         [PY, "evaluation/coco_grounding.py", "--config", "tiny_stage2", "--checkpoint", str(checkpoint),
-         "--data", coco_dir, "--output-dir", str(work / "eval_grounding")], work / "eval_grounding.log"))
+         "--data", coco_dir, "--query-swap", "--output-dir", str(work / "eval_grounding")],
+        work / "eval_grounding.log"))
     referring = json.loads(run(
         [PY, "evaluation/refcocog_referring.py", "--config", "tiny_stage2", "--checkpoint", str(checkpoint),
          "--split", "val", "--output-dir", str(work / "eval_referring")], work / "eval_referring.log"))
+    multiround = json.loads(run(
+        [PY, "evaluation/cb_mrg.py", "--config", "tiny_stage2", "--checkpoint", str(checkpoint),
+         "--data", str(Path(args.data_dir) / "eval" / "CB_MRG_eval.json"),
+         "--image-dir", str(Path(args.data_dir) / "VG"), "--output-dir", str(work / "eval_multiround")],
+        work / "eval_multiround.log"))
+    later = multiround["grounding"]["later_rounds"]
+    for rnd, g in multiround["grounding"]["by_round"].items():
+        print(f"  multi-round grounding, round {rnd}: success {g['success_rate']:.3f} ({g['num_success']}/"
+              f"{g['num_samples']})")
 
     vis_dir = work / "eval_grounding" / "visualization"
     run([PY, "evaluation/eval_grounding.py", "--predictions", str(work / "eval_grounding" / "prediction.json"),
@@ -97,8 +113,20 @@ def main(argv=None) -> int:
         "untrained_grounding_success_rate": untrained["success_rate"],
         "untrained_grounding_miou": untrained["miou"],
         "grounding_num_samples": grounding["num_samples"],
+        # the control: each question answered with another question's [VG] query (same image)
+        "grounding_success_rate_query_swapped": grounding["success_rate_query_swapped"],
+        "referring_accuracy": referring["name_accuracy"],
+        "referring_accuracy_most_frequent_category": referring["name_accuracy_most_frequent_category"],
+        # the synthetic names are "<colour> <kind>": each word on its own, beside its most-frequent control
+        "referring_colour_accuracy": referring["name_word_accuracy"][0],
+        "referring_kind_accuracy": referring["name_word_accuracy"][1],
+        "referring_colour_accuracy_most_frequent": referring["name_word_accuracy_most_frequent"][0],
+        "referring_kind_accuracy_most_frequent": referring["name_word_accuracy_most_frequent"][1],
         "referring_meteor": referring.get("METEOR"),
         "referring_cider": referring.get("CIDEr"),
+        # "Where is it?" rounds after "What is <region>?": the answer needs the earlier round
+        "multiround_accuracy": later["success_rate"],
+        "multiround_accuracy_target_swapped": later["success_rate_target_swapped"],
         "checkpoint": str(checkpoint),
         "picture": str(picture.relative_to(REPO)),
         "seconds": round(time.perf_counter() - start, 1),
