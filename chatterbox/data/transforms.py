@@ -129,6 +129,12 @@ def _normalise(chw_255: torch.Tensor, mean_255, std_255) -> torch.Tensor:
     return chw_255.sub_(mean).div_(std)
 
 
+def clip_resize_mode(configured: str, source_mode: str) -> str:
+    """The `clip_image` mode for one image: "squash" where the config squashes every image
+    (``model.clip.resize`` / ``data.clip_resize`` = "squash"), else the mode of the image's own source."""
+    return "squash" if configured == "squash" else source_mode
+
+
 def clip_image(img: Image.Image, size: int = 224, mode: str = "crop") -> tuple[torch.Tensor, ClipGeometry]:
     """The CLIP branch input [3,size,size] (CLIP mean/std) and the geometry used to make it."""
     geom = ClipGeometry.build(img.width, img.height, size, mode)
