@@ -2,8 +2,8 @@
 
     python evaluation/cb_mrg.py --config CONFIG [--checkpoint EXPORT_DIR] [--data CB_MRG.json or CB-300K dir]
         [--image-dir VG_DIR] [--history model|ground_truth] [--history-tokens plain|keep]
-        [--regions auto|off] [--grounding auto|off] [--max-rounds N] [--no-meteor] [--visualize N]
-        [--output-dir DIR]
+        [--regions auto|off] [--grounding auto|off] [--max-rounds N] [--no-meteor | --no-caption-metrics]
+        [--visualize N] [--output-dir DIR]
     torchrun --nproc_per_node 8 evaluation/cb_mrg.py ...
 
 Each dialogue's rounds run in order on the model's own earlier answers (default) or the ground-truth
@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 
-from chatterbox.eval.cli import (add_grounding_arguments, add_meteor_argument, add_visualize_argument, entry_point,
-                                 print_outcome, resolve_box_threshold, run_fields, runner_parser, write_visualizations)
+from chatterbox.eval.cli import (add_caption_metric_arguments, add_grounding_arguments, add_visualize_argument,
+                                 caption_scorer, entry_point, print_outcome, resolve_box_threshold, run_fields,
+                                 runner_parser, write_visualizations)
 
 
 def parse_args(argv=None):
@@ -28,14 +29,13 @@ def parse_args(argv=None):
     p.add_argument("--max-rounds", type=int, default=0, help="use at most N rounds per dialogue (0 = all)")
     p.add_argument("--bad-records", default="error", choices=["error", "skip-and-count"])
     add_grounding_arguments(p)
-    add_meteor_argument(p)
+    add_caption_metric_arguments(p)
     add_visualize_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     from chatterbox.data.errors import BadRecordPolicy
-    from chatterbox.eval.caption_metrics import CaptionScorer
     from chatterbox.eval.mrg import MrgRunOptions, evaluate_mrg, mrg_grounding_records, mrg_predictor
     from chatterbox.eval.questions import MrgOptions, mrg_dialogues
     from chatterbox.eval.reports import write_markdown_report, write_summary_json
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
                                s.output_dir / "predictions.jsonl", batch_size=s.batch_size, dist=s.dist)
     if not s.dist.is_main:
         return 0
-    with CaptionScorer(with_meteor=not args.no_meteor) as scorer:
+    with caption_scorer(args) as scorer:
         result = evaluate_mrg(records, scorer, iou_threshold=args.iou_threshold)
     result.update({"history": args.history, "history_tokens": args.history_tokens,
                    "num_records_skipped": policy.skipped})

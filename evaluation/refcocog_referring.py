@@ -2,7 +2,8 @@
 
     python evaluation/refcocog_referring.py --config CONFIG [--checkpoint EXPORT_DIR] [--data REFER_DIR]
         [--dataset refcocog|refcoco|refcoco+] [--split SPLIT] [--split-by umd|unc]
-        [--image-dir COCO2014_TRAIN_DIR] [--clean] [--no-meteor] [--bertscore] [--output-dir DIR]
+        [--image-dir COCO2014_TRAIN_DIR] [--clean] [--no-meteor | --no-caption-metrics] [--bertscore]
+        [--output-dir DIR]
     torchrun --nproc_per_node 8 evaluation/refcocog_referring.py ...
 
 Questions from <data>/<dataset>/refs(<split-by>).p + instances.json, as upstream's
@@ -26,8 +27,8 @@ from __future__ import annotations
 import os
 
 from chatterbox.data.errors import DataError
-from chatterbox.eval.cli import (add_meteor_argument, entry_point, print_outcome, run_fields, run_single_round,
-                                 runner_parser, write_upstream_json)
+from chatterbox.eval.cli import (add_caption_metric_arguments, caption_scorer, entry_point, print_outcome, run_fields,
+                                 run_single_round, runner_parser, write_upstream_json)
 
 DATASETS = ("refcocog", "refcoco", "refcoco+")
 #: the split a run scores when --split is not given
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--clean", action="store_true", help="score upstream's cleaned answers (process_clean.py)")
     p.add_argument("--bertscore", action="store_true",
                    help="also BERTScore F1, only if bert_score and its model are present locally (never downloaded)")
-    add_meteor_argument(p)
+    add_caption_metric_arguments(p)
     args = p.parse_args(argv)
     from chatterbox.eval.questions import REFERRING_SPLITS
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     from chatterbox.eval import questions as Q
     from chatterbox.data.readers.common import load_json, read_categories
     from chatterbox.eval.benchmarks import referring_name_accuracy, referring_raw_output
-    from chatterbox.eval.caption_metrics import CaptionScorer, optional_bertscore, refer_reference
+    from chatterbox.eval.caption_metrics import optional_bertscore, refer_reference
     from chatterbox.eval.cleaning import clean_caption_upstream
     from chatterbox.eval.reports import write_markdown_report, write_summary_json
     from chatterbox.eval.runner import setup_runner
@@ -87,8 +88,8 @@ def main(argv=None) -> int:
     clean = args.clean or s.cfg.eval.clean_referring_output
     refs = {str(e["ref_id"]): [refer_reference(g) for g in e["gt"]] for e in raw}
     hyps = {str(e["ref_id"]): clean_caption_upstream(e["text_output"]) if clean else e["text_output"] for e in raw}
-    with CaptionScorer(with_meteor=not args.no_meteor) as scorer:
-        result = scorer.score(refs, hyps)
+    with caption_scorer(args) as scorer:
+        result = {} if scorer is None else scorer.score(refs, hyps)
     if args.bertscore:
         # upstream's utils/bert_score.py joins raw_output's gt strings as stored (with their ".")
         result.update(optional_bertscore({str(e["ref_id"]): e["gt"] for e in raw}, hyps))

@@ -250,3 +250,23 @@ def test_refcoco_plus_runner_scores_every_sentence(tmp_path, corpus, capsys):
     raw = json.loads((out / "refcoco+_val.json").read_text())
     assert result["num_refs"] == len(raw) and "BERTScore_F1" not in result
     assert all(e["prompt"] == "What is it <bbox>?" and len(e["gt"]) == 2 for e in raw)
+
+
+def test_runners_without_caption_metrics_need_no_pycocoevalcap(tmp_path, corpus, capsys, monkeypatch):
+    """--no-caption-metrics: the accuracies and the prediction files, no BLEU/METEOR/CIDEr (no Java needed)."""
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # any import of it fails
+    out = tmp_path / "refcocog"
+    args = _common(corpus, out, "--dataset", "refcocog", "--split", "val", "--no-caption-metrics")
+    assert _load_runner("refcocog_referring").main(args) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert not {"Bleu_1", "METEOR", "CIDEr"} & set(result)
+    raw = json.loads((out / "refcocog_val.json").read_text())
+    assert result["num_refs"] == len(raw) > 0 and 0 <= result["name_accuracy"] <= 1
+
+    out = tmp_path / "mrg"
+    args = _common(corpus, out, "--limit", "2", "--max-rounds", "2", "--no-caption-metrics")
+    assert _load_runner("cb_mrg").main(args) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert result["grounding"]["num_samples"] >= 1
+    assert result["referring"] == {"num_samples": result["referring"]["num_samples"], "skipped": "no caption scorer"}
+    assert (out / "predictions.jsonl").read_text().count("\n") == 2

@@ -7,6 +7,7 @@ upstream-style JSON files, the same last-line metrics JSON and the same exit cod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -17,10 +18,9 @@ from chatterbox.eval.benchmarks import grounding_prediction_entries, read_ground
 from chatterbox.eval.grounding_metrics import evaluate_grounding, evaluate_query_swap
 from chatterbox.eval.runner import RunnerSetup, RunStats, add_runner_arguments, run_items
 
-__all__ = ["runner_parser", "add_grounding_arguments", "add_meteor_argument", "add_visualize_argument",
-           "resolve_box_threshold", "run_single_round", "score_grounding_run", "run_fields", "write_upstream_json",
-           "write_visualizations",
-           "print_outcome", "entry_point"]
+__all__ = ["runner_parser", "add_grounding_arguments", "add_caption_metric_arguments", "caption_scorer",
+           "add_visualize_argument", "resolve_box_threshold", "run_single_round", "score_grounding_run", "run_fields",
+           "write_upstream_json", "write_visualizations", "print_outcome", "entry_point"]
 
 #: where --visualize writes its PNGs, under the run's output folder
 VISUALIZATION_DIR = "visualizations"
@@ -52,8 +52,20 @@ def query_swap_fields(records, iou_threshold: float) -> dict:
             "success_rate_swappable": control["success_rate"], "num_query_swappable": control["num_swappable"]}
 
 
-def add_meteor_argument(parser: argparse.ArgumentParser) -> None:
+def add_caption_metric_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (no Java start-up)")
+    parser.add_argument("--no-caption-metrics", action="store_true",
+                        help="skip BLEU/METEOR/ROUGE-L/CIDEr, which need pycocoevalcap and a Java runtime; the "
+                             "predictions are written as always and can be scored later")
+
+
+def caption_scorer(args: argparse.Namespace):
+    """The context manager the runners score captions in: a CaptionScorer, or None with --no-caption-metrics."""
+    if args.no_caption_metrics:
+        return contextlib.nullcontext(None)
+    from chatterbox.eval.caption_metrics import CaptionScorer
+
+    return CaptionScorer(with_meteor=not args.no_meteor)
 
 
 def _count(text: str) -> int:
