@@ -98,6 +98,22 @@ def test_missing_path_for_weighted_source_is_named():
         load_stream_sources(cfg, "grounding")
 
 
+def test_stream_resumed_on_another_world_size_continues_after_every_old_draw(tiny_tokenizer):
+    """Two ranks drew 3 batches of 2 each; one rank resumes with the next 12 draws, none skipped or repeated."""
+    cfg = synthetic_data_config()
+    old = [build_stream(cfg, "grounding", tiny_tokenizer, batch_size=2, seed=7, rank=r, world_size=2,
+                        num_workers=0) for r in range(2)]
+    for _ in range(3):
+        for stream in old:
+            next(stream)
+    resumed = build_stream(cfg, "grounding", tiny_tokenizer, batch_size=2, seed=7, num_workers=0)
+    resumed.load_state_dict(old[0].state_dict(), reshard=True)
+    reference = build_stream(cfg, "grounding", tiny_tokenizer, batch_size=2, seed=7, num_workers=0)
+    reference.load_state_dict({**reference.state_dict(), "position": 12})  # one rank that drew all 12
+    for _ in range(2):
+        assert next(resumed)["sample_ids"] == next(reference)["sample_ids"]
+
+
 @pytest.mark.parametrize("old_world, new_world", [(2, 1), (1, 3), (3, 2)])
 def test_sampler_reshards_to_another_world_size_without_repeating_or_skipping_draws(old_world, new_world):
     weights = {"a": 1.0, "b": 3.0}

@@ -124,8 +124,6 @@ class DataStream:
         # Restart the loader at the restored position: prefetched batches of the old one are dropped.
         self.consumed = self.sampler.position
         self._iterator = None
-        self.consumed = int(state["position"])
-        self._iterator = None
 
 
 def build_stream(data_cfg, task: str, tokenizer, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
