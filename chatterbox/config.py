@@ -46,6 +46,8 @@ class TrainConfig:
     # Full-model initialisation: stage 2 starts from stage 1's output (a directory or checkpoint file).
     init_from: str = ""
     resume: str = ""  # "", "auto" (latest in output_dir) or a checkpoint directory
+    # A fresh run (no resume) into an output_dir holding checkpoints is refused; True moves them aside instead.
+    overwrite_checkpoints: bool = False
     seed: int = 42
     epochs: int = 5
     steps_per_epoch: int = 3000

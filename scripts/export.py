@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from chatterbox.config import load_config
-from chatterbox.train.checkpoint import CheckpointError, CheckpointManager
+from chatterbox.train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint_file
 from chatterbox.train.run import build_model, seed_everything
 
 
@@ -25,7 +25,7 @@ def load_checkpoint_into(model: torch.nn.Module, checkpoint_dir: Path) -> None:
     module_file = checkpoint_dir / "mp_rank_00_model_states.pt"
     if not module_file.is_file():
         raise CheckpointError(f"{checkpoint_dir}: no mp_rank_00_model_states.pt")
-    state = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+    state = load_checkpoint_file(module_file)["module"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     own = model.state_dict()
     missing = sorted(trainable - set(state))

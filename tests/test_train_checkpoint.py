@@ -1,4 +1,5 @@
 """Checkpointing through the real DeepSpeed engine on a CPU (gloo), with a small model."""
+import os
 import shutil
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 
 from chatterbox.config import StreamConfig, TrainConfig
 from chatterbox.train import checkpoint as ckpt
-from chatterbox.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from chatterbox.train.checkpoint import (CheckpointError, CheckpointManager, output_dir_lock, rng_state,
+                                         set_rng_state)
 from chatterbox.train.distributed import init_distributed
 from chatterbox.train.engine import build_engine, deepspeed_config, total_optimizer_steps
 
@@ -125,6 +127,99 @@ def test_bad_resume_requests_are_clear(tmp_path):
     (manager.root / "step_00000004").mkdir()
     with pytest.raises(CheckpointError, match="trainer_state_rank0.pt"):
         manager.load(None, "step_00000004")
+
+
+def test_keep_last_never_prunes_checkpoints_newer_than_the_one_written(dist, tmp_path):
+    """Resumed at an older checkpoint, a run's keep-last-K must not delete the newer ones of the first
+    history (they were pruned by name before, and `latest` then named a deleted folder)."""
+    engine, _, _ = build_engine(Toy(), train_config(tmp_path), dist.world_size)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (2, 4, 6, 8):
+        manager.save(engine, step, {"step": step})
+    assert manager.tags() == ["step_00000006", "step_00000008"]
+    manager.save(engine, 7, {"step": 7})  # a run resumed at step 6
+    assert manager.tags() == ["step_00000006", "step_00000007", "step_00000008"]
+    assert manager.latest() == "step_00000007"
+    manager.save(engine, 8, {"step": 8})  # its own step 8 replaces the old one; its step 6 is pruned
+    assert manager.tags() == ["step_00000007", "step_00000008"] and manager.latest() == "step_00000008"
+
+
+def test_a_fresh_run_refuses_earlier_checkpoints_or_moves_them_aside(dist, tmp_path):
+    engine, _, _ = build_engine(Toy(), train_config(tmp_path), dist.world_size)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.start_fresh()  # nothing there: fine
+    manager.save(engine, 3, {"step": 3})
+    files = sorted(p.name for p in (manager.root / "step_00000003").iterdir())
+    with pytest.raises(CheckpointError, match=r"holds checkpoints of an earlier run \(step_00000003\).*--resume auto"):
+        manager.start_fresh()
+    assert manager.tags() == ["step_00000003"] and manager.latest() == "step_00000003"
+    manager.start_fresh(overwrite=True)
+    assert manager.tags() == [] and manager.latest() is None
+    aside, = tmp_path.glob("checkpoints.replaced-*")
+    assert sorted(p.name for p in (aside / "step_00000003").iterdir()) == files
+    assert (aside / "latest").read_text() == "step_00000003"
+
+
+class Payload:
+    """What a malicious checkpoint would carry: unpickling it runs os.mkdir(marker)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_no_checkpoint_file_can_run_code_and_a_broken_one_is_named(dist, tmp_path):
+    import importlib.util
+
+    from chatterbox.train.reshard import merged_optimizer_state
+
+    engine, _, _ = build_engine(Toy(), train_config(tmp_path), dist.world_size)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    run(engine, 1)
+    directory = manager.save(engine, 1, {"step": 1, "rng": rng_state()})
+    assert manager.trainer_state("step_00000001", 0)["step"] == 1  # our own files load weights-only
+    assert merged_optimizer_state(directory)[0]["fp32"].numel() == 16 + 1
+    spec = importlib.util.spec_from_file_location("export_script", ckpt.Path(__file__).parent.parent / "scripts/export.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+
+    marker = tmp_path / "code_ran"
+    for name in ("trainer_state_rank0.pt", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        file = directory / name
+        original = torch.load(file, weights_only=False)
+        torch.save({**original, "planted": Payload(marker)}, file)
+        attempts = [lambda: manager.load(engine, "step_00000001")]  # DeepSpeed's own reads included
+        if name == "trainer_state_rank0.pt":
+            attempts.append(lambda: manager.trainer_state("step_00000001", 0))
+        if name == "mp_rank_00_model_states.pt":
+            attempts.append(lambda: export.load_checkpoint_into(Toy(), directory))
+        if name.startswith("zero"):
+            attempts.append(lambda: merged_optimizer_state(directory))
+        for attempt in attempts:
+            with pytest.raises(CheckpointError, match=rf"{name}: refused to load .*posix.mkdir"):
+                attempt()
+        assert not marker.exists()
+        torch.save(original, file)
+
+    state_file = directory / "trainer_state_rank0.pt"
+    state_file.write_bytes(state_file.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match=rf"{state_file}: unreadable checkpoint file"):
+        manager.trainer_state("step_00000001", 0)
+
+
+def test_one_run_at_a_time_holds_an_output_dir(tmp_path):
+    out = tmp_path / "run"
+    with output_dir_lock(out):
+        assert (out / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(CheckpointError, match=rf"in use by another training run \(pid {os.getpid()}"):
+            with output_dir_lock(out):
+                pass
+        with output_dir_lock(tmp_path / "other"):  # another folder is free
+            pass
+    with output_dir_lock(out):  # released when the block ends
+        pass
 
 
 @pytest.mark.parametrize("saved_ranks, resumed_ranks, precision", [(2, 1, "fp32"), (1, 2, "fp32"), (2, 1, "bf16")])

@@ -159,6 +159,34 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_loss_sequence(synthetic
     assert {s: reference[s] for s in after} == after  # bit-identical losses from the resume point on
 
 
+def test_a_fresh_run_into_a_used_output_dir_loses_no_checkpoint(synthetic_data, tmp_path):
+    """The launcher, as a user types it: a second fresh run into a finished run's folder is refused (its
+    checkpoints and config stay as they were); --overwrite moves them aside and starts from step 0."""
+    out = tmp_path / "run"
+    launch = [sys.executable, "startup_stage1.py", "--config", "tiny_stage1"]
+    for s in overrides(synthetic_data, out, 4, extra=["train.save_every_steps=2"]):
+        launch += ["--set", s]
+    subprocess.run(launch, check=True, env=_env(), cwd=REPO, capture_output=True)
+    checkpoints = out / "checkpoints"
+    kept = {p.name: p.stat().st_mtime_ns for p in checkpoints.rglob("*")}
+    assert {"step_00000002", "step_00000004"} <= set(kept)
+    config = (out / "config.yaml").read_text()
+
+    again = subprocess.run(launch + ["--max-steps", "1", "--set", "train.lr=5e-4"], env=_env(), cwd=REPO,
+                           capture_output=True, text=True)
+    assert again.returncode != 0
+    assert "holds checkpoints of an earlier run (step_00000002, step_00000004)" in again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoints.rglob("*")} == kept
+    assert (out / "config.yaml").read_text() == config
+
+    over = subprocess.run(launch + ["--max-steps", "1", "--overwrite"], env=_env(), cwd=REPO, capture_output=True,
+                          text=True)
+    assert over.returncode == 0, over.stderr[-3000:]
+    aside, = out.glob("checkpoints.replaced-*")
+    assert {p.name for p in aside.rglob("*")} == set(kept)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000001"]
+
+
 def test_export_from_checkpoint_matches_the_final_export(synthetic_data, tmp_path):
     from chatterbox.model.chatterbox import ChatterBox
 

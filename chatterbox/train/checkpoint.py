@@ -9,14 +9,25 @@ Layout under ``<output_dir>/checkpoints/``:
     latest                               the tag of the newest complete checkpoint
 
 A checkpoint is written into a staging folder and renamed into place, then `latest` is replaced
-atomically: a crash mid-write leaves the previous checkpoint and pointer intact.
+atomically: a crash mid-write leaves the previous checkpoint and pointer intact. Nothing a run did not
+write is deleted: a fresh run refuses an output dir that holds checkpoints (unless told to move them
+aside), keep-last-K never prunes checkpoints newer than the one just written, and one run at a time
+holds the output dir (`output_dir_lock`).
+
+Every file of a checkpoint is read with `load_checkpoint_file`: tensors and plain containers, plus the
+few DeepSpeed classes its optimizer files hold, never arbitrary pickled objects (a checkpoint from
+elsewhere cannot run code), and a file that cannot be read is named.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import pickle
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +36,7 @@ import torch
 from chatterbox.train.distributed import barrier
 
 LATEST = "latest"
+LOCK_FILE = ".lock"
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
@@ -45,8 +57,41 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _deepspeed_checkpoint_classes() -> list:
+    """The classes (not functions) DeepSpeed's ZeRO-1/2 optimizer files pickle: a loss scaler, the enum of the
+    ZeRO stage, the fragment addresses of the flat partitions. Their unpickling only sets attributes."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location="cpu"):
+    """``torch.load`` with ``weights_only=True`` (plus DeepSpeed's optimizer-file classes); a file that is not
+    such a checkpoint (truncated, corrupt, or carrying other objects) is a CheckpointError naming it."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "global" in line.lower()), lines[0] if lines else "")
+        raise CheckpointError(f"{path}: refused to load ({reason}); only tensors, plain containers and "
+                              f"DeepSpeed's optimizer state are read from checkpoints") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({str(e).splitlines()[0]})") from None
+
+
+def read_only_safe_checkpoint_files(engine) -> None:
+    """Make ``engine`` (DeepSpeed) read its checkpoint files through `load_checkpoint_file`."""
+    engine.checkpoint_engine.load = load_checkpoint_file
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's key array as a list: the state file then holds no numpy object (it is read weights-only)
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), position, has_gauss, cached_gaussian),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -54,10 +99,39 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str | os.PathLike, enabled: bool = True):
+    """Hold an exclusive lock on ``output_dir`` (created if missing) while the block runs.
+
+    A second run into the same folder stops at once, naming the holder, instead of interleaving its
+    checkpoints with the first's. The lock is the kernel's (flock): it goes with the process, SIGKILL
+    included. Only one process per run takes it (rank 0)."""
+    if not enabled:
+        yield
+        return
+    path = Path(output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise CheckpointError(f"{path} is in use by another training run (pid {holder}, lock file {lock}); "
+                                  f"wait for it to end or choose another train.output_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class CheckpointManager:
@@ -95,6 +169,22 @@ class CheckpointManager:
             raise CheckpointError(f"no checkpoint {resume!r} under {self.root}; have {self.tags()}")
         return tag
 
+    def start_fresh(self, overwrite: bool = False) -> None:
+        """Check that a run starting from step 0 loses nothing: an earlier run's checkpoints here are an
+        error, or, with ``overwrite``, moved aside to ``checkpoints.replaced-<time>/`` (never deleted).
+        Every rank must call it."""
+        existing = self.tags()
+        if existing and not overwrite:
+            raise CheckpointError(
+                f"{self.root} holds checkpoints of an earlier run ({', '.join(existing)}): continue it with "
+                f"--resume auto, or start over with --overwrite (moves them to checkpoints.replaced-<time>/)")
+        if existing and self.rank == 0:
+            aside = self.root.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.root, aside)
+            self.root.mkdir()
+            print(f"moved the earlier run's checkpoints {existing} to {aside}", flush=True)
+        barrier()
+
     # ------------------------------------------------------------------ save / load
     def save(self, engine, step: int, trainer_state: dict) -> Path:
         """Save engine + this rank's trainer state as ``step_<step>``; every rank must call it."""
@@ -113,7 +203,7 @@ class CheckpointManager:
             os.replace(staging / tag, final)
             shutil.rmtree(staging, ignore_errors=True)
             atomic_write_text(self.root / LATEST, tag)
-            self._prune()
+            self._prune(step)
         barrier()
         return final
 
@@ -128,7 +218,7 @@ class CheckpointManager:
         state_file = self.root / tag / f"trainer_state_rank{rank}.pt"
         if not state_file.is_file():
             raise CheckpointError(f"{self.root / tag} has no {state_file.name}: incomplete checkpoint")
-        return torch.load(state_file, weights_only=False)
+        return load_checkpoint_file(state_file)
 
     def load(self, engine, tag: str) -> dict:
         """Restore engine state from ``tag`` (saved with this world size); return this rank's trainer state."""
@@ -142,8 +232,11 @@ class CheckpointManager:
         )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path}")
-        return torch.load(state_file, weights_only=False)
+        return load_checkpoint_file(state_file)
 
-    def _prune(self) -> None:
-        for tag in self.tags()[: -self.keep_last]:
+    def _prune(self, step: int) -> None:
+        """Keep the newest ``keep_last`` checkpoints up to ``step``; newer ones (from before a resume at an
+        older checkpoint) are another history, which only their owner may delete."""
+        upto = [tag for tag in self.tags() if int(_TAG.match(tag).group(1)) <= step]
+        for tag in upto[: -self.keep_last]:
             shutil.rmtree(self.root / tag, ignore_errors=True)

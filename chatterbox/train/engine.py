@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from chatterbox.config import StreamConfig, TrainConfig
+from chatterbox.train.checkpoint import read_only_safe_checkpoint_files
 from chatterbox.train.schedule import WarmupDecaySchedule
 
 
@@ -69,6 +70,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int):
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(train, first_stream, world_size),
     )
+    read_only_safe_checkpoint_files(engine)
     return engine, optimizer, scheduler
 
 

@@ -25,6 +25,9 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     parser.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for multi-node runs")
     parser.add_argument("--master-port", type=int, default=None)
     parser.add_argument("--resume", default=None, help='"auto" or a checkpoint directory (sets train.resume)')
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start from step 0 even where output_dir holds checkpoints (they are moved aside, "
+                             "to checkpoints.replaced-<time>/; sets train.overwrite_checkpoints)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many more global steps (a checkpoint is written there)")
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
@@ -37,6 +40,8 @@ def worker_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--set", override]
     if args.resume:
         cmd += ["--set", f"train.resume={args.resume}"]
+    if args.overwrite:
+        cmd += ["--set", "train.overwrite_checkpoints=true"]
     if args.max_steps is not None:
         cmd += ["--max-steps", str(args.max_steps)]
     return cmd

@@ -91,9 +91,6 @@ class Trainer:
         self.step = 0
         self.writer = None
         self.history: list[StepLog] = []
-        if dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.output_dir / "config.yaml")
 
     # ------------------------------------------------------------------ state
     def trainer_state(self) -> dict:
@@ -106,6 +103,7 @@ class Trainer:
     def maybe_resume(self) -> bool:
         tag = self.checkpoints.resolve(self.train_cfg.resume)
         if tag is None:
+            self.checkpoints.start_fresh(overwrite=self.train_cfg.overwrite_checkpoints)
             return False
         saved_world = self.checkpoints.saved_world_size(tag)
         reshard = saved_world != self.dist.world_size
@@ -180,6 +178,8 @@ class Trainer:
         """Train to the end of the schedule (or ``max_steps`` more global steps); checkpoint as configured,
         and where training stops, so that a run stopped by ``max_steps`` continues from there."""
         self.maybe_resume()
+        if self.dist.is_main:  # after the resume checks: a refused run leaves the earlier run's config
+            dump_config(self.cfg, self.output_dir / "config.yaml")
         end = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
         progress = self._progress(end)
         while self.step < end:

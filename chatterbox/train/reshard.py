@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from chatterbox.train.checkpoint import CheckpointError
+from chatterbox.train.checkpoint import CheckpointError, load_checkpoint_file
 
 #: DeepSpeed's per-rank ZeRO optimizer file; engines trained in bf16 prefix it with "bf16_".
 _OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
@@ -35,7 +35,7 @@ def optimizer_files(checkpoint_dir: Path) -> list[Path]:
 
 def merged_optimizer_state(checkpoint_dir: Path) -> list[dict[str, torch.Tensor]]:
     """Per parameter group: full (unpartitioned, unpadded) ``fp32``, ``exp_avg``, ``exp_avg_sq`` and ``step``."""
-    shards = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    shards = [load_checkpoint_file(path)["optimizer_state_dict"]
               for path in optimizer_files(checkpoint_dir)]
     for r, shard in enumerate(shards):
         if not isinstance(shard.get("base_optimizer_state"), dict) or shard["zero_stage"] > 2:
@@ -69,7 +69,7 @@ def load_resharded(engine, checkpoint_root: Path, tag: str, rank: int) -> None:
                                           load_module_only=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the module weights of {directory}")
-    states = torch.load(directory / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = load_checkpoint_file(directory / "mp_rank_00_model_states.pt")
     optimizer = engine.optimizer
     partitions = optimizer.single_partition_of_fp32_groups
     if len(partitions) != len(merged):

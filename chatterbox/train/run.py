@@ -95,9 +95,18 @@ def build_streams(cfg: ChatterBoxConfig, tokenizer, dist: DistInfo) -> dict:
 
 def train(cfg: ChatterBoxConfig, max_steps: int | None = None) -> dict:
     """Run (or resume) the configured stage; return a summary. Usable from Python and tests."""
-    from chatterbox.train.loop import PRECISION_DTYPES, Trainer
+    from chatterbox.train.checkpoint import output_dir_lock
 
     dist = init_distributed(cfg.device)
+    # Held from before the model is built to after the summary is written: a second run into the same
+    # output_dir stops at once instead of writing into this one's checkpoints.
+    with output_dir_lock(cfg.train.output_dir, enabled=dist.is_main):
+        return _train(cfg, dist, max_steps)
+
+
+def _train(cfg: ChatterBoxConfig, dist: DistInfo, max_steps: int | None) -> dict:
+    from chatterbox.train.loop import PRECISION_DTYPES, Trainer
+
     seed_everything(cfg.train.seed, dist.rank)
     model = build_model(cfg, dist.device, PRECISION_DTYPES[cfg.train.precision])
     if dist.device.type == "cuda" and cfg.train.cuda_graph_frozen_encoders:
