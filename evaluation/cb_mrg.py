@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     options = MrgRunOptions(history=args.history, history_tokens=args.history_tokens,
                             max_new_tokens=s.max_new_tokens, box_threshold=resolve_box_threshold(args, s.cfg))
     records, stats = run_items(dialogues, lambda d: d.dialogue_id, mrg_predictor(s.model, s.encoder, options),
-                               s.output_dir / "predictions.jsonl", batch_size=s.batch_size, dist=s.dist)
+                               s.output_dir / "predictions.jsonl", batch_size=s.batch_size, dist=s.dist,
+                               fingerprint=s.fingerprint)
     if not s.dist.is_main:
         return 0
     with caption_scorer(args) as scorer:

@@ -270,3 +270,16 @@ def test_runners_without_caption_metrics_need_no_pycocoevalcap(tmp_path, corpus,
     assert result["grounding"]["num_samples"] >= 1
     assert result["referring"] == {"num_samples": result["referring"]["num_samples"], "skipped": "no caption scorer"}
     assert (out / "predictions.jsonl").read_text().count("\n") == 2
+
+
+def test_a_runner_does_not_resume_another_models_predictions(tmp_path, corpus, capsys):
+    """Two models into one output folder: the second is refused instead of reporting the first's results."""
+    rec = _load_runner("rec")
+    out = tmp_path / "rec"
+    assert rec.main(_common(corpus, out, "--dataset", "refcoco", "--limit", "2", "--seed", "0")) == 0
+    first = (out / "predictions.jsonl").read_bytes()
+    with pytest.raises(DataError, match=r"written by another run \(differs in seed: 0 then, 1 now\)"):
+        rec.main(_common(corpus, out, "--dataset", "refcoco", "--limit", "2", "--seed", "1"))
+    assert (out / "predictions.jsonl").read_bytes() == first
+    assert rec.main(_common(corpus, out, "--dataset", "refcoco", "--limit", "2", "--seed", "0")) == 0
+    assert "2 resumed" in capsys.readouterr().out

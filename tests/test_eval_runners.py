@@ -4,6 +4,7 @@ CPU only: the tiny preset with random weights and a small synthetic corpus in th
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -19,7 +20,8 @@ from PIL import Image
 
 from chatterbox.data.errors import DataError
 from chatterbox.eval import questions as Q
-from chatterbox.eval.runner import DistContext, read_jsonl, run_items, shard_path
+from chatterbox.config import load_config
+from chatterbox.eval.runner import DistContext, fingerprint_path, read_jsonl, run_items, shard_path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CHATTERBOX_SHARED_DIR", REPO.parent / "shared"))
@@ -278,6 +280,47 @@ def test_run_items_rejects_corrupt_or_foreign_files(tmp_path):
         run_items(list(range(3)), str, _fake_predict([]), out, batch_size=2)
 
 
+def test_run_items_resumes_only_the_run_that_wrote_the_predictions(tmp_path):
+    items = list(range(5))
+    out = tmp_path / "predictions.jsonl"
+    first = {"checkpoint": "/exports/a", "options": {"dtype": "fp32"}}
+    run_items(items, str, _fake_predict([]), out, batch_size=2, fingerprint=first)
+    assert json.loads(fingerprint_path(out).read_text()) == first
+    calls = []
+    _, stats = run_items(items, str, _fake_predict(calls), out, batch_size=2, fingerprint=dict(first))
+    assert stats.num_resumed == 5 and calls == []
+    other = {"checkpoint": "/exports/b", "options": {"dtype": "fp32"}}
+    with pytest.raises(DataError, match=r"written by another run \(differs in checkpoint: '/exports/a' then, "
+                                        r"'/exports/b' now\)") as e:
+        run_items(items, str, _fake_predict(calls), out, batch_size=2, fingerprint=other)
+    assert e.value.file == str(out) and calls == []
+    fingerprint_path(out).unlink()  # predictions whose origin is unknown are not resumed either
+    with pytest.raises(DataError, match="unknown run"):
+        run_items(items, str, _fake_predict(calls), out, batch_size=2, fingerprint=first)
+
+
+def test_run_fingerprint_follows_the_weights_and_settings_not_the_batching(tmp_path):
+    from chatterbox.eval.runner import run_fingerprint
+
+    spec = importlib.util.spec_from_file_location("coco_grounding", REPO / "evaluation" / "coco_grounding.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "weights.safetensors").write_bytes(b"0" * 10)
+
+    def fingerprint(*extra):
+        args = runner.parse_args(["--config", "tiny_stage2", "--checkpoint", str(export), *extra])
+        return run_fingerprint(args, load_config("tiny_stage2", args.overrides))
+
+    base = fingerprint()
+    assert fingerprint("--batch-size", "7", "--device", "cpu", "--limit", "3") == base
+    assert fingerprint("--dtype", "bf16") != base
+    assert fingerprint("--set", "eval.max_new_tokens=9") != base
+    (export / "weights.safetensors").write_bytes(b"1" * 11)  # retrained in place
+    assert fingerprint() != base
+
+
 def test_run_items_shards_merge_into_the_one_process_file(tmp_path):
     """Ranks run whole batches r, r + world, ...; rank 0's merge equals one process's file. (Ranks are
     simulated in sequence here; the barriers are no-ops without a process group.)"""
@@ -301,7 +344,6 @@ def test_run_items_shards_merge_into_the_one_process_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-    from chatterbox.config import load_config
     from chatterbox.eval.runner import RequestEncoder, load_eval_model
 
     cfg = load_config("tiny_stage1", ["eval.max_new_tokens=6"])

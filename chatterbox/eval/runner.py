@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "EVAL_IMAGE_PREFIX", "GenerationRequest", "EncodedRequest", "RequestEncoder", "collate_requests",
     "generate_for_requests", "upstream_answer_text", "DistContext", "init_eval_distributed",
-    "read_jsonl", "run_items", "shard_path", "RunStats",
+    "read_jsonl", "run_items", "shard_path", "RunStats", "run_fingerprint", "fingerprint_path",
 ]
 
 #: upstream's evaluation message: "<image>" + " " + prompt (eval_grounding.py / refcocog_referring_test.py).
@@ -270,14 +270,42 @@ class RunStats:
     num_generated: int = 0  # by this process
 
 
+def fingerprint_path(out_path: Path) -> Path:
+    """The file beside a prediction file that says which run wrote it."""
+    return out_path.with_name(out_path.name + ".run.json")
+
+
+def check_or_write_fingerprint(out_path: Path, fingerprint: dict, dist: DistContext) -> None:
+    """Predictions already in ``out_path`` (or its shards) are resumed only by the run that wrote them:
+    same weights, settings and options (`run_fingerprint`); otherwise a DataError. A new file gets the
+    fingerprint first."""
+    sidecar = fingerprint_path(out_path)
+    earlier = _partial_files(out_path)
+    if earlier:
+        if not sidecar.is_file():
+            raise DataError("predictions of an unknown run are here (no fingerprint file beside them); delete "
+                            "them or choose another --output-dir", str(earlier[0]), None, "run")
+        saved = json.loads(sidecar.read_text())
+        changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+        if changed:
+            raise DataError(f"these predictions were written by another run (differs in {', '.join(changed)}: "
+                            f"{saved.get(changed[0])!r} then, {fingerprint.get(changed[0])!r} now); delete them or "
+                            f"choose another --output-dir", str(earlier[0]), None, changed[0])
+    elif dist.is_main:
+        tmp = sidecar.with_name(sidecar.name + ".tmp")
+        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+        os.replace(tmp, sidecar)
+
+
 def run_items(items: Sequence, item_id: Callable[[object], str], predict_batch: Callable[[list], list[dict]],
               out_path: str | Path, *, batch_size: int, dist: DistContext = DistContext(),
-              log_every: int = 10) -> tuple[list[dict] | None, RunStats]:
+              log_every: int = 10, fingerprint: dict | None = None) -> tuple[list[dict] | None, RunStats]:
     """Run ``predict_batch`` over ``items`` with resume and sharding; return (records in item order, stats).
 
     ``predict_batch(list_of_items) -> list of JSON-able dicts`` (one per item, in order; the runner adds
     ``"id"``). Records are written to ``out_path`` (JSONL, one line per item, item order). Every rank
-    returns the merged records after the final barrier.
+    returns the merged records after the final barrier. With a ``fingerprint`` (`run_fingerprint`), an
+    earlier run's predictions are resumed only if that run had the same one.
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,6 +313,8 @@ def run_items(items: Sequence, item_id: Callable[[object], str], predict_batch: 
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"duplicate item id {dup!r}: ids must be unique to resume")
+    if fingerprint is not None:
+        check_or_write_fingerprint(out_path, fingerprint, dist)
     known = set(ids)
     done: dict[str, dict] = {}
     own = out_path if dist.world_size == 1 else shard_path(out_path, dist.rank, dist.world_size)
@@ -369,6 +399,34 @@ def load_eval_model(cfg, checkpoint: str, device: torch.device, dtype: torch.dty
     return model.eval()
 
 
+#: runner options that change how predictions are scored, shown or batched, not what they are
+NOT_IN_FINGERPRINT = {"output_dir", "limit", "batch_size", "device", "visualize", "no_meteor",
+                      "no_caption_metrics", "bertscore", "clean", "bad_records", "iou_threshold"}
+
+
+def run_fingerprint(args, cfg) -> dict:
+    """What decides a run's predictions: the weights (the export folder, its files' sizes and times; or the
+    config's model and seed), the data and eval settings, the dtype and the runner's own options. Batch
+    size, device and scoring options are left out (the results do not depend on them)."""
+    from chatterbox.config import config_to_dict
+
+    settings = config_to_dict(cfg)
+    data = {k: v for k, v in settings["data"].items() if k != "num_workers"}
+    evaluation = {k: v for k, v in settings["eval"].items() if k not in ("batch_size", "output_dir", "visualize")}
+    fingerprint = {"config": {"data": data, "eval": evaluation}}
+    if args.checkpoint:
+        folder = Path(args.checkpoint).resolve()
+        fingerprint["checkpoint"] = str(folder)
+        fingerprint["checkpoint_files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
+                                      for p in sorted(folder.iterdir()) if p.is_file()}
+    else:
+        fingerprint["config"]["model"] = settings["model"]
+        fingerprint["seed"] = args.seed
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_FINGERPRINT
+               and k not in ("config", "overrides", "checkpoint", "seed")}
+    return json.loads(json.dumps({**fingerprint, "options": options}, default=str))
+
+
 def add_runner_arguments(parser) -> None:
     from chatterbox.config import add_config_arguments
 
@@ -394,6 +452,7 @@ class RunnerSetup:
     output_dir: Path
     batch_size: int
     max_new_tokens: int
+    fingerprint: dict  # run_fingerprint: resume only what the same run wrote
 
 
 def setup_runner(args, benchmark: str) -> RunnerSetup:
@@ -414,4 +473,4 @@ def setup_runner(args, benchmark: str) -> RunnerSetup:
     output_dir = Path(args.output_dir or os.path.join(cfg.eval.output_dir, benchmark))
     output_dir.mkdir(parents=True, exist_ok=True)
     return RunnerSetup(cfg, model, encoder, dist, device, output_dir, args.batch_size or cfg.eval.batch_size,
-                       args.max_new_tokens or cfg.eval.max_new_tokens)
+                       args.max_new_tokens or cfg.eval.max_new_tokens, run_fingerprint(args, cfg))
