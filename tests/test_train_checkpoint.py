@@ -209,6 +209,31 @@ def test_no_checkpoint_file_can_run_code_and_a_broken_one_is_named(dist, tmp_pat
         manager.trainer_state("step_00000001", 0)
 
 
+def test_resume_auto_falls_back_to_the_newest_usable_checkpoint(dist, tmp_path, caplog):
+    engine, _, _ = build_engine(Toy(), train_config(tmp_path), dist.world_size)
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2, 3):
+        manager.save(engine, step, {"step": step, "rng": rng_state()})
+    optim = manager.root / "step_00000003" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:-200])  # truncated (a copy cut short, a full disk)
+    with caplog.at_level("WARNING", logger="chatterbox.train.checkpoint"):
+        assert manager.resolve("auto") == "step_00000002"
+    assert f"skipped: {optim}: truncated or corrupt" in caplog.text
+    with pytest.raises(CheckpointError, match=f"{optim}: truncated or corrupt"):
+        manager.resolve("step_00000003")  # asked for by name: no fallback, the file is named
+    state = manager.load(engine, manager.resolve("auto"))
+    assert state["step"] == 2
+
+    (manager.root / "step_00000002" / "trainer_state_rank0.pt").unlink()
+    (manager.root / "latest").write_text("")  # an emptied pointer
+    assert manager.resolve("auto") == "step_00000001"
+    (manager.root / "step_00000001" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint under .*holds '', not a checkpoint tag; .*"
+                                              r"step_00000003.*truncated.*step_00000002 has no trainer_state.*"
+                                              r"mp_rank_00_model_states.pt: truncated or corrupt"):
+        manager.resolve("auto")
+
+
 def test_one_run_at_a_time_holds_an_output_dir(tmp_path):
     out = tmp_path / "run"
     with output_dir_lock(out):

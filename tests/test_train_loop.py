@@ -187,6 +187,42 @@ def test_a_fresh_run_into_a_used_output_dir_loses_no_checkpoint(synthetic_data, 
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000001"]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux's")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_the_training_worker_ends_with_its_launcher(sig, synthetic_data, tmp_path):
+    """Killing startup_stage1.py (SIGKILL or SIGTERM) ends the worker it started: no orphan keeps training."""
+    out = tmp_path / "run"
+    launch = [sys.executable, "startup_stage1.py", "--config", "tiny_stage1"]
+    for s in overrides(synthetic_data, out, 500, extra=["train.save_every_steps=1"]):
+        launch += ["--set", s]
+    launcher = subprocess.Popen(launch, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline:
+            assert launcher.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.1)
+        worker, = (int(p) for p in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split())
+        assert _alive(worker)
+        launcher.send_signal(sig)
+        launcher.wait(timeout=60)
+        deadline = time.time() + 60
+        while _alive(worker) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker)
+    finally:
+        launcher.kill()
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
 def test_export_from_checkpoint_matches_the_final_export(synthetic_data, tmp_path):
     from chatterbox.model.chatterbox import ChatterBox
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import pickle
 import random
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,7 @@ import torch
 
 from chatterbox.train.distributed import barrier
 
+logger = logging.getLogger(__name__)
 LATEST = "latest"
 LOCK_FILE = ".lock"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -162,12 +165,57 @@ class CheckpointManager:
         if not resume:
             return None
         if resume == "auto":
-            return self.latest()
+            return self.newest_usable()
         path = Path(resume)
         tag = path.name if path.is_dir() else resume
         if not (self.root / tag).is_dir():
             raise CheckpointError(f"no checkpoint {resume!r} under {self.root}; have {self.tags()}")
+        self.verify(tag)
         return tag
+
+    def verify(self, tag: str) -> None:
+        """A CheckpointError naming what makes ``tag`` unusable: a missing part, or a file that is not a
+        complete torch archive (truncated or overwritten). Cheap: reads each file's zip directory only."""
+        path = self.root / tag
+        if not path.is_dir():
+            raise CheckpointError(f"{path} does not exist")
+        names = sorted(p.name for p in path.glob("*.pt"))
+        for part, present in (("mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt" in names),
+                              ("trainer_state_rank*.pt", any(n.startswith("trainer_state_rank") for n in names)),
+                              ("*optim_states.pt", any(n.endswith("optim_states.pt") for n in names))):
+            if not present:
+                raise CheckpointError(f"{path} has no {part}: incomplete checkpoint")
+        for name in names:
+            try:
+                with zipfile.ZipFile(path / name) as archive:
+                    archive.namelist()
+            except (zipfile.BadZipFile, OSError) as e:
+                raise CheckpointError(f"{path / name}: truncated or corrupt ({e})") from None
+
+    def newest_usable(self) -> str | None:
+        """The checkpoint ``--resume auto`` continues from: the one ``latest`` names or, where that one is
+        unusable (see `verify`), the newest older one that is, with a warning naming what was skipped.
+        None if there are no checkpoints."""
+        pointer = self.root / LATEST
+        named = pointer.read_text().strip() if pointer.is_file() else ""
+        match = _TAG.match(named)
+        problems = [] if match or not pointer.is_file() else [f"{pointer} holds {named!r}, not a checkpoint tag"]
+        candidates = [t for t in self.tags() if not match or int(_TAG.match(t).group(1)) <= int(match.group(1))]
+        if match and named not in candidates:
+            problems.append(f"{self.root / named} does not exist")
+        for tag in reversed(candidates):
+            try:
+                self.verify(tag)
+            except CheckpointError as e:
+                problems.append(str(e))
+                continue
+            if problems and self.rank == 0:
+                logger.warning("resuming from %s, the newest usable checkpoint; skipped: %s", self.root / tag,
+                               "; ".join(problems))
+            return tag
+        if problems:
+            raise CheckpointError(f"no usable checkpoint under {self.root}: {'; '.join(problems)}")
+        return None
 
     def start_fresh(self, overwrite: bool = False) -> None:
         """Check that a run starting from step 0 loses nothing: an earlier run's checkpoints here are an

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -71,10 +72,35 @@ def build_command(stage: int, args: argparse.Namespace) -> list[str]:
     return cmd + ["--module", module_args[1]] + module_args[2:]
 
 
+def _end_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the launcher dies, whatever kills it (Linux's
+    PR_SET_PDEATHSIG), so no orphaned run keeps writing checkpoints."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def run_until_done(cmd: list[str]) -> int:
+    """Run ``cmd``; SIGTERM/SIGINT to the launcher are passed on to it, and it ends if the launcher is killed."""
+    child = subprocess.Popen(cmd, env=os.environ.copy(), preexec_fn=_end_with_parent)
+
+    def forward(signum, _frame):
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(stage: int, argv=None) -> int:
     args = parse_args(stage, argv)
     cmd = build_command(stage, args)
     print("+ " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    return subprocess.call(cmd, env=os.environ.copy())
+    return run_until_done(cmd)
