@@ -95,6 +95,9 @@ def test_bad_uploads_are_refused_with_a_message(demo):
     assert status == 413 and f"more than the limit of {UPLOAD_LIMIT:,} bytes" in reply["error"]
     status, reply = call(demo, "POST", "/api/sessions", b"", "image/png")
     assert status == 400 and "empty" in reply["error"]
+    # few pixels, but the CLIP centre crop would scale it to 4,480,000x224: refused, not a MemoryError (500)
+    status, reply = call(demo, "POST", "/api/sessions", png_bytes(sample_image(20000, 1)), "image/png")
+    assert status == 400 and "20000x1 image is too thin for the CLIP centre crop" in reply["error"]
 
 
 def test_protocol_errors(demo):

@@ -86,3 +86,15 @@ def test_crop_geometry_clamps_regions_outside_the_crop():
     outside = geom.boxes_to_clip_norm(torch.tensor([[0.0, 0.0, 20.0, 20.0]]))
     x1, y1, x2, y2 = outside[0].tolist()
     assert 0 <= x1 < x2 <= 1 and x2 - x1 == pytest.approx(1 / 224)
+
+
+def test_clip_image_bounds_the_centre_crop_resize():
+    from chatterbox.data.transforms import MAX_CLIP_RESIZED_PIXELS, ImageShapeError
+
+    thin = Image.new("RGB", (20000, 1), (200, 10, 10))
+    with pytest.raises(ImageShapeError, match=r"20000x1 image is too thin .* 4480000x224 pixels"):
+        clip_image(thin, 224, "crop")
+    squashed, _ = clip_image(thin, 224, "squash")  # squashing never enlarges past the CLIP square
+    assert squashed.shape == (3, 224, 224)
+    wide = Image.new("RGB", (5000, 100), (200, 10, 10))  # 11200x224 after scaling: within the limit
+    assert 11200 * 224 < MAX_CLIP_RESIZED_PIXELS and clip_image(wide, 224, "crop")[0].shape == (3, 224, 224)

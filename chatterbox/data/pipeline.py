@@ -14,7 +14,7 @@ from chatterbox.conversation import ASSISTANT, USER, Message, tokenize_conversat
 from chatterbox.data.errors import DataError
 from chatterbox.data.records import Sample
 from chatterbox.data.transforms import (
-    SquashAugment, check_boxes_in_image, clip_image, clip_resize_mode, dino_image, grounding_targets_for_model,
+    ImageShapeError, SquashAugment, check_boxes_in_image, clip_image, clip_resize_mode, dino_image, grounding_targets_for_model,
     load_image, region_boxes_from_pixels,
 )
 from chatterbox.tokens import NUM_IMAGE_PATCHES, special_token_ids
@@ -88,7 +88,10 @@ class SampleEncoder:
         image = load_image(sample.image_path, sample.sample_id, sample.image_size)
         width, height = image.size
         resize = clip_resize_mode(self.clip_resize, sample.clip_resize)
-        image_clip, geometry = clip_image(image, self.clip_image_size, resize)
+        try:
+            image_clip, geometry = clip_image(image, self.clip_image_size, resize)
+        except ImageShapeError as e:
+            raise DataError(str(e), file, record, "image") from None
         augment = SquashAugment(*sample.clip_augment) if sample.clip_augment else None
         if augment is not None:
             if resize != "squash":

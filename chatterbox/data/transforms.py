@@ -29,6 +29,13 @@ IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 # Large images are decoded anyway (annotations are in their pixels); this only guards against bombs.
 Image.MAX_IMAGE_PIXELS = 200_000_000
+#: The CLIP centre crop first scales the short side to the CLIP size: a thin image (20000x1) would become
+#: a huge one (4,480,000x224). Past this many pixels after that scaling, `clip_image` refuses the image.
+MAX_CLIP_RESIZED_PIXELS = 40_000_000
+
+
+class ImageShapeError(ValueError):
+    """An image whose shape the CLIP preprocessing cannot take (too thin to centre-crop within memory)."""
 
 
 def load_image(path: str, sample_id: str = "?", annotated_size: Sequence[int] | None = None) -> Image.Image:
@@ -138,6 +145,12 @@ def clip_resize_mode(configured: str, source_mode: str) -> str:
 def clip_image(img: Image.Image, size: int = 224, mode: str = "crop") -> tuple[torch.Tensor, ClipGeometry]:
     """The CLIP branch input [3,size,size] (CLIP mean/std) and the geometry used to make it."""
     geom = ClipGeometry.build(img.width, img.height, size, mode)
+    if geom.resized_width * geom.resized_height > MAX_CLIP_RESIZED_PIXELS:
+        raise ImageShapeError(
+            f"a {img.width}x{img.height} image is too thin for the CLIP centre crop: scaled to a short side of "
+            f"{size} it would be {geom.resized_width}x{geom.resized_height} pixels (limit "
+            f"{MAX_CLIP_RESIZED_PIXELS:,}); crop it to a less extreme aspect ratio, or squash it "
+            f"(model.clip.resize=squash)")
     if mode == "crop":
         resized = img.resize((geom.resized_width, geom.resized_height), Image.BICUBIC)
         out = resized.crop((geom.crop_left, geom.crop_top, geom.crop_left + size, geom.crop_top + size))

@@ -27,7 +27,8 @@ import torch
 
 from chatterbox.conversation import USER, Message, generation_prompt
 from chatterbox.data.errors import DataError, parse_sample_id
-from chatterbox.data.transforms import clip_image, clip_resize_mode, dino_image, load_image, region_boxes_from_pixels
+from chatterbox.data.transforms import (ImageShapeError, clip_image, clip_resize_mode, dino_image, load_image,
+                                        region_boxes_from_pixels)
 from chatterbox.tokens import NUM_IMAGE_PATCHES, expand_image_placeholder, special_token_ids
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,10 @@ class RequestEncoder:
         image = load_image(request.image_path, request.request_id, request.image_size)
         width, height = image.size
         resize = clip_resize_mode(self.clip_resize, request.clip_resize)
-        image_clip, geometry = clip_image(image, self.clip_image_size, resize)
+        try:
+            image_clip, geometry = clip_image(image, self.clip_image_size, resize)
+        except ImageShapeError as e:
+            raise DataError(f"{request.image_path}: {e}", file, record, "image") from None
         regions = region_boxes_from_pixels(request.region_boxes_xyxy_abs, width, height, geometry,
                                            self.region_box_normalisation, request.request_id)
         # Always prepared: the model may also generate a [VG] in its reply, which needs the DINO image.

@@ -40,7 +40,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from chatterbox.boxes import BoxError, as_box_tensor, validate_xyxy
 from chatterbox.conversation import (ASSISTANT, USER, VICUNA_V1_1, ConversationError, Message, generation_prompt,
                                      render)
-from chatterbox.data.transforms import clip_image, clip_resize_mode, dino_image, region_boxes_for_model, to_rgb
+from chatterbox.data.transforms import (ImageShapeError, clip_image, clip_resize_mode, dino_image,
+                                        region_boxes_for_model, to_rgb)
 from chatterbox.model.decoding import decode
 from chatterbox.model.query_head import positions_before_token
 from chatterbox.tokens import (BBOX_TOKEN, IMAGE_END_TOKEN, IMAGE_PATCH_TOKEN, IMAGE_PLACEHOLDER, IMAGE_START_TOKEN,
@@ -202,7 +203,10 @@ class ChatSession:
         cfg = model.cfg
         self.device = next(model.parameters()).device
         resize = self.options.clip_resize or clip_resize_mode(cfg.clip.resize, "crop")
-        images_clip, self.clip_geometry = clip_image(self.image, cfg.clip.image_size, resize)
+        try:
+            images_clip, self.clip_geometry = clip_image(self.image, cfg.clip.image_size, resize)
+        except ImageShapeError as e:
+            raise ChatInputError(str(e)) from None
         self._images_clip = images_clip[None].to(self.device)
         self._images_dino = dino_image(self.image, cfg.vision.image_size)[None]
         self._vision_features = None  # backbone features of the image, computed on the first [VG]
