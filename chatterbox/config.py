@@ -10,6 +10,8 @@ for the 13B model (spec/upstream.md §2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -125,6 +127,59 @@ def _resolve_path(path: str | Path) -> Path:
     raise ConfigError(f"no config file {str(path)!r} and no preset of that name; presets: {known}")
 
 
+#: numbers that may be zero or negative (inclusive bounds; None = unbounded); every other int must be >= 1
+INT_RANGES = {
+    "data.num_workers": (0, None), "data.max_skipped_records": (0, None), "data.min_caption_words": (0, None),
+    "data.max_redraws": (0, None), "eval.visualize": (0, None), "train.warmup_steps": (0, None),
+    "train.seed": (0, None), "train.zero_stage": (0, 2), "chat.port": (0, 65535),
+    "model.clip.image_feature_layer": (None, None), "model.clip.region_feature_layers": (None, None),
+    "model.language.gradient_checkpointing_layers": (-1, None),
+    "model.vision.return_interm_indices": (0, None),
+}
+#: floats that must be > 0 (every other float must be >= 0)
+POSITIVE_FLOATS = {"train.lr", "train.eps", "model.language.rms_norm_eps", "model.language.rope_theta",
+                   "model.vision.pe_temperature_h", "model.vision.pe_temperature_w", "model.vision.swin_mlp_ratio"}
+#: fractions and probabilities: floats in [0, 1]
+UNIT_FLOATS = ("dropout", "drop_path", "droppath", "_prob", "box_threshold", "focal_alpha")
+
+
+def _numbers(node, key: str = ""):
+    """(dotted key, value) of every number in the config tree; list items under their list's key."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            yield from _numbers(getattr(node, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(node, dict):
+        for name, value in node.items():
+            yield from _numbers(value, f"{key}.{name}")
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _numbers(value, key)
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield key, node
+
+
+def check_ranges(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
+    """Every number in its range, checked at load: a bad value is one error naming its key, not a crash
+    deep inside torch or DeepSpeed (or after the model is built)."""
+    for key, value in _numbers(cfg):
+        if isinstance(value, int):
+            low, high = INT_RANGES.get(key, (1, None))
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+                raise ConfigError(f"{key}={value} must be {bounds}")
+        elif not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+        elif key == "train.betas" and not 0 <= value < 1:
+            raise ConfigError(f"train.betas={list(cfg.train.betas)}: each must be in [0, 1)")
+        elif any(part in key.rsplit(".", 1)[-1] for part in UNIT_FLOATS) and not 0 <= value <= 1:
+            raise ConfigError(f"{key}={value} must be between 0 and 1")
+        elif key in POSITIVE_FLOATS and value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+        elif value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    return cfg
+
+
 def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
     """Cross-field rules: values the data pipeline and the model must agree on."""
     pairs = [
@@ -138,9 +193,6 @@ def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
     for key_a, a, key_b, b in pairs:
         if a != b:
             raise ConfigError(f"{key_a}={a} must equal {key_b}={b}")
-    for key in ("save_every_steps", "steps_per_epoch", "epochs"):
-        if getattr(cfg.train, key) < 1:
-            raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be >= 1")
     if cfg.data.max_length > cfg.model.language.model_max_length:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds "
                           f"model.language.model_max_length={cfg.model.language.model_max_length}")
@@ -165,7 +217,7 @@ def load_config(path: str | Path | None = None, overrides=()) -> ChatterBoxConfi
     for key, model_value in DATA_KEYS_FROM_MODEL.items():
         if key not in settings.get("data", {}):
             setattr(cfg.data, key, model_value(cfg))
-    return check_consistency(cfg)
+    return check_consistency(check_ranges(cfg))
 
 
 def config_to_dict(cfg: ChatterBoxConfig) -> dict:
@@ -184,4 +236,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = 
 
 
 def config_from_args(args: argparse.Namespace) -> ChatterBoxConfig:
-    return load_config(args.config, args.overrides)
+    """The config a command line asks for; a bad one ends the program with one ``error:`` line."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None

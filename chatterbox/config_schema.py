@@ -24,8 +24,18 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+#: names from other training codebases, and what this schema calls them
+SYNONYMS = {"learning_rate": "lr", "num_epochs": "epochs", "batch_size": "micro_batch_size",
+            "train_micro_batch_size_per_gpu": "micro_batch_size", "grad_accum_steps": "gradient_accumulation_steps",
+            "max_grad_norm": "gradient_clipping", "num_warmup_steps": "warmup_steps", "save_steps": "save_every_steps",
+            "logging_steps": "print_every_steps", "adam_epsilon": "eps", "max_seq_length": "max_length"}
+
+
 def _closest(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.0)
+    options = list(options)
+    if SYNONYMS.get(name) in options:
+        return f"; did you mean {SYNONYMS[name]!r}?"
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
