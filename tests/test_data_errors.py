@@ -167,3 +167,49 @@ def test_stream_skips_records_with_missing_images(tiny_tokenizer, tmp_path):
                             BadRecordPolicy("error"))
     with pytest.raises(DataError, match="CB-coco-GND.json record 0 field 'image'"):
         strict[DrawKey("cb_coco_gnd", 0, 123, 0)]
+
+
+def test_a_stream_counts_each_bad_record_once_and_keeps_the_count_across_a_resume(tiny_tokenizer, tmp_path):
+    """skip-and-count over a stream: a bad record drawn again and again is one skipped record; the count
+    rides in the stream's state (the checkpoint) and is bounded by max_skipped_records."""
+    from data_support import synthetic_data_config
+
+    from chatterbox.data.streams import build_stream
+
+    cfg = synthetic_data_config(bad_record_policy="skip-and-count", max_skipped_records=1)
+    stream = build_stream(cfg, "grounding", tiny_tokenizer, batch_size=4, seed=0, num_workers=0)
+    source = stream.dataset.sources["cb_gnd"]
+    source.records[0].image_path = str(tmp_path / "gone.jpg")
+    draws = 0
+    while not stream.skipped_records:
+        next(stream)
+        draws += 1
+        assert draws < 200, "the broken record was never drawn"
+    for _ in range(30):  # the same record drawn again: still one (and within max_skipped_records=1)
+        next(stream)
+    bad, = stream.skipped_records
+    assert stream.report()["skipped_records"] == 1 and bad == "CB-300K/CB_GND.json#0"
+    resumed = build_stream(cfg, "grounding", tiny_tokenizer, batch_size=4, seed=0, num_workers=0)
+    resumed.load_state_dict(stream.state_dict())
+    assert resumed.report() == stream.report()
+    for record in source.records[1:]:  # a second bad record passes the bound
+        record.image_path = str(tmp_path / "gone.jpg")
+    with pytest.raises(TooManyBadRecords, match="more than max_skipped_records=1"):
+        for _ in range(200):
+            next(stream)
+
+
+def test_a_stream_reports_dialogues_cut_at_max_length(tiny_tokenizer):
+    from data_support import synthetic_data_config
+
+    from chatterbox.data.streams import build_stream
+
+    whole = build_stream(synthetic_data_config(), "referring", tiny_tokenizer, batch_size=8, seed=0, num_workers=0)
+    next(whole)
+    assert whole.report()["truncated_samples"] == 0
+    cut = build_stream(synthetic_data_config(max_length=440), "referring", tiny_tokenizer, batch_size=8, seed=0,
+                       num_workers=0)
+    for _ in range(3):
+        next(cut)
+    report = cut.report()
+    assert 0 < report["truncated_samples"] <= report["rounds_dropped"]

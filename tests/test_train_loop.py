@@ -167,6 +167,9 @@ def test_a_fresh_run_into_a_used_output_dir_loses_no_checkpoint(synthetic_data, 
     for s in overrides(synthetic_data, out, 4, extra=["train.save_every_steps=2"]):
         launch += ["--set", s]
     subprocess.run(launch, check=True, env=_env(), cwd=REPO, capture_output=True)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["data"] == {"grounding": {"skipped_records": 0, "skipped_record_ids": [], "truncated_samples": 0,
+                                             "rounds_dropped": 0}}
     checkpoints = out / "checkpoints"
     kept = {p.name: p.stat().st_mtime_ns for p in checkpoints.rglob("*")}
     assert {"step_00000002", "step_00000004"} <= set(kept)

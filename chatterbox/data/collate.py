@@ -49,6 +49,15 @@ def collate_samples(samples: Sequence[EncodedSample], pad_token_id: int) -> dict
     }
 
 
+def collate_with_report(samples: Sequence[EncodedSample], pad_token_id: int) -> tuple[dict, dict]:
+    """`collate_samples`, and what the data pipeline gave up to make these samples: the bad records it
+    passed over (``skipped_records``, "file#record") and the dialogue rounds cut at max_length."""
+    report = {"skipped_records": [r for s in samples for r in s.skipped_records],
+              "truncated_samples": sum(s.truncated for s in samples),
+              "rounds_dropped": sum(s.num_rounds_dropped for s in samples)}
+    return collate_samples(samples, pad_token_id), report
+
+
 def make_collate_fn(tokenizer):
-    """A picklable collate function for DataLoader workers."""
-    return partial(collate_samples, pad_token_id=tokenizer.pad_token_id)
+    """A picklable collate function for DataLoader workers: (batch, report), see `collate_with_report`."""
+    return partial(collate_with_report, pad_token_id=tokenizer.pad_token_id)

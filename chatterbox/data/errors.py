@@ -47,12 +47,16 @@ def parse_sample_id(sid: str) -> tuple[str, str]:
 
 @dataclass
 class BadRecordPolicy:
-    """Applies ``"error"`` or ``"skip-and-count"`` and keeps the count of skipped records per reason."""
+    """Applies ``"error"`` or ``"skip-and-count"`` and keeps the count of skipped records per reason.
+
+    A record counts once however often it is met (a training mixture draws the same bad record again and
+    again): ``skipped`` is the number of distinct bad records."""
 
     mode: str = "error"
     max_skipped_records: int = 1000
     skipped: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
+    records: set = field(default_factory=set)  # (file, record, field) of every record skipped
 
     def __post_init__(self):
         if self.mode not in ("error", "skip-and-count"):
@@ -64,6 +68,10 @@ class BadRecordPolicy:
         """Raise ``error`` (policy "error"), or count and log it; raise TooManyBadRecords past the bound."""
         if self.mode == "error":
             raise error
+        record = (error.file, error.record, error.field)
+        if record in self.records:
+            return
+        self.records.add(record)
         self.skipped += 1
         key = f"{error.file}:{error.field}"
         self.by_reason[key] = self.by_reason.get(key, 0) + 1

@@ -32,7 +32,12 @@ class EncodedSample:
     task: str
     sample_id: str
     num_rounds: int
-    truncated: bool = False
+    num_rounds_dropped: int = 0  # rounds past max_length, cut off
+    skipped_records: tuple[str, ...] = ()  # bad records ("file#record") passed over to draw this sample
+
+    @property
+    def truncated(self) -> bool:
+        return self.num_rounds_dropped > 0
 
 
 class SampleEncoder:
@@ -120,4 +125,4 @@ class SampleEncoder:
         if targets or self.dino_for_all:
             image_dino = dino_image(image, self.dino_image_size)
         return EncodedSample(input_ids, labels, image_clip, image_dino, region_boxes, targets, (height, width),
-                             sample.task, sample.sample_id, n_rounds, truncated=n_rounds < len(sample.turns))
+                             sample.task, sample.sample_id, n_rounds, len(sample.turns) - n_rounds)

@@ -11,6 +11,7 @@ use is redrawn (at most ``max_redraws`` times in a row). Counters are per DataLo
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from chatterbox.data.collate import make_collate_fn
-from chatterbox.data.errors import BadRecordPolicy, DataError
+from chatterbox.data.errors import BadRecordPolicy, DataError, TooManyBadRecords
 from chatterbox.data.mixtures import DrawKey, Mixture, MixtureSampler
 from chatterbox.data.pipeline import EncodedSample, SampleEncoder
 from chatterbox.data.sources import LoadedSource, build_options, load_source
@@ -46,13 +47,15 @@ class MixtureDataset(torch.utils.data.Dataset):
         source = self.sources[key.source]
         rng = random.Random(key.draw_seed)
         index = key.record_index
+        skipped = []
         for attempt in range(self.max_redraws + 1):
             try:
                 sample = source.build(index, rng, self.options)
                 if sample is not None:
-                    return self.encoder.encode(sample)
+                    return dataclasses.replace(self.encoder.encode(sample), skipped_records=tuple(skipped))
             except DataError as e:
                 self.policy.handle(e)
+                skipped.append(f"{e.file}#{e.record}")
             self.num_redraws += 1
             index = rng.randrange(len(source.records))
         raise DataError(f"no usable sample after {self.max_redraws} redraws", key.source, key.record_index, None)
@@ -91,6 +94,11 @@ class DataStream:
         self.pin_memory = pin_memory
         self.consumed = sampler.position  # samples handed to the caller
         self._iterator = None
+        # What the pipeline gave up on the way (over the whole run, resumes included): the distinct bad
+        # records skipped, and the samples whose dialogue lost rounds to max_length.
+        self.skipped_records: set[str] = set()
+        self.truncated_samples = 0
+        self.rounds_dropped = 0
 
     def _make_iterator(self):
         self.sampler.position = self.consumed
@@ -110,17 +118,42 @@ class DataStream:
     def __next__(self) -> dict:
         if self._iterator is None:
             self._iterator = self._make_iterator()
-        batch = next(self._iterator)
+        batch, report = next(self._iterator)
         self.consumed += len(batch["sample_ids"])
+        self._take(report)
         return batch
+
+    def _take(self, report: dict) -> None:
+        new = set(report["skipped_records"]) - self.skipped_records
+        if new:
+            self.skipped_records |= new
+            policy = self.dataset.policy
+            if len(self.skipped_records) > policy.max_skipped_records:
+                raise TooManyBadRecords(f"more than max_skipped_records={policy.max_skipped_records} bad records "
+                                        f"were skipped (first: {sorted(self.skipped_records)[:5]})",
+                                        file=sorted(new)[0].rpartition("#")[0])
+        self.truncated_samples += report["truncated_samples"]
+        self.rounds_dropped += report["rounds_dropped"]
+
+    def report(self) -> dict:
+        """What this stream gave up so far: distinct bad records skipped, samples that lost rounds to
+        max_length and how many rounds."""
+        return {"skipped_records": len(self.skipped_records), "skipped_record_ids": sorted(self.skipped_records),
+                "truncated_samples": self.truncated_samples, "rounds_dropped": self.rounds_dropped}
 
     def state_dict(self) -> dict:
         state = self.sampler.state_dict()
         state["position"] = self.consumed
+        state["report"] = {"skipped_record_ids": sorted(self.skipped_records),
+                           "truncated_samples": self.truncated_samples, "rounds_dropped": self.rounds_dropped}
         return state
 
     def load_state_dict(self, state: dict, reshard: bool = False) -> None:
         self.sampler.load_state_dict(state, reshard=reshard)
+        report = state.get("report", {})
+        self.skipped_records = set(report.get("skipped_record_ids", ()))
+        self.truncated_samples = int(report.get("truncated_samples", 0))
+        self.rounds_dropped = int(report.get("rounds_dropped", 0))
         # Restart the loader at the restored position: prefetched batches of the old one are dropped.
         self.consumed = self.sampler.position
         self._iterator = None

@@ -69,6 +69,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
 def shutdown_distributed() -> None:
     """Leave the process group together: a rank exiting first makes the others' NCCL watchdogs report a dead
     store at exit."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from chatterbox.config import ChatterBoxConfig, add_config_arguments, config_from_args
-from chatterbox.train.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
+from chatterbox.train.distributed import DistInfo, barrier, gather_objects, init_distributed, shutdown_distributed
 
 logger = logging.getLogger("chatterbox.train")
 EXPORT_DIR = "export"
@@ -104,6 +104,23 @@ def train(cfg: ChatterBoxConfig, max_steps: int | None = None) -> dict:
         return _train(cfg, dist, max_steps)
 
 
+def data_report(streams: dict) -> dict:
+    """Per stream, over all ranks: the distinct bad records skipped (skip-and-count) and the samples whose
+    dialogues lost rounds to data.max_length. Logged as a warning when not zero."""
+    report = {}
+    for name, stream in streams.items():
+        ranks = gather_objects(stream.report())
+        skipped = sorted({r for rank in ranks for r in rank["skipped_record_ids"]})
+        report[name] = {"skipped_records": len(skipped), "skipped_record_ids": skipped[:100],
+                        "truncated_samples": sum(rank["truncated_samples"] for rank in ranks),
+                        "rounds_dropped": sum(rank["rounds_dropped"] for rank in ranks)}
+        if skipped or report[name]["truncated_samples"]:
+            logger.warning("stream %s: %d bad records skipped (first: %s); %d samples lost %d rounds to "
+                           "data.max_length", name, len(skipped), skipped[:3], report[name]["truncated_samples"],
+                           report[name]["rounds_dropped"])
+    return report
+
+
 def _train(cfg: ChatterBoxConfig, dist: DistInfo, max_steps: int | None) -> dict:
     from chatterbox.train.loop import PRECISION_DTYPES, Trainer
 
@@ -131,6 +148,7 @@ def _train(cfg: ChatterBoxConfig, dist: DistInfo, max_steps: int | None) -> dict
         "output_dir": str(cfg.train.output_dir),
         "export": str(export) if export.exists() else None,
         "world_size": dist.world_size,
+        "data": data_report(streams),
         "losses": [{"step": h.step, "lr": h.lr, "seconds": h.total_seconds,
                     "samples": h.samples * dist.world_size, **h.losses} for h in history],
     }
