@@ -27,9 +27,13 @@ def test_box_group_parsing():
     assert split_box_group("What is <it> doing?").text == "What is <it> doing?"
     assert split_box_group("No group here").text == "No group here"
     # upstream's known "no box" forms
-    for bad in ("<man:[0,0,0,0]>", "<man:[x1, y1, x2, y2]>", "<man:[]>", "<man:[1,2,3,4]; dog:[1,2,3,4]>"):
+    for bad in ("<man:[0,0,0,0]>", "<man:[x1, y1, x2, y2]>", "<man:[]>", "<man:[1,2,3,4]; dog:[1,2,3,4]>",
+                "<man:[?, ?, ?, ?]>", "<man:[1, 2, 3, 4], dog:[0, 0, 0, 0]>"):
         p = split_box_group("Q " + bad)
         assert p.unusable_group and p.boxes == [] and p.text == "Q"
+    # the markers count in the coordinates only: a name may contain them (upstream dropped these boxes)
+    p = split_box_group("Q <box1:[1, 2, 3, 4], what?:[5, 6, 7, 8], taxi_0:[0, 0, 9, 9]>")
+    assert not p.unusable_group and [b.name for b in p.boxes] == ["box1", "what?", "taxi_0"]
     for broken in ("<man:[1, 2, 3]>", "<man:(1, 2, 3, 4)>", "<man:[1, 2, 3, 4]]>", "<[1, 2, 3, 4]>"):
         with pytest.raises(AnnotationError):
             split_box_group("Q " + broken)

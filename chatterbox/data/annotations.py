@@ -33,9 +33,18 @@ _ENTRY_RE = re.compile(_ENTRY)
 _GROUP_RE = re.compile(rf"^<{_ENTRY}(?:,{_ENTRY})*>$")
 # A candidate group: a <...> span that is not one of the placeholders.
 _CANDIDATE_RE = re.compile(r"<[^<>]*>")
-# Upstream's list of groups it treats as "no box" (§3.3): placeholder coordinates and broken syntax.
-_UNUSABLE_MARKERS = (";", "x1", "?", "[]")
-_ZERO_BOX_RE = re.compile(r"\[\s*0\s*,\s*0\s*,\s*0\s*,\s*0\s*\]")
+# Upstream's "no box" forms (§3.3): placeholder coordinates ("x1", "?", empty or all-zero brackets) and
+# ";" separators. Upstream looks for the markers anywhere in the group, so an object named "box1" or
+# "what?" lost its box there; here the coordinate markers count only inside the brackets.
+_BRACKETS_RE = re.compile(r"\[([^\]]*)\]")
+_ZERO_BOX_RE = re.compile(r"^\s*0\s*,\s*0\s*,\s*0\s*,\s*0\s*$")
+
+
+def _is_no_box_form(group: str) -> bool:
+    if ";" in group:
+        return True
+    return any("x1" in inside or "?" in inside or not inside.strip() or _ZERO_BOX_RE.match(inside)
+               for inside in _BRACKETS_RE.findall(group))
 
 
 class AnnotationError(ValueError):
@@ -63,7 +72,7 @@ def parse_group(group: str, layout: str = "xyxy") -> list[NamedBox] | None:
     ``layout`` is how the file writes boxes ("xyxy" for CB-300K / CB-coco, "xywh" for the CB-refcoco
     files); the result is always xyxy in pixels.
     """
-    if any(marker in group for marker in _UNUSABLE_MARKERS) or _ZERO_BOX_RE.search(group):
+    if _is_no_box_form(group):
         return None
     if not _GROUP_RE.match(group):
         raise AnnotationError(f"malformed box group {group!r} (expected '<name:[x1, y1, x2, y2], ...>')")
