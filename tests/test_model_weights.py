@@ -123,6 +123,39 @@ def test_save_pretrained_round_trip_is_bit_exact(tokenizer, tmp_path):
     torch.testing.assert_close(got_merged["lm_loss"], expected["lm_loss"], rtol=1e-4, atol=1e-5)
 
 
+def test_a_broken_export_names_its_file(tokenizer, tmp_path):
+    from chatterbox.model.weights import WeightsError
+
+    export = build_tiny(tokenizer).save_pretrained(tmp_path / "export")
+    weights = export / "trainable.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(WeightsError, match=rf"{weights}: unreadable weights file"):
+        ChatterBox.from_pretrained(export)
+    weights.write_bytes(good)
+    (export / "export.json").write_text('{"format": ')
+    with pytest.raises(WeightsError, match=rf"{export / 'export.json'}: not valid JSON"):
+        ChatterBox.from_pretrained(export)
+
+
+def test_an_evaluation_refuses_an_export_its_config_cannot_feed(tokenizer, tmp_path, caplog):
+    from chatterbox.config import ConfigError, load_config
+    from chatterbox.eval.runner import load_eval_model
+
+    cfg = load_config("tiny_stage2")
+    export = ChatterBox.build(cfg.model, tokenizer=tokenizer, verbose=False).save_pretrained(tmp_path / "export")
+    model = load_eval_model(cfg, str(export), torch.device("cpu"), torch.float32)  # the config it was built with
+    assert model.cfg.clip.image_size == cfg.model.clip.image_size == 112
+    other = load_config("tiny_stage2", ["model.clip.image_size=224"])
+    with pytest.raises(ConfigError, match=r"does not fit --config tiny_stage2: model.clip.image_size: 112 in the "
+                                          r"export, 224 in --config; use the config"):
+        load_eval_model(other, str(export), torch.device("cpu"), torch.float32)
+    with caplog.at_level("WARNING"):
+        load_eval_model(load_config("tiny_stage2", ["model.language.lora_r=4"]), str(export), torch.device("cpu"),
+                        torch.float32)
+    assert "other model settings than --config tiny_stage2 (model.language.lora_r)" in caplog.text
+
+
 def test_trainable_export_references_base_weights(tokenizer, tmp_path):
     model = build_tiny(tokenizer)
     model.cfg.clip.clip_path = "/models/clip-vit-large-patch14"  # referenced, so CLIP is not written

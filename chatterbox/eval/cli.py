@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from chatterbox.config import ConfigError
 from chatterbox.data.errors import DataError
 from chatterbox.eval.benchmarks import grounding_prediction_entries, read_grounding_file, single_round_predictor
 from chatterbox.eval.grounding_metrics import evaluate_grounding, evaluate_query_swap
 from chatterbox.eval.runner import RunnerSetup, RunStats, add_runner_arguments, run_items
+from chatterbox.model.weights import WeightsError
 
 __all__ = ["runner_parser", "add_grounding_arguments", "add_caption_metric_arguments", "caption_scorer",
            "add_visualize_argument", "resolve_box_threshold", "run_single_round", "score_grounding_run", "run_fields",
@@ -144,6 +146,6 @@ def entry_point(main: Callable[[], int]) -> None:
     """Run ``main`` as a command: bad data or a missing file is one ``error:`` line and exit status 1."""
     try:
         sys.exit(main())
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

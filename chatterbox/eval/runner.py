@@ -388,6 +388,30 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_export_fits_config(export_model_cfg, cfg, checkpoint: str) -> None:
+    """The questions are encoded with ``cfg``'s data settings, the export's model reads them: image sizes,
+    CLIP patch grid and resize must agree (a tiny config with a small export gave silent garbage). Other
+    model differences only mean the config is not the one the export was trained with: a warning."""
+    from chatterbox.config import ConfigError, config_to_dict
+
+    exported, configured = config_to_dict(export_model_cfg), config_to_dict(cfg)["model"]
+    must_agree = [("clip", "image_size"), ("clip", "patch_size"), ("clip", "resize"), ("vision", "image_size")]
+    clash = [f"model.{a}.{b}: {exported[a][b]!r} in the export, {configured[a][b]!r} in --config"
+             for a, b in must_agree if exported[a][b] != configured[a][b]]
+    if clash:
+        raise ConfigError(f"--checkpoint {checkpoint} does not fit --config {cfg.name}: {'; '.join(clash)}; use "
+                          f"the config the export was trained with")
+    differ = []
+    for part, values in exported.items():
+        if isinstance(values, dict):
+            differ += [f"model.{part}.{key}" for key, value in values.items() if configured[part].get(key) != value]
+        elif values != configured[part]:
+            differ.append(f"model.{part}")
+    if differ:
+        logger.warning("--checkpoint %s was built with other model settings than --config %s (%s); the export's "
+                       "are used", checkpoint, cfg.name, ", ".join(differ[:8]) + (" ..." if len(differ) > 8 else ""))
+
+
 def load_eval_model(cfg, checkpoint: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """``checkpoint``: a ``ChatterBox.save_pretrained`` directory; empty = the config's model (base
     weights from its paths; random parts drawn from ``seed``, so every rank builds the same model)."""
@@ -397,6 +421,7 @@ def load_eval_model(cfg, checkpoint: str, device: torch.device, dtype: torch.dty
         if not os.path.isdir(checkpoint):
             raise FileNotFoundError(f"--checkpoint {checkpoint}: not a directory (expected a save_pretrained export)")
         model = ChatterBox.from_pretrained(checkpoint, dtype=dtype, device=device)
+        check_export_fits_config(model.cfg, cfg, checkpoint)
     else:
         torch.manual_seed(seed)
         model = ChatterBox.build(cfg.model, dtype=dtype, device=device, verbose=False)

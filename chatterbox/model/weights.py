@@ -399,10 +399,22 @@ def _read_export(folder: Path) -> tuple[dict, ModelConfig]:
     meta_path = folder / "export.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: no export.json (not a ChatterBox.save_pretrained directory)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
-        raise WeightsError(f"{meta_path}: export format {meta.get('format')!r}, expected {EXPORT_FORMAT}")
-    cfg = config_schema.from_dict(ModelConfig, yaml.safe_load((folder / "config.yaml").read_text()))
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise WeightsError(f"{meta_path}: export format {found!r}, expected {EXPORT_FORMAT}")
+    if not isinstance(meta.get("files"), list):
+        raise WeightsError(f"{meta_path}: no 'files' list (the export's weight files)")
+    config_path = folder / "config.yaml"
+    try:
+        cfg = config_schema.from_dict(ModelConfig, yaml.safe_load(config_path.read_text()))
+    except FileNotFoundError:
+        raise WeightsError(f"{config_path}: missing (every export has its model config)") from None
+    except (yaml.YAMLError, config_schema.ConfigError, TypeError, AttributeError) as e:
+        raise WeightsError(f"{config_path}: not a model config ({str(e).splitlines()[0]})") from None
     return meta, cfg
 
 
@@ -418,7 +430,13 @@ def load_export_weights(model, directory: str | os.PathLike) -> None:
     expected = model.state_dict()
     provided: dict[str, torch.Tensor] = {}
     for file_name in meta["files"]:
-        provided.update(load_file(str(folder / file_name)))
+        path = folder / file_name
+        try:
+            provided.update(load_file(str(path)))
+        except FileNotFoundError:
+            raise WeightsError(f"{path}: listed in export.json but missing") from None
+        except Exception as e:  # safetensors raises its own SafetensorError on truncated/corrupt files
+            raise WeightsError(f"{path}: unreadable weights file ({str(e).splitlines()[0]})") from None
     unexpected = set(provided) - set(expected)
     paths = _source_paths(model.cfg)
     missing = {k for k in expected if k not in provided and not paths[_base_source(k)]}
