@@ -69,8 +69,9 @@ class RunningDemo:
 
         from chatterbox.serve.web import ChatService, make_server
 
+        request_timeout = limits.pop("request_timeout", 30.0)
         self.service = ChatService(model, max_new_tokens=limits.pop("max_new_tokens", 8), **limits)
-        self.server = make_server(self.service, "127.0.0.1", 0)
+        self.server = make_server(self.service, "127.0.0.1", 0, request_timeout)
         host, port = self.server.server_address[:2]
         self.url = f"http://{host}:{port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

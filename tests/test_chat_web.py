@@ -18,7 +18,8 @@ def demo(tiny_tokenizer_dir):
     from chatterbox.tokens import load_tokenizer
 
     model = build_tiny_chat_model(load_tokenizer(str(tiny_tokenizer_dir)))
-    running = RunningDemo(model, max_upload_bytes=UPLOAD_LIMIT, max_image_pixels=PIXEL_LIMIT, max_sessions=2)
+    running = RunningDemo(model, max_upload_bytes=UPLOAD_LIMIT, max_image_pixels=PIXEL_LIMIT, max_sessions=2,
+                          request_timeout=1.0)
     yield running
     running.close()
 
@@ -114,3 +115,22 @@ def test_protocol_errors(demo):
     assert status == 404
     status, _ = call(demo, "DELETE", f"/api/sessions/{later[1]}")
     assert status == 200 and call(demo, "POST", f"/api/sessions/{later[1]}/reset", {})[0] == 404
+
+
+@pytest.mark.parametrize("sent", [b"POST /api/sessions HTT", b"POST /api/sessions HTTP/1.1\r\nContent-Length: 1000\r\n\r\nab"])
+def test_a_stalled_connection_is_closed(demo, sent):
+    """A client that stops sending (mid-headers or mid-upload) loses its connection after the request timeout
+    instead of holding a server thread forever."""
+    import socket
+    import time
+
+    host, port = demo.server.server_address[:2]
+    with socket.create_connection((host, port)) as conn:
+        conn.settimeout(20)
+        conn.sendall(sent)
+        start = time.perf_counter()
+        while conn.recv(4096):  # whatever the server answers, then the end of the stream
+            pass
+        assert time.perf_counter() - start < 10
+    status, _ = call(demo, "GET", "/api/info")  # and the server still serves
+    assert status == 200

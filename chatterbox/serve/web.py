@@ -220,9 +220,13 @@ class ChatRequestHandler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
 
-def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
-    """A ThreadingHTTPServer for ``service`` (port 0 picks a free port: see ``server.server_address``)."""
-    handler = type("BoundChatRequestHandler", (ChatRequestHandler,), {"service": service})
+def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 7860,
+                request_timeout: float = 30.0) -> ThreadingHTTPServer:
+    """A ThreadingHTTPServer for ``service`` (port 0 picks a free port: see ``server.server_address``).
+
+    A connection that sends nothing for ``request_timeout`` seconds is closed, so stalled uploads cannot
+    hold the server's threads."""
+    handler = type("BoundChatRequestHandler", (ChatRequestHandler,), {"service": service, "timeout": request_timeout})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
@@ -244,7 +248,7 @@ def main(argv=None) -> int:
                           max_image_pixels=cfg.chat.max_image_pixels, max_sessions=args.max_sessions)
     host = args.host or cfg.chat.host
     port = cfg.chat.port if args.port is None else args.port
-    server = make_server(service, host, port)
+    server = make_server(service, host, port, cfg.chat.request_timeout_s)
     print(f"ChatterBox demo on http://{server.server_address[0]}:{server.server_address[1]}/ (Ctrl-C stops it)",
           flush=True)
     try:
