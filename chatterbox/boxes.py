@@ -129,15 +129,21 @@ def elementwise_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> tor
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
 
 
-def elementwise_giou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> torch.Tensor:
-    """Generalised IoU of matching rows (the diagonal of pairwise_giou, without the N x M matrix)."""
+#: upstream's GIoU (GroundingDINO's box_ops.generalized_box_iou, used by its matcher and criterion) adds this
+#: to the union and to the hull area before dividing
+GIOU_EPS = 1e-6
+
+
+def elementwise_giou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor, eps: float = GIOU_EPS) -> torch.Tensor:
+    """Generalised IoU of matching rows: the diagonal of upstream's N x M GIoU matrix, without the matrix;
+    ``eps`` in both denominators as upstream (0 gives the textbook formula)."""
     inter, union = _intersection_union(boxes1_xyxy, boxes2_xyxy)
-    iou = inter / union
+    iou = inter / (union + eps)
     lt = torch.minimum(boxes1_xyxy[..., :2], boxes2_xyxy[..., :2])
     rb = torch.maximum(boxes1_xyxy[..., 2:], boxes2_xyxy[..., 2:])
     wh = (rb - lt).clamp(min=0)
     hull = wh[..., 0] * wh[..., 1]
-    return iou - (hull - union) / hull
+    return iou - (hull - union) / (hull + eps)
 
 
 def validate_xyxy(

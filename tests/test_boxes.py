@@ -71,3 +71,25 @@ def test_validate_rejects_bad_boxes_and_names_them(box, match):
 def test_validate_rejects_wrong_arity():
     with pytest.raises(B.BoxError, match="size 4"):
         B.as_box_tensor([1.0, 2.0, 3.0])
+
+
+def test_elementwise_giou_is_upstreams_formula_in_float64():
+    """GroundingDINO's box_ops.generalized_box_iou (upstream's matcher and criterion) adds 1e-6 to the union
+    and to the hull; in float64 ours equals that formula to rounding, and differs from the one without."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(64, 2, generator=g, dtype=torch.float64) * 0.8
+    boxes1 = torch.cat([xy, xy + 0.02 + 0.2 * torch.rand(64, 2, generator=g, dtype=torch.float64)], dim=1)
+    xy = torch.rand(64, 2, generator=g, dtype=torch.float64) * 0.8
+    boxes2 = torch.cat([xy, xy + 0.02 + 0.2 * torch.rand(64, 2, generator=g, dtype=torch.float64)], dim=1)
+
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    inter = ((torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)).prod(1)
+    union = area1 + area2 - inter
+    hull = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0).prod(1)
+    upstream = inter / (union + 1e-6) - (hull - union) / (hull + 1e-6)
+
+    ours = B.elementwise_giou(boxes1, boxes2)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, upstream, rtol=0, atol=1e-15)
+    assert (B.elementwise_giou(boxes1, boxes2, eps=0.0) - upstream).abs().max() > 1e-6
