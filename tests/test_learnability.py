@@ -28,8 +28,8 @@ import torch
 
 from chatterbox.config import load_config
 
-STAGE1_STEPS = int(os.environ.get("CHATTERBOX_LEARNABILITY_STAGE1_STEPS", "300"))
-STAGE2_STEPS = int(os.environ.get("CHATTERBOX_LEARNABILITY_STAGE2_STEPS", "200"))
+STAGE1_STEPS = int(os.environ.get("CHATTERBOX_LEARNABILITY_STAGE1_STEPS", "400"))
+STAGE2_STEPS = int(os.environ.get("CHATTERBOX_LEARNABILITY_STAGE2_STEPS", "300"))
 NUM_SCENES = 8
 
 
