@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """The main job on the tiny preset (CPU): synthetic data -> stage 1 -> stage 2 -> evaluation.
 
+    python scripts/quickstart.py                                   # tiny preset, CPU (scripts/quickstart.sh)
+    python scripts/quickstart.py --preset small --num-images 12000 # small preset, one GPU (scripts/gpu_proof_run.sh)
+
 Every step is the command a user would run; this script only chains them and summarises. The last
 printed line is a JSON object with the grounding metrics of the trained and the untrained model (with
 the query-swap control), the referring metrics (with the name accuracy), the multi-round accuracy (with
@@ -21,6 +24,11 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def run(cmd: list[str], log: Path) -> str:
     """Run a step, keep its full output in ``log``, return its last line (the JSON a command prints)."""
     print(f"\n$ {' '.join(cmd)}", flush=True)
@@ -32,7 +40,7 @@ def run(cmd: list[str], log: Path) -> str:
     if proc.returncode != 0:
         print("\n".join(lines[-40:]), file=sys.stderr)
         raise SystemExit(f"step failed (exit {proc.returncode}); full log: {log}")
-    print(f"  done in {time.perf_counter() - start:.1f}s (log: {log.relative_to(REPO)})", flush=True)
+    print(f"  done in {time.perf_counter() - start:.1f}s (log: {shown(log)})", flush=True)
     return lines[-1] if lines else ""
 
 
@@ -52,13 +60,22 @@ def contact_sheet(images: list[Path], out: Path, columns: int = 3, cell: int = 2
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", default="outputs/quickstart", help="where logs, metrics and pictures go")
-    parser.add_argument("--data-dir", default="data/synthetic", help="synthetic corpus (the tiny configs read it)")
+    parser.add_argument("--preset", default="tiny",
+                        help="configs <preset>_stage1 and <preset>_stage2 (tiny: CPU; small: one GPU)")
+    parser.add_argument("--work-dir", default=None, help="where logs, metrics and pictures go "
+                        "(default outputs/quickstart, or outputs/quickstart_<preset>)")
     parser.add_argument("--num-images", type=int, default=1200, help="synthetic scenes to write")
     parser.add_argument("--eval-fraction", type=float, default=0.05, help="share of scenes held out for evaluation")
+    parser.add_argument("--gpus", type=int, default=None, help="passed to the training launchers")
+    parser.add_argument("--stage1-steps", type=int, default=None, help="override the stage-1 config's steps")
+    parser.add_argument("--stage2-steps", type=int, default=None, help="override the stage-2 config's steps")
+    parser.add_argument("--eval-dtype", default="fp32", help="evaluation dtype (the presets train in fp32)")
+    parser.add_argument("--no-caption-metrics", action="store_true",
+                        help="skip BLEU/METEOR/CIDEr (they need pycocoevalcap and Java); the accuracies stay")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    work = REPO / args.work_dir
+    default_work = "outputs/quickstart" if args.preset == "tiny" else f"outputs/quickstart_{args.preset}"
+    work = REPO / (args.work_dir or default_work)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -67,34 +84,44 @@ def main(argv=None) -> int:
 
     from chatterbox.config import load_config
 
-    stage1, stage2 = load_config("tiny_stage1"), load_config("tiny_stage2")
-    coco_dir = str(Path(args.data_dir) / "MSCOCO2017")
+    name1, name2 = f"{args.preset}_stage1", f"{args.preset}_stage2"
+    steps1 = [] if args.stage1_steps is None else [f"train.steps_per_epoch={args.stage1_steps}"]
+    steps2 = [] if args.stage2_steps is None else [f"train.steps_per_epoch={args.stage2_steps}"]
+    stage1, stage2 = load_config(name1, steps1), load_config(name2, steps2)
+    sets1 = [arg for override in steps1 for arg in ("--set", override)]
+    sets2 = [arg for override in steps2 for arg in ("--set", override)]
+    data_dir = Path(stage1.data.paths.coco2017_dir).parent  # the corpus the configs read
+    coco_dir = str(data_dir / "MSCOCO2017")
+    gpus = [] if args.gpus is None else ["--gpus", str(args.gpus)]
+    dtype = ["--dtype", args.eval_dtype]
+    captions = ["--no-caption-metrics"] if args.no_caption_metrics else []
     # 1200 scenes, 60 of them held out: enough variety that the model cannot memorise its way through
     # (the eval scenes are never trained on), few enough eval questions for a CPU.
-    run([PY, "scripts/make_synthetic_data.py", "--out", args.data_dir, "--num-images", str(args.num_images),
+    run([PY, "scripts/make_synthetic_data.py", "--out", str(data_dir), "--num-images", str(args.num_images),
          "--eval-fraction", str(args.eval_fraction)], work / "data.log")
 
     untrained = json.loads(run(
-        [PY, "evaluation/coco_grounding.py", "--config", "tiny_stage1", "--seed", str(stage1.train.seed),
+        [PY, "evaluation/coco_grounding.py", "--config", name1, "--seed", str(stage1.train.seed), *dtype,
          "--data", coco_dir, "--output-dir", str(work / "eval_untrained")], work / "eval_untrained.log"))
 
     for cfg in (stage1, stage2):  # a fresh run each time (no resume from an older quickstart)
         shutil.rmtree(REPO / cfg.train.output_dir, ignore_errors=True)
-    run([PY, "startup_stage1.py", "--config", "tiny_stage1"], work / "stage1.log")
-    run([PY, "startup_stage2.py", "--config", "tiny_stage2"], work / "stage2.log")
+        shutil.rmtree(REPO / cfg.train.log_dir / cfg.name, ignore_errors=True)
+    run([PY, "startup_stage1.py", "--config", name1, *gpus, *sets1], work / "stage1.log")
+    run([PY, "startup_stage2.py", "--config", name2, *gpus, *sets2], work / "stage2.log")
     checkpoint = Path(stage2.train.output_dir) / "export"
 
     grounding = json.loads(run(
-        [PY, "evaluation/coco_grounding.py", "--config", "tiny_stage2", "--checkpoint", str(checkpoint),
+        [PY, "evaluation/coco_grounding.py", "--config", name2, "--checkpoint", str(checkpoint), *dtype,
          "--data", coco_dir, "--query-swap", "--output-dir", str(work / "eval_grounding")],
         work / "eval_grounding.log"))
     referring = json.loads(run(
-        [PY, "evaluation/refcocog_referring.py", "--config", "tiny_stage2", "--checkpoint", str(checkpoint),
-         "--split", "val", "--output-dir", str(work / "eval_referring")], work / "eval_referring.log"))
+        [PY, "evaluation/refcocog_referring.py", "--config", name2, "--checkpoint", str(checkpoint), *dtype,
+         *captions, "--split", "val", "--output-dir", str(work / "eval_referring")], work / "eval_referring.log"))
     multiround = json.loads(run(
-        [PY, "evaluation/cb_mrg.py", "--config", "tiny_stage2", "--checkpoint", str(checkpoint),
-         "--data", str(Path(args.data_dir) / "eval" / "CB_MRG_eval.json"),
-         "--image-dir", str(Path(args.data_dir) / "VG"), "--output-dir", str(work / "eval_multiround")],
+        [PY, "evaluation/cb_mrg.py", "--config", name2, "--checkpoint", str(checkpoint), *dtype, *captions,
+         "--data", str(data_dir / "eval" / "CB_MRG_eval.json"), "--image-dir", str(data_dir / "VG"),
+         "--output-dir", str(work / "eval_multiround")],
         work / "eval_multiround.log"))
     later = multiround["grounding"]["later_rounds"]
     for rnd, g in multiround["grounding"]["by_round"].items():
@@ -107,6 +134,7 @@ def main(argv=None) -> int:
     picture = contact_sheet(sorted(vis_dir.rglob("*.png"))[:9], work / "predicted_boxes.png")
 
     summary = {
+        "preset": args.preset,
         "grounding_success_rate": grounding["success_rate"],
         "grounding_miou": grounding["miou"],
         "grounding_miou_at_success": grounding["miou_at_success"],
@@ -128,7 +156,7 @@ def main(argv=None) -> int:
         "multiround_accuracy": later["success_rate"],
         "multiround_accuracy_target_swapped": later["success_rate_target_swapped"],
         "checkpoint": str(checkpoint),
-        "picture": str(picture.relative_to(REPO)),
+        "picture": shown(picture),
         "seconds": round(time.perf_counter() - start, 1),
     }
     print(f"\ntrained export: {checkpoint}\npredicted boxes (green = truth, red = prediction): {summary['picture']}")
