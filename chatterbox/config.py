@@ -138,8 +138,9 @@ INT_RANGES = {
     "model.vision.return_interm_indices": (0, None),
 }
 #: floats that must be > 0 (every other float must be >= 0)
-POSITIVE_FLOATS = {"train.lr", "train.eps", "chat.request_timeout_s", "model.language.rms_norm_eps", "model.language.rope_theta",
-                   "model.vision.pe_temperature_h", "model.vision.pe_temperature_w", "model.vision.swin_mlp_ratio"}
+POSITIVE_FLOATS = {"train.lr", "train.eps", "chat.request_timeout_s", "model.language.rms_norm_eps",
+                   "model.language.rope_theta", "model.vision.pe_temperature_h", "model.vision.pe_temperature_w",
+                   "model.vision.swin_mlp_ratio"}
 #: fractions and probabilities: floats in [0, 1]
 UNIT_FLOATS = ("dropout", "drop_path", "droppath", "_prob", "box_threshold", "focal_alpha")
 

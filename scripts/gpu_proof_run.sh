@@ -21,7 +21,9 @@ if ! $PY -c "import deepspeed" 2>/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  $PY -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
+  $PY -c "import torch, transformers, deepspeed as ds
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', ds.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
 
 echo "== deformable-attention kernel (ahead-of-time build)"
 start=$(date +%s)

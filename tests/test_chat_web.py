@@ -117,7 +117,8 @@ def test_protocol_errors(demo):
     assert status == 200 and call(demo, "POST", f"/api/sessions/{later[1]}/reset", {})[0] == 404
 
 
-@pytest.mark.parametrize("sent", [b"POST /api/sessions HTT", b"POST /api/sessions HTTP/1.1\r\nContent-Length: 1000\r\n\r\nab"])
+@pytest.mark.parametrize("sent", [b"POST /api/sessions HTT",
+                                  b"POST /api/sessions HTTP/1.1\r\nContent-Length: 1000\r\n\r\nab"])
 def test_a_stalled_connection_is_closed(demo, sent):
     """A client that stops sending (mid-headers or mid-upload) loses its connection after the request timeout
     instead of holding a server thread forever."""

@@ -181,7 +181,8 @@ def test_no_checkpoint_file_can_run_code_and_a_broken_one_is_named(dist, tmp_pat
     directory = manager.save(engine, 1, {"step": 1, "rng": rng_state()})
     assert manager.trainer_state("step_00000001", 0)["step"] == 1  # our own files load weights-only
     assert merged_optimizer_state(directory)[0]["fp32"].numel() == 16 + 1
-    spec = importlib.util.spec_from_file_location("export_script", ckpt.Path(__file__).parent.parent / "scripts/export.py")
+    script = ckpt.Path(__file__).parent.parent / "scripts" / "export.py"
+    spec = importlib.util.spec_from_file_location("export_script", script)
     export = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(export)
 

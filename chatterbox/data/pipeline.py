@@ -14,8 +14,8 @@ from chatterbox.conversation import ASSISTANT, USER, Message, tokenize_conversat
 from chatterbox.data.errors import DataError
 from chatterbox.data.records import Sample
 from chatterbox.data.transforms import (
-    ImageShapeError, SquashAugment, check_boxes_in_image, clip_image, clip_resize_mode, dino_image, grounding_targets_for_model,
-    load_image, region_boxes_from_pixels,
+    ImageShapeError, SquashAugment, check_boxes_in_image, clip_image, clip_resize_mode, dino_image,
+    grounding_targets_for_model, load_image, region_boxes_from_pixels,
 )
 from chatterbox.tokens import NUM_IMAGE_PATCHES, special_token_ids
 

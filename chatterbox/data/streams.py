@@ -7,7 +7,9 @@
 
 Errors: a record that fails (missing image, bad box, ...) is handled by the bad-record policy
 ("error": raise; "skip-and-count": log, count, redraw from the same source). A record a builder cannot
-use is redrawn (at most ``max_redraws`` times in a row). Counters are per DataLoader worker.
+use is redrawn (at most ``max_redraws`` times in a row). The policy's counters are per DataLoader
+worker; the stream's (`DataStream.report`: distinct bad records, dialogues cut at max_length) cover every
+worker, because each batch carries what was given up to make it.
 """
 from __future__ import annotations
 
@@ -144,8 +146,7 @@ class DataStream:
     def state_dict(self) -> dict:
         state = self.sampler.state_dict()
         state["position"] = self.consumed
-        state["report"] = {"skipped_record_ids": sorted(self.skipped_records),
-                           "truncated_samples": self.truncated_samples, "rounds_dropped": self.rounds_dropped}
+        state["report"] = self.report()
         return state
 
     def load_state_dict(self, state: dict, reshard: bool = False) -> None:

@@ -447,7 +447,7 @@ def run_fingerprint(args, cfg) -> dict:
         folder = Path(args.checkpoint).resolve()
         fingerprint["checkpoint"] = str(folder)
         fingerprint["checkpoint_files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
-                                      for p in sorted(folder.iterdir()) if p.is_file()}
+                                           for p in sorted(folder.iterdir()) if p.is_file()}
     else:
         fingerprint["config"]["model"] = settings["model"]
         fingerprint["seed"] = args.seed

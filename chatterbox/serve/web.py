@@ -226,7 +226,8 @@ def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 7860,
 
     A connection that sends nothing for ``request_timeout`` seconds is closed, so stalled uploads cannot
     hold the server's threads."""
-    handler = type("BoundChatRequestHandler", (ChatRequestHandler,), {"service": service, "timeout": request_timeout})
+    handler = type("BoundChatRequestHandler", (ChatRequestHandler,),
+                   {"service": service, "timeout": request_timeout})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
