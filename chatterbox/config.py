@@ -184,14 +184,10 @@ def check_ranges(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
 
 def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
     """Cross-field rules: values the data pipeline and the model must agree on."""
-    pairs = [
-        ("data.dino_image_size", cfg.data.dino_image_size, "model.vision.image_size", cfg.model.vision.image_size),
-        ("data.clip_image_size", cfg.data.clip_image_size, "model.clip.image_size", cfg.model.clip.image_size),
-        ("data.clip_patch_size", cfg.data.clip_patch_size, "model.clip.patch_size", cfg.model.clip.patch_size),
-        ("data.clip_resize", cfg.data.clip_resize, "model.clip.resize", cfg.model.clip.resize),
-        ("model.query_head.out_dim", cfg.model.query_head.out_dim,
-         "model.vision.hidden_dim", cfg.model.vision.hidden_dim),
-    ]
+    pairs = [(f"data.{key}", getattr(cfg.data, key), f"model.{'.'.join(path)}", model_value(cfg.model, key))
+             for key, path in DATA_KEYS_FROM_MODEL.items()]
+    pairs.append(("model.query_head.out_dim", cfg.model.query_head.out_dim,
+                  "model.vision.hidden_dim", cfg.model.vision.hidden_dim))
     for key_a, a, key_b, b in pairs:
         if a != b:
             raise ConfigError(f"{key_a}={a} must equal {key_b}={b}")
@@ -201,14 +197,21 @@ def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
     return cfg
 
 
-#: data keys that repeat a model key (the data pipeline never reads the model config): unless a file or
-#: override sets them, they take the model's value; set to something else, check_consistency refuses them.
+#: data keys that repeat a model key (the data pipeline never reads the model config), with the model key:
+#: unless a file or override sets them, they take the model's value; set to something else,
+#: check_consistency refuses them (and an evaluation refuses an export whose model differs in them).
 DATA_KEYS_FROM_MODEL = {
-    "dino_image_size": lambda cfg: cfg.model.vision.image_size,
-    "clip_image_size": lambda cfg: cfg.model.clip.image_size,
-    "clip_patch_size": lambda cfg: cfg.model.clip.patch_size,
-    "clip_resize": lambda cfg: cfg.model.clip.resize,
+    "dino_image_size": ("vision", "image_size"),
+    "clip_image_size": ("clip", "image_size"),
+    "clip_patch_size": ("clip", "patch_size"),
+    "clip_resize": ("clip", "resize"),
 }
+
+
+def model_value(model_cfg: ModelConfig, data_key: str):
+    """The model's value of a data key in `DATA_KEYS_FROM_MODEL`."""
+    part, name = DATA_KEYS_FROM_MODEL[data_key]
+    return getattr(getattr(model_cfg, part), name)
 
 
 def load_config(path: str | Path | None = None, overrides=()) -> ChatterBoxConfig:
@@ -216,9 +219,9 @@ def load_config(path: str | Path | None = None, overrides=()) -> ChatterBoxConfi
     settings = config_schema.read_settings(ChatterBoxConfig, _resolve_path(path) if path is not None else None,
                                            overrides)
     cfg = config_schema.from_dict(ChatterBoxConfig, settings)
-    for key, model_value in DATA_KEYS_FROM_MODEL.items():
+    for key in DATA_KEYS_FROM_MODEL:
         if key not in settings.get("data", {}):
-            setattr(cfg.data, key, model_value(cfg))
+            setattr(cfg.data, key, model_value(cfg.model, key))
     return check_consistency(check_ranges(cfg))
 
 

@@ -389,18 +389,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def check_export_fits_config(export_model_cfg, cfg, checkpoint: str) -> None:
-    """The questions are encoded with ``cfg``'s data settings, the export's model reads them: image sizes,
-    CLIP patch grid and resize must agree (a tiny config with a small export gave silent garbage). Other
-    model differences only mean the config is not the one the export was trained with: a warning."""
-    from chatterbox.config import ConfigError, config_to_dict
+    """The questions are encoded with ``cfg``'s data settings, the export's model reads them: the data keys
+    that repeat a model key (image sizes, CLIP patch grid and resize) must agree with the export (a tiny
+    config with a small export gave silent garbage). Other model differences only mean the config is not
+    the one the export was trained with: a warning."""
+    from chatterbox.config import DATA_KEYS_FROM_MODEL, ConfigError, config_to_dict, model_value
 
-    exported, configured = config_to_dict(export_model_cfg), config_to_dict(cfg)["model"]
-    must_agree = [("clip", "image_size"), ("clip", "patch_size"), ("clip", "resize"), ("vision", "image_size")]
-    clash = [f"model.{a}.{b}: {exported[a][b]!r} in the export, {configured[a][b]!r} in --config"
-             for a, b in must_agree if exported[a][b] != configured[a][b]]
+    clash = []
+    for key, path in DATA_KEYS_FROM_MODEL.items():
+        exported, encoded = model_value(export_model_cfg, key), getattr(cfg.data, key)
+        if exported != encoded:
+            clash.append(f"model.{'.'.join(path)}: {exported!r} in the export, {encoded!r} in --config")
     if clash:
         raise ConfigError(f"--checkpoint {checkpoint} does not fit --config {cfg.name}: {'; '.join(clash)}; use "
                           f"the config the export was trained with")
+    exported, configured = config_to_dict(export_model_cfg), config_to_dict(cfg)["model"]
     differ = []
     for part, values in exported.items():
         if isinstance(values, dict):
