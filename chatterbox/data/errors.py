@@ -54,9 +54,12 @@ class BadRecordPolicy:
 
     mode: str = "error"
     max_skipped_records: int = 1000
-    skipped: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
     records: set = field(default_factory=set)  # (file, record, field) of every record skipped
+
+    @property
+    def skipped(self) -> int:
+        return len(self.records)
 
     def __post_init__(self):
         if self.mode not in ("error", "skip-and-count"):
@@ -72,7 +75,6 @@ class BadRecordPolicy:
         if record in self.records:
             return
         self.records.add(record)
-        self.skipped += 1
         key = f"{error.file}:{error.field}"
         self.by_reason[key] = self.by_reason.get(key, 0) + 1
         logger.warning("skipped bad record (%d so far): %s", self.skipped, error)

@@ -51,6 +51,11 @@ def step_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def tag_step(tag: str) -> int:
+    """Inverse of `step_tag`."""
+    return int(_TAG.match(tag).group(1))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -200,7 +205,7 @@ class CheckpointManager:
         named = pointer.read_text().strip() if pointer.is_file() else ""
         match = _TAG.match(named)
         problems = [] if match or not pointer.is_file() else [f"{pointer} holds {named!r}, not a checkpoint tag"]
-        candidates = [t for t in self.tags() if not match or int(_TAG.match(t).group(1)) <= int(match.group(1))]
+        candidates = [t for t in self.tags() if not match or tag_step(t) <= tag_step(named)]
         if match and named not in candidates:
             problems.append(f"{self.root / named} does not exist")
         for tag in reversed(candidates):
@@ -285,6 +290,6 @@ class CheckpointManager:
     def _prune(self, step: int) -> None:
         """Keep the newest ``keep_last`` checkpoints up to ``step``; newer ones (from before a resume at an
         older checkpoint) are another history, which only their owner may delete."""
-        upto = [tag for tag in self.tags() if int(_TAG.match(tag).group(1)) <= step]
+        upto = [tag for tag in self.tags() if tag_step(tag) <= step]
         for tag in upto[: -self.keep_last]:
             shutil.rmtree(self.root / tag, ignore_errors=True)
