@@ -58,10 +58,13 @@ def reference_losses(outputs, target_boxes, weights, ce_normalization="num_boxes
         pred = layer["pred_boxes"][query_idx, pred_idx].float()
         target = torch.cat([t[list(tgt)] for t, (_, tgt) in zip(target_boxes, indices)]).float()
         losses["loss_ce" + suffix] = focal / ce_norm
-        losses["loss_bbox" + suffix] = F.l1_loss(pred, target, reduction="none").sum() / num_boxes
+        l1 = F.l1_loss(pred, target, reduction="none")
+        losses["loss_bbox" + suffix] = l1.sum() / num_boxes
         losses["loss_giou" + suffix] = (1 - elementwise_giou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target))).sum() \
             / num_boxes
-    losses["loss"] = sum(weights[name] * value for name, value in losses.items())
+        losses["loss_xy" + suffix] = l1[..., :2].sum().detach() / num_boxes  # logged only, as upstream
+        losses["loss_hw" + suffix] = l1[..., 2:].sum().detach() / num_boxes
+    losses["loss"] = sum(weights.get(name, 0.0) * value for name, value in losses.items())
     return losses, matches
 
 
@@ -254,8 +257,8 @@ def test_padding_queries_and_target_slots_changes_neither_losses_nor_gradients(c
     target_mask = torch.cat([real_target_mask(counts + [0, 0, 0], 3), torch.zeros(8, 2, dtype=torch.bool)], 1)
     query_mask = torch.arange(8) < 5
     token_mask = torch.cat([ours["text_token_mask"], torch.ones(3, 3, dtype=torch.bool)])
-    terms = criterion.padded_terms(padded_layers, token_mask, boxes, target_mask, query_mask,
-                                   torch.tensor(float(sum(counts))))
+    terms, _ = criterion.padded_terms(padded_layers, token_mask, boxes, target_mask, query_mask,
+                                      torch.tensor(float(sum(counts))))
     got = criterion.named_losses(terms, [suffix for suffix, _ in criterion.loss_layers(ours)], "cpu")
     assert list(got) == list(want)
     for name in want:
@@ -286,3 +289,27 @@ def test_criterion_with_device_matching_equals_the_reference(ce_normalization):
     criterion.matching = "fast"
     with pytest.raises(ValueError, match="auto, device or host"):
         criterion(clone_outputs(ours), targets)
+
+
+@pytest.mark.parametrize("matching", ["host", "device"])
+def test_return_indices_gives_every_layers_matches_in_upstreams_order(matching):
+    """Upstream's ``return_indices``: decoder layers 0..L-2, the encoder output, then the last layer; per
+    query (decoder queries, targets) sorted by decoder query; the losses are those returned without it."""
+    ours = random_outputs(31)
+    targets = random_targets(32, [2, 1, 3, 0, 1])
+    criterion = GroundingCriterion()
+    criterion.matching = matching
+    losses, indices = criterion(ours, targets, return_indices=True)
+    _, matches = reference_losses(clone_outputs(ours), targets, VisionBranchConfig().loss_weights)
+    order = [f"_{i}" for i in range(len(ours["aux_outputs"]))] + ["_interm", ""]
+    assert len(indices) == len(order)
+    for suffix, layer in zip(order, indices):
+        assert len(layer) == len(targets)
+        for (rows, cols), (want_rows, want_cols) in zip(layer, matches[suffix]):
+            assert rows.dtype == cols.dtype == torch.int64
+            assert rows.tolist() == sorted(rows.tolist())
+            assert sorted(zip(rows.tolist(), cols.tolist())) == sorted(zip(list(want_rows), list(want_cols)))
+    without = criterion(clone_outputs(ours), targets)
+    assert list(without) == list(losses)
+    for name in losses:
+        torch.testing.assert_close(losses[name], without[name])

@@ -37,13 +37,39 @@ def test_perfect_prediction_has_zero_box_losses_on_every_layer():
                            targets[0].tolist(), [0.9, 0.1, 0.1, 0.1]]])
     logits = torch.tensor([[[-8.0], [8.0], [-8.0], [8.0], [-8.0]]])
     losses = GroundingCriterion()(_outputs(logits, boxes), [targets])
-    assert len(losses) == 22  # 21 weighted terms + "loss"
+    # 21 weighted terms, loss_xy and loss_hw of each of the 7 layers (logged only), and "loss"
+    assert len(losses) == 21 + 14 + 1
     for name, value in losses.items():
-        if "bbox" in name:
+        if "bbox" in name or "_xy" in name or "_hw" in name:
             assert value.item() == pytest.approx(0.0, abs=1e-6), name
         if "giou" in name:  # upstream's +1e-6 in the denominators leaves ~1e-6 / box area per box
             assert 0 < value.item() < 1e-4, name
     assert losses["loss_ce"].item() < 1e-3
+
+
+@pytest.mark.parametrize("matching", ["host", "device"])
+def test_centre_and_size_l1_are_logged_per_layer_and_not_trained_on(matching):
+    """Upstream's loss_xy / loss_hw: the L1 of the matched centres and of the sizes over the box count, for
+    every layer (suffixes as the weighted terms), detached and outside the weighted loss."""
+    targets = [torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.7, 0.6, 0.3, 0.5]]), torch.tensor([[0.5, 0.5, 0.4, 0.4]])]
+    boxes = torch.tensor([[[0.32, 0.37, 0.25, 0.2], [0.9, 0.1, 0.1, 0.1], [0.66, 0.6, 0.3, 0.45]],
+                          [[0.1, 0.9, 0.1, 0.1], [0.55, 0.5, 0.4, 0.3], [0.9, 0.9, 0.1, 0.1]]], requires_grad=True)
+    logits = torch.tensor([[[4.0], [-4.0], [4.0]], [[-4.0], [4.0], [-4.0]]])
+    criterion = GroundingCriterion()
+    criterion.matching = matching
+    losses = criterion(_outputs(logits, boxes), targets)
+    matched = {(0, 0): (0, 0), (0, 1): (0, 2), (1, 0): (1, 1)}  # (query, target) -> (query, decoder query)
+    xy = sum((boxes[q, d, :2] - targets[q][t, :2]).abs().sum().item() for (q, t), (_, d) in matched.items()) / 3
+    hw = sum((boxes[q, d, 2:] - targets[q][t, 2:]).abs().sum().item() for (q, t), (_, d) in matched.items()) / 3
+    for suffix in ["", *(f"_{i}" for i in range(5)), "_interm"]:
+        assert losses[f"loss_xy{suffix}"].item() == pytest.approx(xy, rel=1e-6)
+        assert losses[f"loss_hw{suffix}"].item() == pytest.approx(hw, rel=1e-6)
+        assert losses[f"loss_xy{suffix}"].item() + losses[f"loss_hw{suffix}"].item() == pytest.approx(
+            losses[f"loss_bbox{suffix}"].item(), rel=1e-6)
+        assert not losses[f"loss_xy{suffix}"].requires_grad and not losses[f"loss_hw{suffix}"].requires_grad
+    weights = VisionBranchConfig().loss_weights
+    assert not any("_xy" in k or "_hw" in k for k in weights)
+    assert losses["loss"].item() == pytest.approx(sum(weights[k] * losses[k].item() for k in weights), rel=1e-6)
 
 
 def test_a_permutation_of_queries_is_matched_back():

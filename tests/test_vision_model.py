@@ -62,6 +62,28 @@ def test_padded_logits_layout(cfg):
     logits = out["pred_logits"]
     assert logits.shape == (1, cfg.num_queries, cfg.max_text_len)
     assert torch.isfinite(logits[..., 0]).all() and torch.isneginf(logits[..., 1:]).all()
+    # upstream's text_mask in the same layout; text_token_mask keeps the unpadded one
+    assert out["text_mask"].shape == (1, cfg.max_text_len) and out["text_mask"].dtype == torch.bool
+    assert out["text_mask"][0, 0] and not out["text_mask"][0, 1:].any()
+    assert out["text_token_mask"].shape == (1, 1)
+    assert "text_mask" not in branch.__class__(cfg).eval()(_images(1), _queries(1, cfg.hidden_dim))
+
+
+def test_initial_proposals_are_the_selected_cells_before_refinement(cfg):
+    """interm_outputs_for_matching_pre (upstream's key): the encoder output's logits with the proposal boxes
+    of the selected tokens: centred on a feature-map cell, side 0.05 * 2**level."""
+    torch.manual_seed(0)
+    branch = VisionBranch(cfg).eval()
+    out = branch(_images(2), _queries(2, cfg.hidden_dim))
+    pre, interm = out["interm_outputs_for_matching_pre"], out["interm_outputs"]
+    assert pre["pred_logits"] is interm["pred_logits"]
+    boxes = pre["pred_boxes"]
+    # (the box head's last layer starts at zero, so a fresh model refines nothing yet; only the refined
+    # boxes depend on the weights)
+    assert boxes.shape == interm["pred_boxes"].shape
+    assert interm["pred_boxes"].requires_grad and not boxes.requires_grad
+    sides = {round(0.05 * 2 ** level, 6) for level in range(cfg.num_feature_levels)}
+    assert {round(v, 6) for v in boxes[..., 2:].flatten().tolist()} <= sides
 
 
 def test_gradients_reach_query_and_heads_but_not_frozen_backbone(cfg):

@@ -29,6 +29,7 @@ from chatterbox.model.llava_llama import (LlavaLlamaForCausalLM, check_image_lay
 from chatterbox.model.lora import apply_trainable_policy, parameter_table
 from chatterbox.model.query_head import QueryHead, positions_before_token
 from chatterbox.model.region_encoder import RegionEncoder
+from chatterbox.precision import at_least_float32
 from chatterbox.tokens import SpecialTokenIds, special_token_ids
 from model.GroundingDINO import GroundingCriterion, VisionBranch
 
@@ -333,7 +334,7 @@ class ChatterBox(nn.Module):
             # Upstream multiplies this batch's LM loss by 0: its gradient is zero, so lm_head and the
             # cross-entropy over the vocabulary are not computed at all (a zero gradient and no gradient
             # are the same to the ZeRO optimizer, which fills missing gradients with zeros).
-            lm_loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            lm_loss = torch.zeros((), dtype=at_least_float32(hidden.dtype), device=hidden.device)
         else:
             lm_loss = self._lm_loss(hidden, labels) if labels is not None else hidden.sum() * 0.0
 
@@ -351,12 +352,13 @@ class ChatterBox(nn.Module):
         return self.cfg.zero_lm_loss_on_grounding and any(grounding_targets or [])
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Shifted token cross-entropy, mean over supervised (!= IGNORE_INDEX) targets, in fp32; 0 (with a
+        """Shifted token cross-entropy, mean over supervised (!= IGNORE_INDEX) targets, in at least fp32; 0 (with a
         graph) when nothing is supervised. Sum / count rather than a test of the labels, which would make the
         host wait for the LLM's forward before it can queue the vision branch."""
         logits = self.causal_lm.lm_head(hidden[:, :-1])
         targets = labels[:, 1:].to(logits.device)
-        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        logits = logits.to(at_least_float32(logits.dtype))
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                 ignore_index=IGNORE_INDEX, reduction="sum")
         return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
@@ -417,14 +419,16 @@ class ChatterBox(nn.Module):
                 return graphs(features, queries.to(vision_dtype), query_image_index, host_boxes)
             # query_image_index stays on the host: the vision branch validates it there.
             outputs = self.vision_branch.forward_enc_dec(features, queries.to(vision_dtype), query_image_index)
-        target_boxes = [b.to(hidden.device, torch.float32, non_blocking=True) for b in target_boxes]
+        box_dtype = at_least_float32(hidden.dtype)
+        target_boxes = [b.to(hidden.device, box_dtype, non_blocking=True) for b in target_boxes]
         # Called on every batch so that its cross-rank collective never desynchronises (spec §5.2.23).
         return self.grounding_criterion(outputs, target_boxes, device=hidden.device)
 
     # ------------------------------------------------------------------------------------------------
     # generation
     def _next_token_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
-        logits = self.causal_lm.lm_head(hidden_last).float()
+        logits = self.causal_lm.lm_head(hidden_last)
+        logits = logits.to(at_least_float32(logits.dtype))
         # Image/region placeholders need external inputs and are never generated.
         logits.index_fill_(-1, self._banned_token_index(logits.device), float("-inf"))
         return logits
@@ -542,7 +546,7 @@ class ChatterBox(nn.Module):
         start = 0
         for r, qs in enumerate(query_hidden):
             end = start + len(qs)
-            results[r].boxes_xyxy_abs = best.boxes_xyxy_abs[start:end].float().cpu()
-            results[r].boxes_cxcywh_norm = best.boxes_cxcywh_norm[start:end].float().cpu()
-            results[r].scores = best.scores[start:end].float().cpu()
+            results[r].boxes_xyxy_abs = best.boxes_xyxy_abs[start:end].cpu()
+            results[r].boxes_cxcywh_norm = best.boxes_cxcywh_norm[start:end].cpu()
+            results[r].scores = best.scores[start:end].cpu()
             start = end

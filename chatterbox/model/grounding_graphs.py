@@ -85,7 +85,7 @@ class _Step:
     grad_loss: torch.Tensor           # 0-d, the incoming gradient of the loss
     suffixes: list[str] = field(default_factory=list)
     loss: torch.Tensor | None = None
-    terms: torch.Tensor | None = None         # [3, layers], detached
+    terms: torch.Tensor | None = None         # [criterion TERMS, layers], detached
     grad_queries: torch.Tensor | None = None
     grad_flat: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)  # used params' grads, one buffer per dtype
     used: list[bool] = field(default_factory=list)   # per param: does the loss depend on it
@@ -276,7 +276,7 @@ class GroundingLossGraphs:
             step.packed.copy_(packed, non_blocking=True)
 
     def _loss(self, step: _Step) -> tuple[torch.Tensor, torch.Tensor]:
-        """The padded forward pass and loss on the step's static buffers -> (loss, terms [3, layers])."""
+        """The padded forward pass and loss on the step's static buffers -> (loss, terms [criterion TERMS, layers])."""
         padded_q = step.queries.shape[0]
         boxes, target_mask, query_mask, image_index, num_boxes = self._unpack(step.packed, padded_q, step.slots)
         levels = (len(step.features) - 1) // 3
@@ -288,8 +288,8 @@ class GroundingLossGraphs:
                                                         one_query_per_image=False, text_padding=False)
         layers = self.criterion.loss_layers(outputs)
         step.suffixes = [suffix for suffix, _ in layers]
-        terms = self.criterion.padded_terms([layer for _, layer in layers], token_mask, boxes, target_mask,
-                                            query_mask, num_boxes)
+        terms, _ = self.criterion.padded_terms([layer for _, layer in layers], token_mask, boxes, target_mask,
+                                               query_mask, num_boxes)
         stacked = torch.stack([terms[name] for name in self.criterion.TERMS])
         return self.criterion.weighted_sum(stacked, step.suffixes, step.queries.device), stacked.detach()
 

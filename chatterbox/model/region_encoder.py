@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from chatterbox.model.config import RegionEncoderConfig
+from chatterbox.precision import at_least_float32
 
 
 class ConvGroupNormReLU(nn.Module):
@@ -131,12 +132,13 @@ class RegionEncoder(nn.Module):
             raise ValueError(f"region boxes must be [R,4] xyxy normalised, got {tuple(boxes_xyxy_norm.shape)}")
         pyramid = self.feature_pyramid(level_tokens)
         dtype = self.output_projection.weight.dtype
-        boxes_xyxy_abs = boxes_xyxy_norm.float() * self.clip_image_size
+        # RoIAlign in at least fp32: CPU kernels lack bf16 and the pooled values feed a 200k-wide linear layer.
+        roi_dtype = at_least_float32(dtype)
+        boxes_xyxy_abs = boxes_xyxy_norm.to(roi_dtype) * self.clip_image_size
         rois = torch.cat([box_image_index.to(boxes_xyxy_abs)[:, None], boxes_xyxy_abs], dim=1)
         pooled_sum = None
         for fmap, stride, conv in zip(pyramid, self.strides, self.level_convs):
-            # RoIAlign in fp32: CPU kernels lack bf16 and the pooled values feed a 200k-wide linear layer.
-            pooled = roi_align(fmap.float(), rois, output_size=self.cfg.roi_output_size,
+            pooled = roi_align(fmap.to(roi_dtype), rois, output_size=self.cfg.roi_output_size,
                                spatial_scale=1.0 / stride, sampling_ratio=self.cfg.roi_sampling_ratio, aligned=True)
             level_out = conv(pooled.to(dtype))
             pooled_sum = level_out if pooled_sum is None else pooled_sum + level_out

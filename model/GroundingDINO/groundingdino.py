@@ -12,9 +12,11 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from chatterbox.model.frozen_graphs import FrozenGraphRunner
+from chatterbox.precision import at_least_float32
 
 from .backbone import BackboneFeatures, Joiner, SinePositionEncoding, SwinTransformer, downsample_mask
 from .config import VisionBranchConfig, load_vision_config
@@ -31,9 +33,9 @@ FALLBACK_BOX_XYXY_ABS = (0.0, 0.0, 1.0, 1.0)
 class BoxPrediction:
     """Best box per query. Tensors have one row per query."""
 
-    boxes_xyxy_abs: torch.Tensor      # [Q,4] float32, pixels of the original image
-    boxes_cxcywh_norm: torch.Tensor   # [Q,4] float32, fractions of the original image
-    scores: torch.Tensor              # [Q] float32 max sigmoid probability of the box (0 for the fallback)
+    boxes_xyxy_abs: torch.Tensor      # [Q,4] float32 (float64 model: float64), pixels of the original image
+    boxes_cxcywh_norm: torch.Tensor   # [Q,4] same dtype, fractions of the original image
+    scores: torch.Tensor              # [Q] same dtype, max sigmoid probability of the box (0 for the fallback)
     found: torch.Tensor               # [Q] bool, False where upstream's fallback box [0,0,1,1] was used
     query_index: torch.Tensor         # [Q] long, which of the 900 decoder queries was chosen (-1 fallback)
 
@@ -124,10 +126,11 @@ class VisionBranch(nn.Module):
         masks, positions = list(features.masks), list(features.positions)
         for lvl in range(len(srcs), self.cfg.num_feature_levels):
             src = self.input_proj[lvl](features.feature_maps[-1] if lvl == len(features.feature_maps) else srcs[-1])
-            mask = downsample_mask(features.image_mask, src.shape[-2:])
+            dtype = at_least_float32(src.dtype)
+            mask = downsample_mask(features.image_mask, src.shape[-2:], dtype)
             srcs.append(src)
             masks.append(mask)
-            positions.append(self.backbone.position_encoding(mask).to(src.dtype))
+            positions.append(self.backbone.position_encoding(mask, dtype).to(src.dtype))
         return srcs, masks, positions
 
     def forward_enc_dec(self, features: BackboneFeatures, queries: torch.Tensor,
@@ -141,9 +144,15 @@ class VisionBranch(nn.Module):
         Pass query_image_index as a CPU tensor (or list) and leave query_token_mask at its default to
         validate without a device round trip: a GPU index or a given mask costs one synchronisation.
 
-        Returns a dict: ``pred_logits`` [Q,num_queries,T] (or max_text_len when padded),
-        ``pred_boxes`` [Q,num_queries,4] normalised cxcywh, ``aux_outputs`` (list over decoder layers 0..L-2
-        of dicts with the same two keys), ``interm_outputs`` (encoder two-stage selection), ``text_token_mask``.
+        Returns a dict (upstream's keys):
+        * ``pred_logits`` [Q,num_queries,T] (or max_text_len with cfg.pad_logits_to_max_text_len, -inf
+          padded), ``pred_boxes`` [Q,num_queries,4] normalised cxcywh: the last decoder layer;
+        * ``aux_outputs``: the same two keys for decoder layers 0..L-2;
+        * ``interm_outputs``: the encoder's two-stage selection (its logits and refined boxes);
+        * ``interm_outputs_for_matching_pre``: the same logits with the selected tokens' proposals before
+          refinement (cell centre, side 0.05 * 2**level), the decoder's initial boxes;
+        * ``text_token_mask`` [Q,T] bool, True = valid token; with cfg.pad_logits_to_max_text_len also
+          ``text_mask`` [Q,max_text_len], upstream's layout (False beyond T).
         """
         queries, query_image_index, query_token_mask, one_query_per_image, text_padding = self._check_queries(
             features, queries, query_image_index, query_token_mask)
@@ -178,10 +187,12 @@ class VisionBranch(nn.Module):
         result = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "text_token_mask": query_token_mask}
         if self.cfg.aux_loss:
             result["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
-        result["interm_outputs"] = {
-            "pred_logits": self.transformer.enc_out_class_embed(out.encoder_hidden, out.text, query_token_mask),
-            "pred_boxes": out.encoder_boxes,
-        }
+        encoder_logits = self.transformer.enc_out_class_embed(out.encoder_hidden, out.text, query_token_mask)
+        result["interm_outputs"] = {"pred_logits": encoder_logits, "pred_boxes": out.encoder_boxes}
+        result["interm_outputs_for_matching_pre"] = {"pred_logits": encoder_logits, "pred_boxes": out.initial_boxes}
+        if self.cfg.pad_logits_to_max_text_len:
+            result["text_mask"] = F.pad(query_token_mask, (0, self.cfg.max_text_len - query_token_mask.shape[1]),
+                                        value=False)
         return result
 
     def forward(self, images: torch.Tensor, queries: torch.Tensor, query_image_index: torch.Tensor | None = None,
@@ -256,23 +267,23 @@ def select_best_boxes(pred_logits: torch.Tensor, pred_boxes_cxcywh_norm: torch.T
                       box_threshold: float) -> BoxPrediction:
     """The decoding rule of upstream's grounding evaluation (eval_grounding.py), batched over queries."""
     num_q = pred_logits.shape[0]
-    sizes = torch.as_tensor(image_sizes_wh, dtype=torch.float32, device=pred_logits.device).reshape(-1, 2)
+    dtype = at_least_float32(pred_boxes_cxcywh_norm.dtype)
+    sizes = torch.as_tensor(image_sizes_wh, dtype=dtype, device=pred_logits.device).reshape(-1, 2)
     if sizes.shape[0] != num_q:
         raise ValueError(f"image_sizes_wh has {sizes.shape[0]} rows for {num_q} queries")
     if not bool((sizes > 0).all()):
         raise ValueError(f"image_sizes_wh must be positive, got {sizes.tolist()}")
-    probs = pred_logits.float().sigmoid().max(dim=-1).values  # [Q, num_queries]; -inf slots -> 0
+    probs = pred_logits.to(dtype).sigmoid().max(dim=-1).values  # [Q, num_queries]; -inf slots -> 0
     scores, best = probs.max(dim=-1)  # first maximal query on ties, like list.index(max(...))
     found = scores > box_threshold
-    chosen = pred_boxes_cxcywh_norm.float()[torch.arange(num_q, device=best.device), best]
-    sizes = sizes.float()
+    chosen = pred_boxes_cxcywh_norm.to(dtype)[torch.arange(num_q, device=best.device), best]
     width, height = sizes[:, 0:1], sizes[:, 1:2]
-    # Same float32 arithmetic and order as upstream (scale, then x1y1 = c - wh/2, x2y2 = x1y1 + wh) so
-    # that truncating to int reproduces its stored boxes exactly.
+    # Same float32 arithmetic (fp32/bf16/fp16 models) and order as upstream (scale, then x1y1 = c - wh/2,
+    # x2y2 = x1y1 + wh) so that truncating to int reproduces its stored boxes exactly.
     scaled = chosen * torch.cat([width, height, width, height], dim=1)
     top_left = scaled[:, :2] - scaled[:, 2:] / 2
     boxes_xyxy_abs = torch.cat([top_left, scaled[:, 2:] + top_left], dim=1)
-    fallback_xyxy = torch.tensor(FALLBACK_BOX_XYXY_ABS, dtype=torch.float32, device=best.device).expand(num_q, 4)
+    fallback_xyxy = torch.tensor(FALLBACK_BOX_XYXY_ABS, dtype=dtype, device=best.device).expand(num_q, 4)
     boxes_xyxy_abs = torch.where(found[:, None], boxes_xyxy_abs, fallback_xyxy)
     fallback_cxcywh = torch.cat([0.5 / width, 0.5 / height, 1.0 / width, 1.0 / height], dim=1)
     boxes_cxcywh_norm = torch.where(found[:, None], chosen, fallback_cxcywh)

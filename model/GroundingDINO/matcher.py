@@ -21,6 +21,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from chatterbox.boxes import cxcywh_to_xyxy, elementwise_giou
+from chatterbox.precision import at_least_float32
 
 __all__ = ["HungarianMatcher", "focal_match_cost", "pad_target_boxes", "real_target_mask"]
 
@@ -39,11 +40,12 @@ def real_target_mask(counts: Sequence[int], max_targets: int) -> torch.Tensor:
     return torch.arange(max_targets)[None, :] < torch.as_tensor(list(counts), dtype=torch.long).reshape(-1, 1)
 
 
-def pad_target_boxes(target_boxes: Sequence[torch.Tensor], device=None) -> torch.Tensor:
-    """Q tensors [k_q,4] -> [Q, max k_q, 4] float32; padding rows are a valid dummy box (never matched)."""
+def pad_target_boxes(target_boxes: Sequence[torch.Tensor], device=None, dtype: torch.dtype = torch.float32
+                     ) -> torch.Tensor:
+    """Q tensors [k_q,4] -> [Q, max k_q, 4] in ``dtype``; padding rows are a valid dummy box (never matched)."""
     if not target_boxes:
-        return torch.zeros((0, 0, 4), device=device)
-    boxes = [t.to(device=device, dtype=torch.float32) for t in target_boxes]
+        return torch.zeros((0, 0, 4), device=device, dtype=dtype)
+    boxes = [t.to(device=device, dtype=dtype) for t in target_boxes]
     return nn.utils.rnn.pad_sequence(boxes, batch_first=True, padding_value=0.5)
 
 
@@ -59,13 +61,14 @@ class HungarianMatcher(nn.Module):
     def cost_matrices(self, logits: torch.Tensor, boxes_cxcywh_norm: torch.Tensor, token_mask: torch.Tensor,
                       target_boxes_cxcywh_norm: torch.Tensor) -> torch.Tensor:
         """Batched costs: logits [...,Nq,T], boxes [...,Nq,4], token_mask [...,T] (True = valid), targets
-        [...,K,4] (leading dimensions broadcast) -> cost [...,Nq,K] float32. Logit columns beyond T
-        (padding to max_text_len) are ignored."""
-        prob = logits[..., :token_mask.shape[-1]].float().sigmoid()
+        [...,K,4] (leading dimensions broadcast) -> cost [...,Nq,K] in at least float32. Logit columns beyond
+        T (padding to max_text_len) are ignored."""
+        dtype = at_least_float32(boxes_cxcywh_norm.dtype)
+        prob = logits[..., :token_mask.shape[-1]].to(dtype).sigmoid()
         mask = token_mask[..., None, :]
         class_cost = (focal_match_cost(prob, self.focal_alpha, self.focal_gamma) * mask).sum(-1) \
             / mask.sum(-1).clamp(min=1)
-        pred = boxes_cxcywh_norm.float()
+        pred = boxes_cxcywh_norm.to(dtype)
         target = target_boxes_cxcywh_norm.to(pred)
         pred, target = torch.broadcast_tensors(pred[..., :, None, :], target[..., None, :, :])
         l1 = (pred - target).abs().sum(-1)
@@ -100,7 +103,8 @@ class HungarianMatcher(nn.Module):
             return []
         counts = [int(t.shape[0]) for t in target_boxes]
         if padded_targets is None:
-            padded_targets = pad_target_boxes(target_boxes, layers[0][1].device)
+            boxes = layers[0][1]
+            padded_targets = pad_target_boxes(target_boxes, boxes.device, at_least_float32(boxes.dtype))
         if all(lg.shape == layers[0][0].shape and bx.shape == layers[0][1].shape for lg, bx in layers):
             costs = self.cost_matrices(torch.stack([lg for lg, _ in layers]), torch.stack([bx for _, bx in layers]),
                                        token_mask, padded_targets)

@@ -7,8 +7,9 @@ are the learned ``tgt_embed``. Decoder layer: self-attention -> text cross-atten
 cross-attention with 4-d reference boxes -> FFN; boxes are refined after every layer.
 (spec/upstream.md §1.5; upstream transformer.py.)
 
-Reference boxes are kept in float32 whatever the model dtype: in bf16 a coordinate has ~3 significant
-digits, which is coarser than one cell of the largest feature map.
+Reference boxes, proposals and position encodings are kept in at least float32 (`at_least_float32`): in bf16
+a coordinate has ~3 significant digits, which is coarser than one cell of the largest feature map; a
+float64 model computes them in float64.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
+
+from chatterbox.precision import at_least_float32
 
 from .fusion import BiAttentionBlock
 from .heads import MLP, ContrastiveEmbed, inverse_sigmoid
@@ -29,9 +32,10 @@ __all__ = ["DeformableTransformer", "TransformerOutput", "sine_embed", "encoder_
 
 def sine_embed(coords: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
     """[..., K] coordinates in [0,1] -> [..., K*num_feats] sin/cos features of 2*pi*coord."""
-    index = torch.arange(num_feats, dtype=torch.float32, device=coords.device)
+    dtype = at_least_float32(coords.dtype)
+    index = torch.arange(num_feats, dtype=dtype, device=coords.device)
     freq = temperature ** (2 * torch.div(index, 2, rounding_mode="floor") / num_feats)
-    coords = coords.to(torch.promote_types(coords.dtype, torch.float32))  # at least float32
+    coords = coords.to(dtype)
     angles = coords[..., None] * (2 * math.pi) / freq  # [..., K, F]
     features = torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
     return features.flatten(-2)
@@ -43,11 +47,11 @@ def box_position_embedding(boxes_cxcywh: torch.Tensor, num_feats: int) -> torch.
     return sine_embed(torch.stack((cy, cx, w, h), dim=-1), num_feats)
 
 
-def valid_ratios_of(mask: torch.Tensor) -> torch.Tensor:
-    """[N,H,W] padding mask -> [N,2] fraction (w, h) of the map that is real image."""
+def valid_ratios_of(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[N,H,W] padding mask -> [N,2] fraction (w, h) of the map that is real image, in ``dtype``."""
     _, h, w = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1).float() / h
-    valid_w = (~mask[:, 0, :]).sum(1).float() / w
+    valid_h = (~mask[:, :, 0]).sum(1).to(dtype) / h
+    valid_w = (~mask[:, 0, :]).sum(1).to(dtype) / w
     return torch.stack([valid_w, valid_h], dim=-1)
 
 
@@ -56,8 +60,8 @@ def encoder_reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios
     refs = []
     for lvl, (h, w) in enumerate(spatial_shapes):
         ys, xs = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device), indexing="ij")
+            torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
+            torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device), indexing="ij")
         ref_y = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
         ref_x = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack((ref_x, ref_y), -1))
@@ -68,19 +72,20 @@ def encoder_output_proposals(memory: torch.Tensor, padding_mask: torch.Tensor,
                              spatial_shapes: list[tuple[int, int]]):
     """One proposal box per encoder token: centre of its cell, side 0.05 * 2**level.
 
-    Returns (memory with padded/invalid tokens zeroed, proposals as float32 logits [N,S,4] with
+    Returns (memory with padded/invalid tokens zeroed, proposals as logits [N,S,4] (at least float32) with
     +inf where the token is padding or the box is not inside (0.01, 0.99)).
     """
     n = memory.shape[0]
+    dtype = at_least_float32(memory.dtype)
     proposals, start = [], 0
     for lvl, (h, w) in enumerate(spatial_shapes):
         mask = padding_mask[:, start:start + h * w].view(n, h, w)
         valid_h = (~mask[:, :, 0]).sum(1)
         valid_w = (~mask[:, 0, :]).sum(1)
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=memory.device),
-                                torch.arange(w, dtype=torch.float32, device=memory.device), indexing="ij")
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype, device=memory.device),
+                                torch.arange(w, dtype=dtype, device=memory.device), indexing="ij")
         grid = torch.stack([xs, ys], -1)[None]  # [1,h,w,2]
-        scale = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2).float()
+        scale = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2).to(dtype)
         centres = (grid + 0.5) / scale
         sizes = torch.full_like(centres, 0.05 * 2.0 ** lvl)
         proposals.append(torch.cat((centres, sizes), -1).view(n, -1, 4))
@@ -198,7 +203,7 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, tgt, reference_boxes, memory, memory_padding_mask, spatial_shapes, level_start_index,
                 valid_ratios, text, text_padding_mask):
-        """reference_boxes: [N,Q,4] cxcywh in [0,1] (float32). Returns per layer the normed hidden
+        """reference_boxes: [N,Q,4] cxcywh in [0,1] (at least float32). Returns per layer the normed hidden
         states and the reference boxes the layer started from (plus the last refinement)."""
         if self.bbox_embed is None:
             raise RuntimeError("TransformerDecoder.bbox_embed must be set before use (iterative refinement)")
@@ -224,6 +229,7 @@ class TransformerOutput:
     references: list[torch.Tensor]       # dec_layers + 1 boxes [N, Q, 4] cxcywh (sigmoid space)
     encoder_hidden: torch.Tensor         # [N, Q, C] the selected encoder tokens (two-stage)
     encoder_boxes: torch.Tensor          # [N, Q, 4] their boxes (not detached)
+    initial_boxes: torch.Tensor          # [N, Q, 4] their proposals before the box head (cell centre, 0.05*2**level)
     text: torch.Tensor                   # [N, T, C] text tokens after the encoder
 
 
@@ -298,12 +304,13 @@ class DeformableTransformer(nn.Module):
                              f"than num_queries={self.num_queries}; use larger images or fewer queries")
         spatial_shapes = self._spatial_shapes(shapes, src_flat.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1)  # [N,L,2]
+        coord_dtype = at_least_float32(src_flat.dtype)
+        valid_ratios = torch.stack([valid_ratios_of(m, coord_dtype) for m in masks], 1)  # [N,L,2]
         if text_padding is None:
             text_padding = bool((~text_token_mask).any())
         # None = no padded text token: the attention layers then skip masking (same result, fewer kernels).
         text_padding_mask = ~text_token_mask if text_padding else None
-        position_ids = torch.arange(text.shape[1], device=text.device, dtype=torch.float32)
+        position_ids = torch.arange(text.shape[1], device=text.device, dtype=coord_dtype)
         text_pos = sine_embed(position_ids[:, None], self.d_model).to(text.dtype)[None].expand(n, -1, -1)
 
         memory, text = self.encoder(src_flat, pos_flat, shapes, spatial_shapes, level_start_index, valid_ratios,
@@ -313,13 +320,14 @@ class DeformableTransformer(nn.Module):
         output_memory, proposals = encoder_output_proposals(memory, mask_flat, shapes)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         token_logits = self.enc_out_class_embed(output_memory, text, text_token_mask).max(-1).values
-        coords_unsig = self.enc_out_bbox_embed(output_memory) + proposals  # float32 (proposals are)
+        coords_unsig = self.enc_out_bbox_embed(output_memory) + proposals  # proposals' dtype (>= float32)
         topk = torch.topk(token_logits, self.num_queries, dim=1).indices  # [N,Q]
         boxes_unsig = torch.gather(coords_unsig, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
+        initial_boxes = torch.gather(proposals, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).sigmoid()
         encoder_hidden = torch.gather(output_memory, 1, topk.unsqueeze(-1).expand(-1, -1, self.d_model))
         tgt = self.tgt_embed.weight[None].expand(n, -1, -1)
 
         hidden_states, references = self.decoder(tgt, boxes_unsig.detach().sigmoid(), memory, mask_flat,
                                                  spatial_shapes, level_start_index, valid_ratios, text,
                                                  text_padding_mask)
-        return TransformerOutput(hidden_states, references, encoder_hidden, boxes_unsig.sigmoid(), text)
+        return TransformerOutput(hidden_states, references, encoder_hidden, boxes_unsig.sigmoid(), initial_boxes, text)

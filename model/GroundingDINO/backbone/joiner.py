@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chatterbox.precision import at_least_float32
+
 from .position_encoding import SinePositionEncoding
 from .swin import SwinTransformer
 
@@ -35,9 +37,10 @@ class BackboneFeatures:
         return self.image_mask.shape[0]
 
 
-def downsample_mask(image_mask: torch.Tensor, size) -> torch.Tensor:
-    """Nearest-neighbour resize of a [B,H,W] bool padding mask to ``size`` (upstream's rule)."""
-    return F.interpolate(image_mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+def downsample_mask(image_mask: torch.Tensor, size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Nearest-neighbour resize of a [B,H,W] bool padding mask to ``size`` (upstream's rule), computed on
+    0/1 values of ``dtype`` (exact in any float type)."""
+    return F.interpolate(image_mask[None].to(dtype), size=tuple(size)).to(torch.bool)[0]
 
 
 class Joiner(nn.Sequential):
@@ -54,6 +57,7 @@ class Joiner(nn.Sequential):
 
     def forward(self, images: torch.Tensor, image_mask: torch.Tensor) -> BackboneFeatures:
         maps = self.swin(images)
-        masks = [downsample_mask(image_mask, m.shape[-2:]) for m in maps]
-        positions = [self.position_encoding(m).to(f.dtype) for m, f in zip(masks, maps)]
+        dtype = at_least_float32(maps[0].dtype)
+        masks = [downsample_mask(image_mask, m.shape[-2:], dtype) for m in maps]
+        positions = [self.position_encoding(m, dtype).to(f.dtype) for m, f in zip(masks, maps)]
         return BackboneFeatures(maps, masks, positions, image_mask)

@@ -128,7 +128,7 @@ class SwinStage(nn.Module):
     def shifted_window_mask(self, h: int, w: int, device, dtype) -> torch.Tensor:
         """[nW, N, N] additive mask that stops attention across the seams of the cyclic shift."""
         hp, wp = -(-h // self.window) * self.window, -(-w // self.window) * self.window
-        region = torch.zeros((1, hp, wp, 1), device=device)
+        region = torch.zeros((1, hp, wp, 1), device=device, dtype=dtype)  # small integer labels: exact
         cuts = (slice(0, -self.window), slice(-self.window, -self.shift), slice(-self.shift, None))
         label = 0
         for hs in cuts:
