@@ -276,6 +276,11 @@ def test_tensorboard_scalars_use_upstreams_names(synthetic_data, tmp_path):
     assert {"train/loss", "train/lr", "train/vg_losses", "train/vqa_losses", "metrics/total_secs_per_batch",
             "metrics/data_secs_per_batch", "metrics/samples_per_sec", "metrics/tokens_per_sec"} <= tags
     assert {"streams/referring/lm_loss", "streams/grounding/grounding_loss", "streams/vqa/lm_loss"} <= tags
+    # the criterion's terms for the stream that grounds, as upstream logs them (the LM-only streams have none)
+    layers = ["", *(f"_{i}" for i in range(1)), "_interm"]  # the tiny preset: 2 decoder layers
+    assert {f"streams/grounding/{term}{suffix}" for term in ("loss_ce", "loss_bbox", "loss_giou", "loss_xy", "loss_hw")
+            for suffix in layers} <= tags
+    assert not any(tag.startswith(("streams/referring/loss_", "streams/vqa/loss_")) for tag in tags)
     step0 = {tag: logs.Scalars(tag)[0].value for tag in tags}
     assert step0["train/loss"] == pytest.approx(
         step0["streams/referring/loss"] + step0["streams/grounding/loss"] + step0["streams/vqa/loss"], rel=1e-6)

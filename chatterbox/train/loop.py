@@ -148,7 +148,9 @@ class Trainer:
             self.engine.backward(out["loss"])
             # The loss values stay on the device until the cycle's last backward: reading each one would make
             # the host wait for every micro-step before it fetches and sends the next batch.
-            losses.append(torch.stack([out[key].detach().float() for key in LOGGED_LOSSES]))
+            # ... and the criterion's named terms (loss_ce, loss_xy_0, ...), logged as upstream logs them
+            keys = LOGGED_LOSSES + tuple(key for key in out if key.startswith("loss_"))
+            losses.append(torch.stack([out[key].detach().float() for key in keys]))
             samples.append(batch.get("sample_ids"))
             if micro == n - 1:  # before the optimizer step, which a non-finite loss must not reach
                 values = torch.stack(losses).tolist()
@@ -158,7 +160,8 @@ class Trainer:
                             f"non-finite loss {row[0]} on stream {name!r} at step {self.step} (micro-batch {i + 1} "
                             f"of {n}); samples {samples[i]}")
             self.engine.step()
-        for k, key in enumerate(LOGGED_LOSSES):
+        grounded = any(row[LOGGED_LOSSES.index("grounding_loss")] for row in values)
+        for k, key in enumerate(keys if grounded else LOGGED_LOSSES):  # no zero terms for streams without [VG]
             log.losses[f"{name}/{key}"] = sum(row[k] for row in values) / n
 
     def train_step(self) -> StepLog:
