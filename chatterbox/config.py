@@ -19,7 +19,7 @@ from typing import Literal
 from chatterbox import config_schema
 from chatterbox.config_schema import ConfigError
 from chatterbox.data.config import DataConfig, DatasetPaths
-from chatterbox.model.config import ClipConfig, LanguageConfig, ModelConfig, QueryHeadConfig, RegionEncoderConfig
+from chatterbox.model.config import PARAMETER_GROUPS, ClipConfig, LanguageConfig, ModelConfig, QueryHeadConfig, RegionEncoderConfig
 
 __all__ = [
     "ChatterBoxConfig", "ModelConfig", "LanguageConfig", "ClipConfig", "RegionEncoderConfig",
@@ -78,6 +78,9 @@ class TrainConfig:
     streams: dict[str, StreamConfig] = field(
         default_factory=lambda: {"grounding": StreamConfig(6, 20, 1)}
     )
+    # Learning-rate multiplier per parameter group (chatterbox.model.config.PARAMETER_GROUPS), applied to the
+    # whole schedule; empty = one rate for everything, as upstream.
+    lr_scale: dict[str, float] = field(default_factory=dict)
     save_every_steps: int = 50
     keep_last_checkpoints: int = 2
     log_dir: str = "runs"
@@ -175,7 +178,7 @@ def check_ranges(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
             raise ConfigError(f"train.betas={list(cfg.train.betas)}: each must be in [0, 1)")
         elif any(part in key.rsplit(".", 1)[-1] for part in UNIT_FLOATS) and not 0 <= value <= 1:
             raise ConfigError(f"{key}={value} must be between 0 and 1")
-        elif key in POSITIVE_FLOATS and value <= 0:
+        elif (key in POSITIVE_FLOATS or key.startswith("train.lr_scale.")) and value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
         elif value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
@@ -191,6 +194,9 @@ def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
     for key_a, a, key_b, b in pairs:
         if a != b:
             raise ConfigError(f"{key_a}={a} must equal {key_b}={b}")
+    unknown = sorted(set(cfg.train.lr_scale) - set(PARAMETER_GROUPS))
+    if unknown:
+        raise ConfigError(f"train.lr_scale.{unknown[0]}: no such parameter group; groups: {list(PARAMETER_GROUPS)}")
     if cfg.data.max_length > cfg.model.language.model_max_length:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds "
                           f"model.language.model_max_length={cfg.model.language.model_max_length}")

@@ -69,6 +69,8 @@ def test_overrides_apply_with_types():
         ("data.num_workers=-1", r"data.num_workers=-1 must be >= 0"),
         ("eval.max_new_tokens=0", r"eval.max_new_tokens=0 must be >= 1"),
         ("chat.port=70000", r"chat.port=70000 must be between 0 and 65535"),
+        ("train.lr_scale.region_encoder=0", r"^train.lr_scale.region_encoder=0.0 must be > 0$"),
+        ("train.lr_scale.region_encodr=0.1", r"^train.lr_scale.region_encodr: no such parameter group; groups: "),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

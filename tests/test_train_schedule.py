@@ -46,3 +46,27 @@ def test_upstream_double_stepping_reaches_zero_halfway():
         assert lrs[g] == pytest.approx(closed_form(2 * g - 1), abs=1e-15)
     first_zero = next(g for g, lr in enumerate(lrs) if g > W and lr == 0.0)
     assert first_zero == 7501  # f(2g-1) = 0 once 2g-1 >= 15000
+
+
+def test_lr_scale_multiplies_one_groups_whole_schedule():
+    """train.lr_scale: the region encoder at a tenth of the rate, every step of warm-up and decay; the
+    groups are built from the trainable parameters' table rows."""
+    from torch import nn
+
+    from chatterbox.train.engine import optimizer_groups
+
+    model = nn.ModuleDict({"region_encoder": nn.Linear(2, 2), "query_head": nn.Linear(2, 2),
+                           "clip_tower": nn.Linear(2, 2)})
+    model["clip_tower"].requires_grad_(False)
+    groups = optimizer_groups(model, {"region_encoder": 0.1})
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.1]
+    assert [len(g["params"]) for g in groups] == [2, 2]  # query head; region encoder (the frozen CLIP in neither)
+    assert groups[1]["params"][0] is model["region_encoder"].weight
+    opt = torch.optim.AdamW(groups, lr=LR)
+    sched = WarmupDecaySchedule(opt, T, W, LR)
+    for k in range(T):
+        assert opt.param_groups[0]["lr"] == pytest.approx(closed_form(k), abs=1e-15)
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * closed_form(k), abs=1e-15)
+        opt.step()
+        sched.step()
+    assert [g["lr_scale"] for g in optimizer_groups(model, {})] == [1.0]

@@ -11,6 +11,12 @@ from typing import Literal
 from model.GroundingDINO.config import VisionBranchConfig
 
 
+#: The rows of the trainable-parameter table (chatterbox.model.lora.parameter_group), also the keys of
+#: train.lr_scale.
+PARAMETER_GROUPS = ("clip_tower", "embed_tokens", "llm_base", "lora", "mm_projector", "lm_head", "region_encoder",
+                    "query_head", "vision_backbone", "vision_branch")
+
+
 @dataclass
 class LanguageConfig:
     llm_path: str = ""  # local HF folder of llava-llama-2-13b-chat-lightning-preview (or 7b)

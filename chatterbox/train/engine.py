@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from chatterbox.config import StreamConfig, TrainConfig
+from chatterbox.model.lora import parameter_group
 from chatterbox.train.checkpoint import read_only_safe_checkpoint_files
 from chatterbox.train.schedule import WarmupDecaySchedule
 
@@ -54,12 +55,12 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int):
     """Wrap ``model`` in a DeepSpeed engine that optimises its trainable parameters."""
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    groups = optimizer_groups(model, train.lr_scale)
+    if not groups:
         raise ValueError("the model has no trainable parameters")
-    on_gpu = params[0].is_cuda
+    on_gpu = groups[0]["params"][0].is_cuda
     optimizer = torch.optim.AdamW(
-        params, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay,
+        groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay,
         fused=True if on_gpu else None,
     )
     scheduler = WarmupDecaySchedule(
@@ -72,6 +73,17 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int):
     )
     read_only_safe_checkpoint_files(engine)
     return engine, optimizer, scheduler
+
+
+def optimizer_groups(model: torch.nn.Module, lr_scale: dict[str, float]) -> list[dict]:
+    """The trainable parameters as optimizer groups: one per distinct ``lr_scale`` multiplier (first the
+    unscaled one), each with its ``lr_scale`` for the schedule."""
+    by_scale: dict[float, list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            by_scale.setdefault(float(lr_scale.get(parameter_group(name), 1.0)), []).append(param)
+    order = sorted(by_scale, key=lambda scale: (scale != 1.0, scale))
+    return [{"params": by_scale[scale], "lr_scale": scale} for scale in order]
 
 
 def use_stream(engine, stream: StreamConfig, world_size: int) -> None:

@@ -23,7 +23,8 @@ def warmup_decay_lr(step: int, total_steps: int, warmup_steps: int, max_lr: floa
 
 
 class WarmupDecaySchedule(torch.optim.lr_scheduler.LambdaLR):
-    """LambdaLR whose factor makes every param group follow `warmup_decay_lr` (groups share max_lr)."""
+    """LambdaLR whose factor makes every param group follow `warmup_decay_lr`, scaled by the group's
+    ``lr_scale`` (1 when absent)."""
 
     def __init__(self, optimizer, total_steps: int, warmup_steps: int, max_lr: float, min_lr: float = 0.0):
         if total_steps <= 0 or warmup_steps < 0:
@@ -31,7 +32,7 @@ class WarmupDecaySchedule(torch.optim.lr_scheduler.LambdaLR):
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
         self.max_lr, self.min_lr = max_lr, min_lr
         for group in optimizer.param_groups:
-            group["lr"] = max_lr
+            group["lr"] = max_lr * group.get("lr_scale", 1.0)
             group.pop("initial_lr", None)
         super().__init__(optimizer, self._factor)
 
