@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpus", type=int, default=None, help="passed to the training launchers")
     parser.add_argument("--stage1-steps", type=int, default=None, help="override the stage-1 config's steps")
     parser.add_argument("--stage2-steps", type=int, default=None, help="override the stage-2 config's steps")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field in both stages and every evaluation (repeatable)")
     parser.add_argument("--eval-dtype", default="fp32", help="evaluation dtype (the presets train in fp32)")
     parser.add_argument("--no-caption-metrics", action="store_true",
                         help="skip BLEU/METEOR/CIDEr (they need pycocoevalcap and Java); the accuracies stay")
@@ -85,15 +87,17 @@ def main(argv=None) -> int:
     from chatterbox.config import load_config
 
     name1, name2 = f"{args.preset}_stage1", f"{args.preset}_stage2"
-    steps1 = [] if args.stage1_steps is None else [f"train.steps_per_epoch={args.stage1_steps}"]
-    steps2 = [] if args.stage2_steps is None else [f"train.steps_per_epoch={args.stage2_steps}"]
+    both = list(args.overrides)
+    steps1 = both + ([] if args.stage1_steps is None else [f"train.steps_per_epoch={args.stage1_steps}"])
+    steps2 = both + ([] if args.stage2_steps is None else [f"train.steps_per_epoch={args.stage2_steps}"])
     stage1, stage2 = load_config(name1, steps1), load_config(name2, steps2)
     sets1 = [arg for override in steps1 for arg in ("--set", override)]
     sets2 = [arg for override in steps2 for arg in ("--set", override)]
+    sets = [arg for override in both for arg in ("--set", override)]
     data_dir = Path(stage1.data.paths.coco2017_dir).parent  # the corpus the configs read
     coco_dir = str(data_dir / "MSCOCO2017")
     gpus = [] if args.gpus is None else ["--gpus", str(args.gpus)]
-    dtype = ["--dtype", args.eval_dtype]
+    eval_options = ["--dtype", args.eval_dtype, *sets]
     captions = ["--no-caption-metrics"] if args.no_caption_metrics else []
     # 1200 scenes, 60 of them held out: enough variety that the model cannot memorise its way through
     # (the eval scenes are never trained on), few enough eval questions for a CPU.
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
          "--eval-fraction", str(args.eval_fraction)], work / "data.log")
 
     untrained = json.loads(run(
-        [PY, "evaluation/coco_grounding.py", "--config", name1, "--seed", str(stage1.train.seed), *dtype,
+        [PY, "evaluation/coco_grounding.py", "--config", name1, "--seed", str(stage1.train.seed), *eval_options,
          "--data", coco_dir, "--output-dir", str(work / "eval_untrained")], work / "eval_untrained.log"))
 
     for cfg in (stage1, stage2):  # a fresh run each time (no resume from an older quickstart)
@@ -112,14 +116,14 @@ def main(argv=None) -> int:
     checkpoint = Path(stage2.train.output_dir) / "export"
 
     grounding = json.loads(run(
-        [PY, "evaluation/coco_grounding.py", "--config", name2, "--checkpoint", str(checkpoint), *dtype,
+        [PY, "evaluation/coco_grounding.py", "--config", name2, "--checkpoint", str(checkpoint), *eval_options,
          "--data", coco_dir, "--query-swap", "--output-dir", str(work / "eval_grounding")],
         work / "eval_grounding.log"))
     referring = json.loads(run(
-        [PY, "evaluation/refcocog_referring.py", "--config", name2, "--checkpoint", str(checkpoint), *dtype,
+        [PY, "evaluation/refcocog_referring.py", "--config", name2, "--checkpoint", str(checkpoint), *eval_options,
          *captions, "--split", "val", "--output-dir", str(work / "eval_referring")], work / "eval_referring.log"))
     multiround = json.loads(run(
-        [PY, "evaluation/cb_mrg.py", "--config", name2, "--checkpoint", str(checkpoint), *dtype, *captions,
+        [PY, "evaluation/cb_mrg.py", "--config", name2, "--checkpoint", str(checkpoint), *eval_options, *captions,
          "--data", str(data_dir / "eval" / "CB_MRG_eval.json"), "--image-dir", str(data_dir / "VG"),
          "--output-dir", str(work / "eval_multiround")],
         work / "eval_multiround.log"))
