@@ -19,7 +19,8 @@ from typing import Literal
 from chatterbox import config_schema
 from chatterbox.config_schema import ConfigError
 from chatterbox.data.config import DataConfig, DatasetPaths
-from chatterbox.model.config import PARAMETER_GROUPS, ClipConfig, LanguageConfig, ModelConfig, QueryHeadConfig, RegionEncoderConfig
+from chatterbox.model.config import (PARAMETER_GROUPS, ClipConfig, LanguageConfig, ModelConfig, QueryHeadConfig,
+                                     RegionEncoderConfig)
 
 __all__ = [
     "ChatterBoxConfig", "ModelConfig", "LanguageConfig", "ClipConfig", "RegionEncoderConfig",

@@ -26,7 +26,8 @@ while read -r name options; do
   case "$name" in ''|'#'*) continue ;; esac
   copy=/tmp/sweep/$name
   rm -rf "$copy"; mkdir -p "$copy"
-  tar --exclude=./.git --exclude=./outputs --exclude=./data --exclude=./runs --exclude=./.venv -cf - . | tar -xf - -C "$copy"
+  tar --exclude=./.git --exclude=./outputs --exclude=./data --exclude=./runs --exclude=./.venv -cf - . \
+    | tar -xf - -C "$copy"
   # shellcheck disable=SC2086  # options are words
   ( cd "$copy" && CUDA_VISIBLE_DEVICES= PYTHONPATH=$copy:${PYTHONPATH#$PWD:} taskset -c $core,$((core + 1)) \
       timeout "${SWEEP_LIMIT_S:-3600}" $PY scripts/quickstart.py --no-caption-metrics $options > "$OUT/$name.log" 2>&1
