@@ -71,6 +71,10 @@ def main(argv=None) -> int:
     parser.add_argument("--stage2-steps", type=int, default=None, help="override the stage-2 config's steps")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field in both stages and every evaluation (repeatable)")
+    parser.add_argument("--stage1-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field of stage 1's training only (repeatable)")
+    parser.add_argument("--stage2-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field of stage 2's training only (repeatable)")
     parser.add_argument("--eval-dtype", default="fp32", help="evaluation dtype (the presets train in fp32)")
     parser.add_argument("--no-caption-metrics", action="store_true",
                         help="skip BLEU/METEOR/CIDEr (they need pycocoevalcap and Java); the accuracies stay")
@@ -88,8 +92,9 @@ def main(argv=None) -> int:
 
     name1, name2 = f"{args.preset}_stage1", f"{args.preset}_stage2"
     both = list(args.overrides)
-    steps1 = both + ([] if args.stage1_steps is None else [f"train.steps_per_epoch={args.stage1_steps}"])
-    steps2 = both + ([] if args.stage2_steps is None else [f"train.steps_per_epoch={args.stage2_steps}"])
+    length1 = [] if args.stage1_steps is None else [f"train.steps_per_epoch={args.stage1_steps}"]
+    length2 = [] if args.stage2_steps is None else [f"train.steps_per_epoch={args.stage2_steps}"]
+    steps1, steps2 = both + args.stage1_set + length1, both + args.stage2_set + length2
     stage1, stage2 = load_config(name1, steps1), load_config(name2, steps2)
     sets1 = [arg for override in steps1 for arg in ("--set", override)]
     sets2 = [arg for override in steps2 for arg in ("--set", override)]
