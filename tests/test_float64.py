@@ -1,5 +1,5 @@
 """A model moved to float64 computes in float64 throughout: no float32 (or narrower) tensor appears in the
-forward, the loss or the backward of a training step, nor in box prediction (issue: faithfulness)."""
+forward, the loss or the backward of a training step, nor in box prediction."""
 from __future__ import annotations
 
 import os
@@ -35,7 +35,7 @@ class NarrowFloatProbe(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         leaves, _ = tree_flatten(out)
         narrow = [t.dtype for t in leaves if isinstance(t, torch.Tensor) and t.dtype in NARROW and t.numel()]
-        stack = traceback.extract_stack()[:-1]
+        stack = traceback.extract_stack()[:-1] if narrow else []
         if narrow and not any(f"{os.sep}transformers{os.sep}" in frame.filename or frame.filename == LLAMA_STEP
                               for frame in stack):
             for frame in reversed(stack):
