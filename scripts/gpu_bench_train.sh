@@ -3,8 +3,8 @@
 # Swin-B, bf16/fp16, gradient checkpointing), the profile of a 13b grounding micro-step, and the 13b
 # stage-2 step benchmark, ours vs upstream's configuration.
 # Usage (repo root, on a CUDA machine): bash scripts/gpu_bench_train.sh [OUT_DIR]
-# Without deepspeed installed, wheels are taken from .whl/ (deepspeed 0.19.8, hjson, pydantic,
-# pydantic-core, annotated-types, typing-inspection).
+# Without deepspeed installed, wheels are taken from .whl_dev/ or .whl/ (scripts/carried_deepspeed.sh: deepspeed
+# 0.19.8, hjson, pydantic, pydantic-core, annotated-types, typing-inspection).
 # Environment:
 #   BENCH_ARGS="--streams grounding"   extra flags of scripts/bench_train_step.py
 #   SKIP_TESTS=1 / SKIP_BENCH=1         leave out the GPU tests / the benchmark
@@ -24,11 +24,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions} MAX_JOBS=${MAX_JOBS:-16}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-if ! $PY -c "import deepspeed" 2>/dev/null; then
-  [ -d .whl ] || { echo "deepspeed is not installed and there is no .whl/ folder of wheels"; exit 1; }
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+. scripts/carried_deepspeed.sh
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $PY -c "import torch, deepspeed, transformers, peft; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 } 2>&1

@@ -5,7 +5,7 @@
 # Usage (repo root, on a CUDA machine): bash scripts/gpu_proof_run.sh OUT_DIR [quickstart.py options]
 # OUT_DIR receives the summary JSON, every step's log, both stages' loss curves (train_summary.json and
 # tensorboard events), the picture of predicted boxes and the evaluation metrics.
-# Without deepspeed installed, wheels are taken from .whl_dev/ or .whl/ (see scripts/gpu_bench_train.sh).
+# Without deepspeed installed, wheels are taken from .whl_dev/ or .whl/ (scripts/carried_deepspeed.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?output folder}; shift
@@ -14,12 +14,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MAX_JOBS=${MAX_JOBS:-16}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the repository's packages, installed or not
-if ! $PY -c "import deepspeed" 2>/dev/null; then
-  wheels=$(ls .whl_dev/*.whl 2>/dev/null || ls .whl/*.whl 2>/dev/null)
-  [ -n "$wheels" ] || { echo "deepspeed is not installed and there is no .whl_dev/ or .whl/ folder of wheels"; exit 1; }
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+. scripts/carried_deepspeed.sh
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $PY -c "import torch, transformers, deepspeed as ds
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', ds.__version__)"

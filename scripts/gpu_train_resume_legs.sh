@@ -7,7 +7,7 @@
 #   bash scripts/gpu_train_resume_legs.sh OUT_DIR "2 4 1" "60 20 20"     # GPUs per leg, steps per leg
 #   CONFIG=configs/7b_stage2_synthetic.yaml SETS="train.init_from=" bash scripts/gpu_train_resume_legs.sh ...
 #   (SETS: extra space-separated key=value overrides; here stage 2 from random weights, not stage 1's export)
-# Without deepspeed installed, wheels are taken from .whl/ (see scripts/gpu_bench_train.sh).
+# Without deepspeed installed, wheels are taken from .whl_dev/ or .whl/ (scripts/carried_deepspeed.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?output folder}
@@ -21,11 +21,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 # NVLink multicast stays off on shared hosts (device README).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-if ! $PY -c "import deepspeed" 2>/dev/null; then
-  [ -d .whl ] || { echo "deepspeed is not installed and there is no .whl/ folder of wheels"; exit 1; }
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+. scripts/carried_deepspeed.sh
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $PY -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)"; } 2>&1
 

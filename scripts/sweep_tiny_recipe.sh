@@ -13,12 +13,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if ! $PY -c "import deepspeed" 2>/dev/null; then
-  wheels=$(ls .whl_dev/*.whl 2>/dev/null || ls .whl/*.whl 2>/dev/null)
-  [ -n "$wheels" ] || { echo "deepspeed is not installed and there is no .whl_dev/ or .whl/ folder of wheels"; exit 1; }
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels || exit 1
-  export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
+. scripts/carried_deepspeed.sh
 { date -u; lscpu | grep -E "Model name|^CPU\(s\)"; } > "$OUT/machine.txt"
 core=0
 pids=()
@@ -29,7 +24,7 @@ while read -r name options; do
   tar --exclude=./.git --exclude=./outputs --exclude=./data --exclude=./runs --exclude=./.venv -cf - . \
     | tar -xf - -C "$copy"
   # shellcheck disable=SC2086  # options are words
-  ( cd "$copy" && CUDA_VISIBLE_DEVICES= PYTHONPATH=$copy:${PYTHONPATH#$PWD:} taskset -c $core,$((core + 1)) \
+  ( cd "$copy" && CUDA_VISIBLE_DEVICES= PYTHONPATH=$copy:$PYTHONPATH taskset -c $core,$((core + 1)) \
       timeout "${SWEEP_LIMIT_S:-3600}" $PY scripts/quickstart.py --no-caption-metrics $options > "$OUT/$name.log" 2>&1
     rc=$?; tail -1 "$OUT/$name.log" > "$OUT/$name.json"; echo "$name exit $rc after ${SECONDS}s" ) &
   pids+=($!)
