@@ -29,6 +29,11 @@ def shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def set_arguments(overrides: list[str]) -> list[str]:
+    """``--set KEY=VALUE`` command-line arguments for every override."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
 def run(cmd: list[str], log: Path) -> str:
     """Run a step, keep its full output in ``log``, return its last line (the JSON a command prints)."""
     print(f"\n$ {' '.join(cmd)}", flush=True)
@@ -96,9 +101,7 @@ def main(argv=None) -> int:
     length2 = [] if args.stage2_steps is None else [f"train.steps_per_epoch={args.stage2_steps}"]
     steps1, steps2 = both + args.stage1_set + length1, both + args.stage2_set + length2
     stage1, stage2 = load_config(name1, steps1), load_config(name2, steps2)
-    sets1 = [arg for override in steps1 for arg in ("--set", override)]
-    sets2 = [arg for override in steps2 for arg in ("--set", override)]
-    sets = [arg for override in both for arg in ("--set", override)]
+    sets1, sets2, sets = set_arguments(steps1), set_arguments(steps2), set_arguments(both)
     data_dir = Path(stage1.data.paths.coco2017_dir).parent  # the corpus the configs read
     coco_dir = str(data_dir / "MSCOCO2017")
     gpus = [] if args.gpus is None else ["--gpus", str(args.gpus)]
