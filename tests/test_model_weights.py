@@ -123,6 +123,29 @@ def test_save_pretrained_round_trip_is_bit_exact(tokenizer, tmp_path):
     torch.testing.assert_close(got_merged["lm_loss"], expected["lm_loss"], rtol=1e-4, atol=1e-5)
 
 
+def test_a_merged_export_keeps_a_clip_trained_from_a_pretrained_folder(tokenizer, tmp_path):
+    """The tiny recipe trains a CLIP it loads from a folder (scripts/pretrain_clip.py): the self-contained
+    export must carry the trained tower, not point back at the folder's weights."""
+    from chatterbox.config import load_config
+    from chatterbox.model.clip_tower import clip_vision_config
+    from transformers import CLIPVisionModel
+
+    cfg = load_config("tiny_stage1")
+    CLIPVisionModel(clip_vision_config(cfg.model.clip)).save_pretrained(str(tmp_path / "clip"))
+    cfg.model.clip.clip_path = str(tmp_path / "clip")
+    model = ChatterBox.build(cfg.model, tokenizer=tokenizer, verbose=False)
+    assert model.clip_tower.vision_model.embeddings.patch_embedding.weight.requires_grad  # the preset trains it
+    with torch.no_grad():  # what training does to it
+        model.clip_tower.vision_model.embeddings.patch_embedding.weight.add_(0.5)
+    trained = model.clip_tower.state_dict()
+    merged_dir = model.save_pretrained(tmp_path / "merged", merge_lora=True)
+    (tmp_path / "clip" / "model.safetensors").unlink()  # self-contained: the folder is not needed again
+    merged = ChatterBox.from_pretrained(merged_dir)
+    assert merged.cfg.clip.clip_path == ""
+    for name, value in merged.clip_tower.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+
+
 def test_a_broken_export_names_its_file(tokenizer, tmp_path):
     from chatterbox.model.weights import WeightsError
 

@@ -126,7 +126,7 @@ class ChatterBox(nn.Module):
         """Write config + tokenizer + trainable weights (safetensors) + references to the base weights.
 
         ``merge_lora=True`` writes a self-contained export instead: LoRA folded into the LLM weights and
-        every weight (except CLIP when it comes from a path) saved.
+        every weight (except a frozen CLIP that comes from a path) saved.
         """
         from chatterbox.model import weights
 

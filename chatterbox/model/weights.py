@@ -361,6 +361,8 @@ def save_pretrained(model, directory: str | os.PathLike, merge_lora: bool = Fals
         cfg.language.lora_r = 0
         cfg.language.llm_path = ""
         cfg.vision_weights = ""
+        if any(name.startswith("clip_tower.") for name in trainable_names):
+            cfg.clip.clip_path = ""  # a CLIP trained past its pretrained folder is saved, not referenced
     paths = _source_paths(cfg)
 
     trainable, base = {}, {}
