@@ -3,6 +3,7 @@
 # install is detected by a stamp holding the hash of requirements.txt and setup.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd -P)
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
@@ -30,6 +31,14 @@ fi
 stamp="$VENV/.chatterbox-installed"
 want=$(cat requirements.txt setup.py | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  # The package is installed in editable mode: a venv shared with (or copied from) another checkout imports
+  # that checkout's code and configs from scripts outside the repository root (evaluation/*.py).
+  # (-I: neither the current folder nor PYTHONPATH, only what the venv itself imports)
+  installed=$("$VENV/bin/python" -I -c "import chatterbox, os; print(os.path.dirname(os.path.dirname(os.path.realpath(chatterbox.__file__))))" 2>/dev/null || true)
+  if [ "$installed" != "$ROOT" ]; then
+    echo "[setup] $VENV imports chatterbox from ${installed:-nowhere}: installing this checkout ($ROOT)"
+    "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
+  fi
   echo "[setup] $VENV is up to date"
   exit 0
 fi
