@@ -54,9 +54,11 @@ def main() -> None:
     parser.add_argument("--region-lr", type=float, default=1e-3, help="region encoder")
     parser.add_argument("--level-conv-std", type=float, default=0.01, help="init std of the per-level convs "
                         "(0.01: upstream's, written for 1024 channels)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override (e.g. model.clip.patch_size=7)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = load_config("tiny_stage2", ["train.init_from="])
+    cfg = load_config("tiny_stage2", ["train.init_from=", *args.set])
     model = build_model(cfg).train()
     for conv in model.region_encoder.level_convs:
         torch.nn.init.normal_(conv.weight, std=args.level_conv_std)
