@@ -11,10 +11,10 @@ from PIL import Image, ImageDraw
 def tiny_config():
     from chatterbox.config import load_config
 
-    # The tiny preset at LLaMA's init and CLIP's 224 px centre crop: the generation paths these tests steer
-    # into (see build_tiny_chat_model) depend on the tokens its random weights repeat.
+    # The tiny preset at LLaMA's init and CLIP's 224 px centre crop in 14 px patches: the generation paths
+    # these tests steer into (see build_tiny_chat_model) depend on the tokens its random weights repeat.
     return load_config("tiny_stage1", ["model.language.initializer_range=0.02", "model.clip.image_size=224",
-                                       "model.clip.resize=per_source"])
+                                       "model.clip.patch_size=14", "model.clip.resize=per_source"])
 
 
 def build_tiny_chat_model(tokenizer, steer: bool = True):

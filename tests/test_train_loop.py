@@ -27,8 +27,10 @@ def synthetic_data(tmp_path_factory):
 
 def overrides(data_paths: dict, out: Path, steps: int, stage: int = 1, extra=()):
     sets = [f"data.paths.{k}={v}" for k, v in data_paths.items()]
+    # ZeRO-2, as the GPU recipes run (the tiny preset's one CPU process uses stage 0): checkpoints and resume
+    # are tested with the partitioned optimizer state
     sets += [f"train.output_dir={out}", f"train.steps_per_epoch={steps}", "train.warmup_steps=2",
-             f"train.log_dir={out / 'runs'}", "data.num_workers=0"]
+             f"train.log_dir={out / 'runs'}", "data.num_workers=0", "train.zero_stage=2"]
     if stage == 1:  # upstream's stage 1: the grounding stream alone
         sets.append("train.streams={grounding: {micro_batch_size: 2, gradient_accumulation_steps: 1, every_n_steps: 1}}")
     else:
