@@ -11,32 +11,23 @@ across images; a query that has collapsed is the same vector for every question.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 
-from chatterbox.config import load_config
-from chatterbox.model.weights import load_export_weights
-from chatterbox.train.distributed import init_distributed
-from chatterbox.train.run import build_model, build_streams
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import trained_export  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("export")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override matching the export (e.g. model.clip.patch_size=7)")
-    parser.add_argument("--batches", type=int, default=6)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    cfg = load_config("tiny_stage2", ["train.init_from=", *args.set])
-    model = build_model(cfg).eval()
-    load_export_weights(model, args.export)
+    args = trained_export.parse_args(__doc__, batches=6)
+    cfg, model = trained_export.load(args)
     caught = {}
     model.query_head.register_forward_hook(lambda m, i, o: caught.__setitem__("q", (i[0], o)))
     pairs = {"query": ([], []), "hidden": ([], [])}
-    batches = iter(build_streams(cfg, model.tokenizer, init_distributed("cpu"))["grounding"])
+    batches = trained_export.stream(cfg, model, "grounding")
     for _ in range(args.batches):
         batch = next(batches)
         with torch.no_grad():

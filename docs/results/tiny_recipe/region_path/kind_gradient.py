@@ -10,16 +10,15 @@ position predicting that word pays to the `<bbox>` token (mean over heads, per l
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from chatterbox.config import load_config
-from chatterbox.model.weights import load_export_weights
-from chatterbox.train.distributed import init_distributed
-from chatterbox.train.run import build_model, build_streams
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import trained_export  # noqa: E402
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 KINDS = ("circle", "square", "triangle")
@@ -36,21 +35,14 @@ def word_positions(tokenizer, labels_row: torch.Tensor, words) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("export")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--batches", type=int, default=8)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    cfg = load_config("tiny_stage2", ["train.init_from=", *args.set])
-    model = build_model(cfg).eval()
-    load_export_weights(model, args.export)
+    args = trained_export.parse_args(__doc__, batches=8)
+    cfg, model = trained_export.load(args)
     model.causal_lm.config._attn_implementation = "eager"  # attention weights
     tok = model.tokenizer
     image_id = tok.convert_tokens_to_ids("<im_patch>")
     stats = {w: {"loss": [], "grad_region": [], "grad_image_token": [], "attention_to_bbox": []}
              for w in ("colour", "kind")}
-    batches = iter(build_streams(cfg, tok, init_distributed("cpu"))["referring"])
+    batches = trained_export.stream(cfg, model, "referring")
     for _ in range(args.batches):
         batch = next(batches)
         ids, labels = batch["input_ids"], batch["labels"]

@@ -10,33 +10,24 @@ share of the region encoder's pooled activations that are alive. ``init`` probes
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 from kind_supervision import kind_labels, region_vectors
 
-from chatterbox.config import load_config
-from chatterbox.model.weights import load_export_weights
-from chatterbox.train.distributed import init_distributed
-from chatterbox.train.run import build_model, build_streams
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import trained_export  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("export")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--batches", type=int, default=60)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    cfg = load_config("tiny_stage2", ["train.init_from=", *args.set])
-    model = build_model(cfg).eval()
-    if args.export != "init":
-        load_export_weights(model, args.export)
+    args = trained_export.parse_args(__doc__, batches=60)
+    cfg, model = trained_export.load(args)
     alive = []
     model.region_encoder.roi_projection.register_forward_hook(
         lambda module, inputs, output: alive.append((inputs[0] > 0).float().mean().item()))
-    batches = iter(build_streams(cfg, model.tokenizer, init_distributed("cpu"))["referring"])
+    batches = trained_export.stream(cfg, model, "referring")
     vectors, kinds = [], []
     with torch.no_grad():
         for _ in range(args.batches):
