@@ -6,6 +6,7 @@ import torch
 
 from chatterbox.conversation import IGNORE_INDEX
 from chatterbox.model.chatterbox import ChatterBox
+from chatterbox.model.config import PARAMETER_GROUPS
 from chatterbox.model.lora import parameter_group
 from chatterbox.model.presets import preset
 from chatterbox.tokens import expand_image_placeholder
@@ -75,6 +76,7 @@ def test_forward_backward_gradient_policy(tokenizer, pretrained_frozen):
         reached[group] = reached.get(group, False) or hit
         if not param.requires_grad:
             assert param.grad is None, name
+    assert set(reached) == set(PARAMETER_GROUPS)  # train.lr_scale can name every parameter, and only these
     for group in ("lora", "embed_tokens", "lm_head", "region_encoder", "query_head", "vision_branch"):
         assert reached[group], f"no gradient reached {group}"
     for group in ("clip_tower", "llm_base", "mm_projector"):
