@@ -85,6 +85,11 @@ class TrainConfig:
     save_every_steps: int = 50
     keep_last_checkpoints: int = 2
     log_dir: str = "runs"
+    # Where each step's scalars go (chatterbox/train/tracking.py): "tensorboard" (event files in
+    # log_dir/<name>) and/or "wandb" (a Weights & Biases run named <name>, its files in log_dir/wandb;
+    # WANDB_MODE=offline keeps it on disk); [] logs nothing.
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "chatterbox"
     print_every_steps: int = 1
 
 
@@ -195,6 +200,9 @@ def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
     for key_a, a, key_b, b in pairs:
         if a != b:
             raise ConfigError(f"{key_a}={a} must equal {key_b}={b}")
+    repeated = sorted({name for name in cfg.train.report_to if cfg.train.report_to.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"train.report_to names {repeated[0]!r} more than once: {cfg.train.report_to}")
     unknown = sorted(set(cfg.train.lr_scale) - set(PARAMETER_GROUPS))
     if unknown:
         raise ConfigError(f"train.lr_scale.{unknown[0]}: no such parameter group; groups: {list(PARAMETER_GROUPS)}")

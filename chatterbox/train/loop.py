@@ -25,6 +25,7 @@ from chatterbox.train.distributed import DistInfo
 from chatterbox.train.engine import build_engine, use_stream
 from chatterbox.train.reshard import load_resharded
 from chatterbox.train.schedule import upstream_extra_steps
+from chatterbox.train.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +84,14 @@ class Trainer:
         missing = [s for s in cfg.train.streams if s not in streams]
         if missing:
             raise ValueError(f"train.streams names {missing} but no data stream was built for them")
+        # before the engine is built: a tracking backend that is not installed is refused at once
+        self.tracker = Tracker(cfg) if dist.is_main else None
         self.dtype = PRECISION_DTYPES[cfg.train.precision]
         self.engine, self.optimizer, self.scheduler = build_engine(model, cfg.train, dist.world_size)
         self.output_dir = Path(cfg.train.output_dir)
         self.checkpoints = CheckpointManager(self.output_dir, cfg.train.keep_last_checkpoints, dist.rank)
         self.total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
         self.step = 0
-        self.writer = None
         self.history: list[StepLog] = []
 
     # ------------------------------------------------------------------ state
@@ -185,16 +187,20 @@ class Trainer:
             dump_config(self.cfg, self.output_dir / "config.yaml")
         end = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
         progress = self._progress(end)
-        while self.step < end:
-            log = self.train_step()
-            self.history.append(log)
-            self._log(log, progress)
-            if self.step % self.train_cfg.save_every_steps == 0 or self.step == end:
-                self.save()
-        if progress is not None:
-            progress.close()
-        if self.writer is not None:
-            self.writer.flush()
+        completed = False
+        try:
+            while self.step < end:
+                log = self.train_step()
+                self.history.append(log)
+                self._log(log, progress)
+                if self.step % self.train_cfg.save_every_steps == 0 or self.step == end:
+                    self.save()
+            completed = True
+        finally:  # a run that fails still writes out its scalars so far, and its wandb run ends marked failed
+            if progress is not None:
+                progress.close()
+            if self.tracker is not None:
+                self.tracker.close(failed=not completed)
         return self.history
 
     # ------------------------------------------------------------------ logging
@@ -209,24 +215,21 @@ class Trainer:
     def _log(self, log: StepLog, progress) -> None:
         if not self.dist.is_main:
             return
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(self.train_cfg.log_dir) / self.cfg.name))
-        w, s = self.writer, log.step
         total = sum(v for k, v in log.losses.items() if k.endswith("/loss"))
-        w.add_scalar("train/loss", total, s)
-        w.add_scalar("train/lr", log.lr, s)
-        # upstream's names: vg_losses = grounding loss, vqa_losses = LM loss (summed over the streams run)
-        w.add_scalar("train/vg_losses", sum(v for k, v in log.losses.items() if k.endswith("/grounding_loss")), s)
-        w.add_scalar("train/vqa_losses", sum(v for k, v in log.losses.items() if k.endswith("/lm_loss")), s)
-        for key, value in log.losses.items():
-            w.add_scalar(f"streams/{key}", value, s)
-        w.add_scalar("metrics/total_secs_per_batch", log.total_seconds, s)
-        w.add_scalar("metrics/data_secs_per_batch", log.data_seconds, s)
+        scalars = {
+            "train/loss": total,
+            "train/lr": log.lr,
+            # upstream's names: vg_losses = grounding loss, vqa_losses = LM loss (summed over the streams run)
+            "train/vg_losses": sum(v for k, v in log.losses.items() if k.endswith("/grounding_loss")),
+            "train/vqa_losses": sum(v for k, v in log.losses.items() if k.endswith("/lm_loss")),
+            **{f"streams/{key}": value for key, value in log.losses.items()},
+            "metrics/total_secs_per_batch": log.total_seconds,
+            "metrics/data_secs_per_batch": log.data_seconds,
+        }
         if log.total_seconds > 0:
-            w.add_scalar("metrics/samples_per_sec", log.samples * self.dist.world_size / log.total_seconds, s)
-            w.add_scalar("metrics/tokens_per_sec", log.tokens * self.dist.world_size / log.total_seconds, s)
+            scalars["metrics/samples_per_sec"] = log.samples * self.dist.world_size / log.total_seconds
+            scalars["metrics/tokens_per_sec"] = log.tokens * self.dist.world_size / log.total_seconds
+        self.tracker.log_scalars(scalars, log.step)
         if progress is not None:
             progress.update(1)
             if self.step % max(1, self.train_cfg.print_every_steps) == 0:
