@@ -13,7 +13,8 @@ import signal
 import subprocess
 import sys
 
-from chatterbox.config import add_config_arguments, config_from_args
+from chatterbox.config import ConfigError, add_config_arguments, config_from_args
+from chatterbox.train.tracking import require_installed
 
 WORKER_MODULE = "chatterbox.train.run"
 
@@ -52,6 +53,10 @@ def build_command(stage: int, args: argparse.Namespace) -> list[str]:
     cfg = config_from_args(args)
     if cfg.train.stage != stage:
         raise SystemExit(f"{args.config} is a stage-{cfg.train.stage} config; use startup_stage{cfg.train.stage}.py")
+    try:  # here, not once the workers have built the model
+        require_installed(cfg.train.report_to)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     import torch
 
     visible = torch.cuda.device_count()
