@@ -11,7 +11,8 @@ import os
 
 from chatterbox.data.annotations import AnnotationError, split_box_group
 from chatterbox.data.errors import BadRecordPolicy, DataError
-from chatterbox.data.readers.common import box_to_xyxy, display_name, load_json, read_records, require, top_level_list
+from chatterbox.data.readers.common import (box_to_xyxy, display_name, load_json, read_image_wh, read_records,
+                                            require, top_level_list)
 from chatterbox.data.records import DialogueRecord, DialogueTurn, NamedBox
 
 CB300K_FILES = {"mrg": "CB_MRG.json", "ref": "CB_REF.json", "gnd": "CB_GND.json", "lc": "CB_LC.json"}
@@ -25,12 +26,7 @@ def parse_conversation_record(item, index: int, file: str, image_dir: str, layou
     if len(conversation) % 2:
         raise DataError(f"odd number of messages ({len(conversation)}); expected human/gpt pairs", file, index,
                         "conversation")
-    image_size = None
-    if "image_wh" in item:
-        wh = item["image_wh"]
-        if not (isinstance(wh, list) and len(wh) == 2 and all(isinstance(v, int) and v > 0 for v in wh)):
-            raise DataError(f"expected [width, height] positive integers, got {wh!r}", file, index, "image_wh")
-        image_size = (wh[0], wh[1])
+    image_size = read_image_wh(item, file, index)
     turns = []
     for k in range(0, len(conversation), 2):
         texts = []

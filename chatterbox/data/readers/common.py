@@ -11,11 +11,15 @@ from chatterbox.boxes import BoxError, as_box_tensor, convert_layout, validate_x
 from chatterbox.data.errors import BadRecordPolicy, DataError
 
 
-def load_json(path: str) -> Any:
+def require_file(path: str) -> None:
     if not path:
         raise DataError("no path configured", "<config>", None, "data.paths")
     if not os.path.isfile(path):
         raise DataError("file not found", path)
+
+
+def load_json(path: str) -> Any:
+    require_file(path)
     try:
         with open(path, "r", encoding="utf-8") as f:
             return json.load(f)
@@ -26,8 +30,7 @@ def load_json(path: str) -> Any:
 
 
 def load_pickle(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise DataError("file not found", path)
+    require_file(path)
     try:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="latin1")  # refer's pickles were written by Python 2
@@ -46,6 +49,17 @@ def require(obj: Any, key: str, kind: type | tuple, file: str, record: int | str
         expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise DataError(f"expected {expected}, got {type(value).__name__} {value!r:.60}", file, record, name)
     return value
+
+
+def read_image_wh(item: dict, file: str, record: int | str) -> tuple[int, int] | None:
+    """A record's optional ``image_wh`` ([width, height], positive integers): boxes are then checked against
+    it as they are read, and it against the image file when that is loaded."""
+    if "image_wh" not in item:
+        return None
+    wh = item["image_wh"]
+    if not (isinstance(wh, list) and len(wh) == 2 and all(isinstance(v, int) and v > 0 for v in wh)):
+        raise DataError(f"expected [width, height] positive integers, got {wh!r}", file, record, "image_wh")
+    return wh[0], wh[1]
 
 
 def top_level_list(data: Any, path: str, key: str | None) -> list:
