@@ -31,6 +31,7 @@ def main(argv=None) -> int:
           f"in {time.perf_counter() - start:.2f}s")
     for key, value in corpus.data_paths().items():
         print(f"  data.paths.{key}={value}")
+    print(f"an example of your own data (docs/data.md): data.paths.jsonl_files=[{corpus.jsonl_example}]")
     return 0
 
 

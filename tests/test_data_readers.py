@@ -178,7 +178,7 @@ def test_make_synthetic_data_cli_writes_every_layout(tmp_path):
                 "refer/refcoco+/refs(unc).p", "refer/refcocog/refs(umd).p", "refer/refcocog/instances.json",
                 "MSCOCO2017/annotations/instances_train2017.json", "MSCOCO2017/annotations/instances_val2017.json",
                 "VG/region_descriptions.json", "VG/image_data.json", "llava_instruct_150k.json",
-                "eval/grounding_qa.json", "data_paths.yaml"]
+                "eval/grounding_qa.json", "own_data/dialogues.jsonl", "data_paths.yaml"]
     for rel in expected:
         assert (root / rel).is_file(), rel
     assert len(list((root / "MSCOCO2014" / "train2014").glob("*.jpg"))) == 8

@@ -8,6 +8,7 @@ and needs both words. The same scenes are written in the layouts of COCO 2014/20
 toolkit (refs pickles + instances.json), CB-300K, CB-materials, the MDETR-style RefCOCO/VG/Flickr30K
 json files and LLaVA-Instruct, so every reader is exercised on files in their real layout, and the tiny
 preset can learn something measurable (colour/kind -> location, region -> name) in minutes on a CPU.
+A few of them also make ``own_data/``, an example of ChatterBox's own JSONL format for your own data.
 Every question is well posed: relation questions ("What is to the left of the red circle?") are asked
 only where one shape is in that relation.
 
@@ -232,6 +233,10 @@ def vg_name(scene: Scene) -> str:
     return f"{scene.image_id}.jpg"
 
 
+#: The example of ChatterBox's own JSONL format (readers/jsonl.py), its images in images/ beside it.
+JSONL_EXAMPLE = "own_data/dialogues.jsonl"
+
+
 def _box_str(box) -> str:
     return "[" + ", ".join(str(int(v)) for v in box) + "]"
 
@@ -261,6 +266,11 @@ class SyntheticCorpus:
             "llava_instruct_json": str(r / "llava_instruct_150k.json"),
         }
 
+    @property
+    def jsonl_example(self) -> Path:
+        """For ``data.paths.jsonl_files`` (kept out of `data_paths` so that data_paths.yaml stays as it was)."""
+        return self.root / JSONL_EXAMPLE
+
 
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +298,7 @@ def write_corpus(root: str | os.PathLike, num_images: int = 64, seed: int = 0, e
     _write_mdetr(root, train, rng)
     _write_llava(root, train, rng)
     _write_eval_files(root, evals, rng)
+    _write_jsonl_example(corpus.jsonl_example, train, seed)
     paths = corpus.data_paths()
     _write_json(root / "data_paths.json", paths)
     (root / "data_paths.yaml").write_text(
@@ -566,3 +577,27 @@ def _write_eval_files(root: Path, evals: list[Scene], rng: random.Random) -> Non
     dialogues = [{"image": f"VG_100K/{vg_name(s)}", "id": s.image_id, "image_wh": [s.width, s.height],
                   "conversation": _coreference_rounds(s, rng)} for s in evals]
     _write_json(root / "eval" / "CB_MRG_eval.json", {"data": dialogues})
+
+
+def _write_jsonl_example(path: Path, train: list[Scene], seed: int, num_dialogues: int = 6) -> None:
+    """Dialogues about the first train scenes in ChatterBox's own JSONL format, with copies of their images:
+    by turns a region question then a grounding one, a grounding question alone, and questions with neither
+    (so each of jsonl_gnd, jsonl_ref and jsonl_vqa has records). A random stream of its own, so that the
+    files above stay as they were."""
+    rng = random.Random(f"jsonl example {seed}")
+    (path.parent / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, s in enumerate(train[:num_dialogues]):
+        (path.parent / "images" / vg_name(s)).write_bytes(s.jpeg)
+        region, target = rng.choice(s.shapes), rng.choice(s.shapes)
+        ask_region = {"question": "What is <bbox>?", "answer": f"It is {article(region.name)}.",
+                      "region_boxes_xyxy_abs": [list(region.box_xyxy_abs)]}
+        ground = {"question": f"Where is the {target.name}? [VG]", "answer": f"It is {s.position(target)}.",
+                  "grounding_boxes_xyxy_abs": [list(target.box_xyxy_abs)]}
+        describe = [{"question": "What shapes can you see?",
+                     "answer": "I can see " + ", ".join(article(x.name) for x in s.shapes) + "."},
+                    {"question": f"Where is the {target.name}?", "answer": f"It is {s.position(target)}."}]
+        rounds = ([ask_region, ground], [ground], describe)[k % 3]
+        lines.append(json.dumps({"id": f"scene-{s.image_id}", "image": f"images/{vg_name(s)}",
+                                 "image_wh": [s.width, s.height], "rounds": rounds}))
+    path.write_text("".join(line + "\n" for line in lines))
