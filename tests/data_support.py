@@ -22,6 +22,7 @@ def synthetic_data_config(**overrides) -> DataConfig:
     cfg = DataConfig()
     for key, value in synthetic_corpus().data_paths().items():
         setattr(cfg.paths, key, value)
+    cfg.paths.jsonl_files = [str(synthetic_corpus().jsonl_example)]
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg

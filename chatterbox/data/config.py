@@ -22,6 +22,7 @@ class DatasetPaths:
     vg_dir: str = ""  # VG_100K/, VG_100K_2/ (and images/ for VGDATA)
     flickr30k_dir: str = ""  # flickr30k-images/
     llava_instruct_json: str = ""  # llava_instruct_150k.json
+    jsonl_files: list[str] = field(default_factory=list)  # your own dialogues (readers/jsonl.py)
 
 
 @dataclass

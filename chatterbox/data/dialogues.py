@@ -17,12 +17,14 @@ Deliberate differences from upstream (spec §5), each keeping upstream's data di
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
 
 from chatterbox.data.errors import DataError
-from chatterbox.data.records import DialogueRecord, DialogueTurn, RegionRecord, Sample, Turn
+from chatterbox.data.records import (DialogueRecord, DialogueTurn, JsonlDialogueRecord, RegionRecord, Sample,
+                                     TaskKind, Turn)
 from chatterbox.data import templates as T
 from chatterbox.tokens import BBOX_TOKEN, IMAGE_PLACEHOLDER, VG_TOKEN
 
@@ -353,3 +355,35 @@ def build_llava(record: DialogueRecord, rng: random.Random, options: BuildOption
     if IMAGE_PLACEHOLDER not in turns[0].user:
         raise DataError(f"first message lacks {IMAGE_PLACEHOLDER}", record.file, record.index, "conversations")
     return Sample(_sid(record), record.image_path, "vqa", turns, "crop", record.image_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# your own dialogues (ChatterBox JSONL, readers/jsonl.py)
+
+
+def jsonl_grounding_eligible(record: JsonlDialogueRecord) -> bool:
+    return any(t.grounding_boxes_xyxy_abs for t in record.turns)
+
+
+def jsonl_referring_eligible(record: JsonlDialogueRecord) -> bool:
+    return any(t.region_boxes_xyxy_abs for t in record.turns)
+
+
+def jsonl_vqa_eligible(record: JsonlDialogueRecord) -> bool:
+    # A `<bbox>` cannot be taken out of a question without breaking its sentence.
+    return not jsonl_referring_eligible(record)
+
+
+def _without_vg(question: str) -> str:
+    return re.sub(rf"\s*{re.escape(VG_TOKEN)}\s*", " ", question).strip()
+
+
+def build_jsonl(record: JsonlDialogueRecord, rng: random.Random, options: BuildOptions, task: TaskKind) -> Sample:
+    """A JSONL dialogue as written, every round. The grounding stream keeps its `[VG]` tokens and targets; the
+    referring and VQA streams take `[VG]` out of the questions, as their batches carry no grounding targets."""
+    if task == "grounding":
+        turns = [dataclasses.replace(t) for t in record.turns]  # copied: _first_image_turn edits turns[0]
+    else:
+        turns = [Turn(_without_vg(t.user), t.assistant, t.region_boxes_xyxy_abs) for t in record.turns]
+    return Sample(_sid(record), record.image_path, task, _first_image_turn(turns, options), "crop",
+                  record.image_size)

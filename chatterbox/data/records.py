@@ -2,8 +2,8 @@
 
 Two layers:
 
-* **Source records** (`DialogueRecord`, `RegionRecord`): what a reader parses out of one entry of an
-  upstream file, validated but not yet turned into a prompt. Boxes are xyxy in pixels of the original
+* **Source records** (`DialogueRecord`, `RegionRecord`, `JsonlDialogueRecord`): what a reader parses out
+  of one entry of a file, validated but not yet turned into a prompt. Boxes are xyxy in pixels of the original
   image (`*_xyxy_abs`), whatever layout the file used.
 * **`Sample`**: one concrete training dialogue built from a source record (dialogues.py), with every
   `<bbox>` in a user turn backed by one region box and every `[VG]` backed by its target boxes. This is
@@ -88,6 +88,18 @@ class Turn:
     region_boxes_xyxy_abs: list[tuple[float, float, float, float]] = field(default_factory=list)
     #: target boxes of the `[VG]` in ``user`` (k >= 1), or None when the turn has no `[VG]`
     grounding_boxes_xyxy_abs: list[tuple[float, float, float, float]] | None = None
+
+
+@dataclass
+class JsonlDialogueRecord:
+    """A dialogue of ChatterBox's own JSONL format (readers/jsonl.py): written as the model's turns already,
+    `<bbox>` and `[VG]` in the questions with their boxes; ``index`` is its line number in the file."""
+
+    file: str
+    index: int
+    image_path: str
+    turns: list[Turn]  # the first question without `<image>`: a builder puts the image in front
+    image_size: tuple[int, int] | None = None  # (width, height) when the file states it
 
 
 @dataclass

@@ -21,6 +21,7 @@ with weight > 0 whose folder is not configured is an error naming the missing ``
 | refer_reg | referring | refer/<dataset>/refs(<split_by>).p + instances.json | "What is it <bbox>?" |
 | cb_lc_vqa, cb_mrg_vqa | vqa | CB-300K/CB_LC.json, CB_MRG.json | whole conversation |
 | llava | vqa | llava_instruct_150k.json (COCO 2017 train) | verbatim |
+| jsonl_gnd, jsonl_ref, jsonl_vqa | grounding, referring, vqa | your own data: data.paths.jsonl_files | as written |
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from chatterbox.data.readers.cb300k import read_cb300k
 from chatterbox.data.readers.cb_materials import read_cb_materials
 from chatterbox.data.readers.coco import read_coco_instances
 from chatterbox.data.readers.flickr30k import read_flickr30k
+from chatterbox.data.readers.jsonl import read_jsonl_files
 from chatterbox.data.readers.llava import read_llava
 from chatterbox.data.readers.mdetr import read_mdetr
 from chatterbox.data.readers.refcoco import read_refer
@@ -123,6 +125,10 @@ def _llava(cfg, pol):
     return read_llava(_p(cfg, "llava_instruct_json"), os.path.join(_p(cfg, "coco2017_dir"), "train2017"), pol), {}
 
 
+def _jsonl(cfg, pol):
+    return read_jsonl_files(_p(cfg, "jsonl_files"), pol), {}
+
+
 _CB = ("cb300k_dir", "vg_dir")
 _MAT14 = ("cb_materials_dir", "coco2014_dir")
 
@@ -166,6 +172,12 @@ SOURCES: dict[str, SourceSpec] = {s.name: s for s in [
                lambda r: bool(r.turns and r.turns[0].question)),
     SourceSpec("llava", "vqa", ("llava_instruct_json", "coco2017_dir"), _llava,
                lambda r, g, o, c: D.build_llava(r, g, o)),
+    SourceSpec("jsonl_gnd", "grounding", ("jsonl_files",), _jsonl,
+               lambda r, g, o, c: D.build_jsonl(r, g, o, "grounding"), D.jsonl_grounding_eligible),
+    SourceSpec("jsonl_ref", "referring", ("jsonl_files",), _jsonl,
+               lambda r, g, o, c: D.build_jsonl(r, g, o, "referring"), D.jsonl_referring_eligible),
+    SourceSpec("jsonl_vqa", "vqa", ("jsonl_files",), _jsonl,
+               lambda r, g, o, c: D.build_jsonl(r, g, o, "vqa"), D.jsonl_vqa_eligible),
 ]}
 
 
