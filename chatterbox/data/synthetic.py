@@ -8,7 +8,7 @@ and needs both words. The same scenes are written in the layouts of COCO 2014/20
 toolkit (refs pickles + instances.json), CB-300K, CB-materials, the MDETR-style RefCOCO/VG/Flickr30K
 json files and LLaVA-Instruct, so every reader is exercised on files in their real layout, and the tiny
 preset can learn something measurable (colour/kind -> location, region -> name) in minutes on a CPU.
-A few of them also make ``own_data/``, an example of ChatterBox's own JSONL format for your own data.
+Six train scenes also make ``own_data/``, an example of ChatterBox's own JSONL format for your own data.
 Every question is well posed: relation questions ("What is to the left of the red circle?") are asked
 only where one shape is in that relation.
 
