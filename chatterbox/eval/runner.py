@@ -416,13 +416,11 @@ def check_export_fits_config(export_model_cfg, cfg, checkpoint: str) -> None:
 
 
 def load_eval_model(cfg, checkpoint: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """``checkpoint``: a ``ChatterBox.save_pretrained`` directory; empty = the config's model (base
-    weights from its paths; random parts drawn from ``seed``, so every rank builds the same model)."""
+    """``checkpoint``: a ``ChatterBox.save_pretrained`` directory or the Hub id of one; empty = the config's
+    model (base weights from its paths; random parts drawn from ``seed``, so every rank builds the same model)."""
     from chatterbox.model.chatterbox import ChatterBox
 
     if checkpoint:
-        if not os.path.isdir(checkpoint):
-            raise FileNotFoundError(f"--checkpoint {checkpoint}: not a directory (expected a save_pretrained export)")
         model = ChatterBox.from_pretrained(checkpoint, dtype=dtype, device=device)
         check_export_fits_config(model.cfg, cfg, checkpoint)
     else:
@@ -463,7 +461,8 @@ def add_runner_arguments(parser) -> None:
     from chatterbox.config import add_config_arguments
 
     add_config_arguments(parser)
-    parser.add_argument("--checkpoint", default="", help="ChatterBox.save_pretrained directory; empty = the config's model")
+    parser.add_argument("--checkpoint", default="", help="ChatterBox.save_pretrained directory or its Hub id "
+                        "(owner/name[@revision]); empty = the config's model")
     parser.add_argument("--data", default="", help="dataset location (see the command's help); default from the config")
     parser.add_argument("--output-dir", default="", help="default: <eval.output_dir>/<benchmark>")
     parser.add_argument("--batch-size", type=int, default=0, help="default: eval.batch_size")

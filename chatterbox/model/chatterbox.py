@@ -1,9 +1,9 @@
 """ChatterBox: the composition users import (``from chatterbox import ChatterBox``), spec §1.
 
-    model = ChatterBox.build(cfg.model, dtype=torch.bfloat16)      # base weights from local paths / random
+    model = ChatterBox.build(cfg.model, dtype=torch.bfloat16)      # base weights from paths / Hub ids / random
     out = model(**batch)                                            # dict(lm_loss, grounding_loss, loss, ...)
     results = model.generate(input_ids, attention_mask, images_clip=..., images_dino=..., image_sizes=...)
-    model.save_pretrained("export/"); model = ChatterBox.from_pretrained("export/")
+    model.save_pretrained("export/"); model = ChatterBox.from_pretrained("export/")  # or "owner/name[@revision]"
 
 Sub-modules: ``clip_tower`` (frozen CLIP ViT), ``language_model`` (LLaVA LLaMA, peft LoRA-wrapped),
 ``region_encoder`` (`<bbox>` vectors), ``query_head`` (`[VG]` queries), ``vision_branch`` (GroundingDINO)
@@ -101,7 +101,7 @@ class ChatterBox(nn.Module):
     @classmethod
     def build(cls, cfg: ModelConfig, tokenizer=None, dtype: torch.dtype | None = None,
               device: str | torch.device | None = None, verbose: bool = True) -> "ChatterBox":
-        """Build from a config: base weights from the configured local paths, random where a path is empty."""
+        """Build from a config: base weights from the configured paths or Hub ids, random where a path is empty."""
         from chatterbox.model import weights
 
         model = weights.build_model(cfg, tokenizer=tokenizer)
@@ -114,7 +114,10 @@ class ChatterBox(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None) -> "ChatterBox":
-        """Load an export written by :meth:`save_pretrained` (base weights re-read from their paths)."""
+        """Load an export written by :meth:`save_pretrained` (base weights re-read from their paths).
+
+        ``directory`` may be the Hub id of a repo holding an export: ``owner/name`` or ``owner/name@revision``.
+        """
         from chatterbox.model import weights
 
         model = weights.load_pretrained(directory)

@@ -1,8 +1,9 @@
-"""Where ChatterBox's weights come from and go to (all local paths, never a hub).
+"""Where ChatterBox's weights come from and go to.
 
 * ``build_model(cfg)``: LLaVA-LLaMA HF folder (safetensors or .bin shards; layout of
   spec/checkpoints/llava_llama2_13b_layout.json), CLIP HF folder, GroundingDINO .pth via the vision
-  branch's loader; random init where a path is empty (tiny preset, tests).
+  branch's loader; random init where a path is empty (tiny preset, tests). Each path may instead be a
+  Hugging Face Hub id (chatterbox/model/hub.py).
 * ``load_upstream_checkpoint``: upstream's DeepSpeed ``mp_rank_00_model_states.pt`` (key ``module``,
   layout spec/checkpoints/chatterbox_full_state_dict.json) through the explicit rename table below.
 * ``save_pretrained`` / ``load_pretrained``: config.yaml + tokenizer/ + trainable.safetensors
@@ -130,21 +131,26 @@ def load_clip_vision(folder: str | os.PathLike):
 
 
 def build_tokenizer(cfg: ModelConfig):
+    from chatterbox.model import hub
     from chatterbox.tokens import load_tokenizer
 
-    path = cfg.language.tokenizer_path or cfg.language.llm_path
-    if not path:
+    lang = cfg.language
+    key, path = (("tokenizer_path", lang.tokenizer_path) if lang.tokenizer_path else ("llm_path", lang.llm_path))
+    if path:
+        path = str(hub.resolve_folder(path, f"model.language.{key}", hub.TOKENIZER_FILES))
+    else:
         from chatterbox.tiny_tokenizer import build_tiny_tokenizer, default_tiny_tokenizer_dir
 
         path = str(build_tiny_tokenizer(default_tiny_tokenizer_dir()))
         logger.info("no tokenizer path configured: using the tiny tokenizer in %s", path)
-    return load_tokenizer(path, cfg.language.model_max_length)
+    return load_tokenizer(path, lang.model_max_length)
 
 
 def build_model(cfg: ModelConfig, tokenizer=None):
     """A ChatterBox with base weights from the configured paths (random where a path is empty)."""
     from model.GroundingDINO import VisionBranch, load_groundingdino_checkpoint
 
+    from chatterbox.model import hub
     from chatterbox.model.chatterbox import ChatterBox
     from chatterbox.model.clip_tower import ClipTower
     from chatterbox.model.llava_llama import LlavaLlamaForCausalLM, llama_config, resize_vocabulary
@@ -153,14 +159,17 @@ def build_model(cfg: ModelConfig, tokenizer=None):
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
     lang = cfg.language
     if lang.llm_path:
-        lm = load_llava_llama(lang.llm_path, lang.attn_implementation)
+        lm = load_llava_llama(hub.resolve_model_folder(lang.llm_path, "model.language.llm_path"),
+                              lang.attn_implementation)
     else:
         lm = LlavaLlamaForCausalLM(llama_config(lang, mm_hidden_size=cfg.clip.hidden_size))
     resize_vocabulary(lm, len(tokenizer), std=lm.config.initializer_range)
     lm.config.use_cache = False
     lm = apply_lora(lm, lang)
 
-    clip_model = load_clip_vision(cfg.clip.clip_path) if cfg.clip.clip_path else None
+    clip_model = None
+    if cfg.clip.clip_path:
+        clip_model = load_clip_vision(hub.resolve_model_folder(cfg.clip.clip_path, "model.clip.clip_path"))
     if clip_model is not None:
         for name in ("hidden_size", "num_hidden_layers", "image_size", "patch_size"):
             if getattr(clip_model.config, name) != getattr(cfg.clip, name):
@@ -171,7 +180,7 @@ def build_model(cfg: ModelConfig, tokenizer=None):
 
     vision = VisionBranch(cfg.vision)
     if cfg.vision_weights:
-        load_groundingdino_checkpoint(vision, cfg.vision_weights)
+        load_groundingdino_checkpoint(vision, hub.resolve_file(cfg.vision_weights, "model.vision_weights"))
     model = ChatterBox(cfg, tokenizer, lm, clip_tower, vision)
     model.set_gradient_checkpointing(lang.gradient_checkpointing_layers if lang.gradient_checkpointing else 0)
     return model
@@ -452,9 +461,11 @@ def load_export_weights(model, directory: str | os.PathLike) -> None:
 
 
 def load_pretrained(directory: str | os.PathLike):
+    """An export from its folder or from the Hub id of a repo holding one (``owner/name[@revision]``)."""
+    from chatterbox.model import hub
     from chatterbox.tokens import load_tokenizer
 
-    folder = Path(directory)
+    folder = hub.resolve_folder(str(directory), "export", hub.EXPORT_FILES)
     _, cfg = _read_export(folder)
     tokenizer = load_tokenizer(str(folder / "tokenizer"), cfg.language.model_max_length)
     model = build_model(cfg, tokenizer)

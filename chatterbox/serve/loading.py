@@ -15,8 +15,8 @@ logger = logging.getLogger(__name__)
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--checkpoint", default="",
-                        help="export directory written by ChatterBox.save_pretrained (default: the base weights "
-                             "the config points at, random where a path is empty)")
+                        help="export directory written by ChatterBox.save_pretrained, or its Hub id (default: the "
+                             "base weights the config points at, random where a path is empty)")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                         help="weights dtype (auto: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")

@@ -35,14 +35,22 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def resolve_init_export(init_from: str) -> Path:
-    """Stage 2's initialisation: an export directory, or a training output directory holding one."""
-    path = Path(init_from)
+    """Stage 2's initialisation: an export directory, a training output directory holding one, or the Hub id
+    of a repo holding an export."""
+    from chatterbox.model import hub
+    from chatterbox.model.weights import WeightsError
+
+    remedy = "run stage 1 first or point init_from at its output directory"
+    try:
+        path = hub.resolve_folder(init_from, "train.init_from", hub.EXPORT_FILES)
+    except WeightsError as e:
+        raise WeightsError(f"{e}; {remedy}") from None
     for candidate in (path, path / EXPORT_DIR):
         if (candidate / "export.json").is_file():
             return candidate
     raise FileNotFoundError(
         f"train.init_from={init_from!r}: no ChatterBox export there (expected export.json in it or in "
-        f"{path / EXPORT_DIR}); run stage 1 first or point init_from at its output directory"
+        f"{path / EXPORT_DIR}); {remedy}"
     )
 
 
