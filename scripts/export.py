@@ -3,10 +3,11 @@
 
     python scripts/export.py --run outputs/13b_stage2 --out exports/chatterbox-13b [--merge-lora]
     python scripts/export.py --run outputs/13b_stage2 --checkpoint step_00001500 --out ...
+    hf upload owner/chatterbox-13b exports/chatterbox-13b   # publish it as is (huggingface_hub's CLI)
 
 The model is rebuilt from the run's resolved config.yaml (base weights from their configured paths),
 the checkpoint's trainable weights are loaded (strictly: every trainable parameter must be present),
-and the export is written with its config and tokenizer.
+and the export is written with its config, tokenizer and model card in the Hub layout.
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="auto", help='checkpoint tag or "auto" (the latest)')
     parser.add_argument("--out", required=True, help="export directory")
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA into the LLM weights (full export)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="largest safetensors file; more weights are split into shards with an index")
     args = parser.parse_args(argv)
 
     run = Path(args.run)
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
     seed_everything(cfg.train.seed, rank=0)
     model = build_model(cfg)
     load_checkpoint_into(model, manager.root / tag)
-    out = model.save_pretrained(args.out, merge_lora=args.merge_lora)
+    out = model.save_pretrained(args.out, merge_lora=args.merge_lora, max_shard_size=args.max_shard_size)
     print(f"exported {manager.root / tag} -> {out}" + (" (LoRA merged)" if args.merge_lora else ""))
     return 0
 

@@ -125,15 +125,18 @@ class ChatterBox(nn.Module):
             model.to(device=device, dtype=dtype)
         return model
 
-    def save_pretrained(self, directory: str | Path, merge_lora: bool = False) -> Path:
-        """Write config + tokenizer + trainable weights (safetensors) + references to the base weights.
+    def save_pretrained(self, directory: str | Path, merge_lora: bool = False,
+                        max_shard_size: int | str = "5GB") -> Path:
+        """Write config + tokenizer + trainable weights (safetensors) + references to the base weights + a
+        model card, in the Hub layout: ``hf upload owner/name <directory>`` publishes it.
 
         ``merge_lora=True`` writes a self-contained export instead: LoRA folded into the LLM weights and
-        every weight (except a frozen CLIP that comes from a path) saved.
+        every weight (except a frozen CLIP that comes from a path) saved. Weights above ``max_shard_size``
+        are split into shards listed in model.safetensors.index.json.
         """
         from chatterbox.model import weights
 
-        return weights.save_pretrained(self, directory, merge_lora=merge_lora)
+        return weights.save_pretrained(self, directory, merge_lora=merge_lora, max_shard_size=max_shard_size)
 
     @property
     def causal_lm(self) -> LlavaLlamaForCausalLM:

@@ -1,4 +1,4 @@
-"""Hugging Face Hub ids wherever a weight path is configured.
+"""Hugging Face Hub ids wherever a weight path is configured, and the model card of an export.
 
 A config value (``model.language.llm_path``, ``model.language.tokenizer_path``, ``model.clip.clip_path``,
 ``model.vision_weights``, ``train.init_from``, the directory given to ``ChatterBox.from_pretrained``) is
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from huggingface_hub import constants, hf_hub_download, snapshot_download
+from huggingface_hub import ModelCard, ModelCardData, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (GatedRepoError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
                                     OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError,
                                     RevisionNotFoundError)
@@ -134,3 +134,56 @@ def resolve_file(value: str, key: str) -> Path:
                            "owner/name[@revision]:path/in/repo")
     return _fetch(hub_id, value, key)
 
+
+# ---------------------------------------------------------------------------------------------------
+# model card
+_PART_NAMES = {"llm": "language model (LLaVA-LLaMA-2)", "clip": "CLIP vision tower",
+               "vision": "GroundingDINO vision branch"}
+
+
+def model_card(cfg, base_weights: dict[str, str], lineage: dict[str, str], merged_lora: bool) -> ModelCard:
+    """The README.md of an export: Hub metadata, what the model is, where its weights are, how to load it.
+
+    ``base_weights``: the paths the export reads its base parts from (empty: stored in the export);
+    ``lineage``: the paths the model was built from, whose Hub repos become ``base_model``.
+    """
+    base_models = sorted({repo for repo in map(hub_repo_of, lineage.values()) if repo})
+    data = ModelCardData(library_name="chatterbox", license="other", pipeline_tag="image-text-to-text",
+                         tags=["chatterbox", "llava", "grounding-dino", "referring-expression", "visual-grounding",
+                               "multimodal"],
+                         base_model=base_models or None)
+    lang = cfg.language
+    sources = "\n".join(
+        f"* {part}: " + (f"`{base_weights[key]}`" if base_weights[key] else "stored in this export")
+        for key, part in _PART_NAMES.items())
+    held = ("all weights, LoRA merged into the language model" if merged_lora else
+            "the trained weights and every part without a base path")
+    body = f"""
+# ChatterBox
+
+A [ChatterBox](https://arxiv.org/abs/2401.13307) model for multi-round multimodal referring and grounding:
+a LLaVA-LLaMA-2 language model ({lang.num_hidden_layers} layers, hidden size {lang.hidden_size}), a CLIP ViT
+vision tower, a region encoder that reads `<bbox>` regions, and a GroundingDINO branch that answers each
+`[VG]` token with a box.
+
+## Files
+* `config.yaml`: the model config; `export.json`: the export format and the base-weight paths;
+* `model.safetensors`, or shards listed in `model.safetensors.index.json`: {held};
+* `tokenizer/`: the LLaMA tokenizer with ChatterBox's tokens.
+
+## Base weights
+{sources}
+
+Hub ids are fetched into the Hub cache when the model is loaded; a local path must exist on the loading machine.
+
+## Use
+```python
+import torch
+from chatterbox import ChatterBox
+
+model = ChatterBox.from_pretrained("<owner>/<name>", dtype=torch.bfloat16, device="cuda")  # this repo's id
+chat = model.chat_session("photo.jpg")
+print(chat.ask("Where is the cup? [VG]").boxes_xyxy_abs)
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

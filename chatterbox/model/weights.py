@@ -6,9 +6,10 @@
   Hugging Face Hub id (chatterbox/model/hub.py).
 * ``load_upstream_checkpoint``: upstream's DeepSpeed ``mp_rank_00_model_states.pt`` (key ``module``,
   layout spec/checkpoints/chatterbox_full_state_dict.json) through the explicit rename table below.
-* ``save_pretrained`` / ``load_pretrained``: config.yaml + tokenizer/ + trainable.safetensors
-  (+ base.safetensors for base parts without a source path) + export.json with the base references;
-  or a merged-LoRA export that stands on its own.
+* ``save_pretrained`` / ``load_pretrained``: a folder in the Hub layout: config.yaml + tokenizer/ +
+  model.safetensors (or shards + model.safetensors.index.json) with the trained weights and the base parts
+  without a source path + export.json with the base references + a README.md model card; or a merged-LoRA
+  export that stands on its own. Format-1 exports (trainable.safetensors + base.safetensors) still load.
 """
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ from chatterbox.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
+#: format 1 listed its weight files in export.json: trainable.safetensors (+ base.safetensors).
+LEGACY_EXPORT_FORMAT = 1
+LEGACY_WEIGHT_FILES = ("trainable.safetensors", "base.safetensors")
 _SHOWN = 12
 
 
@@ -59,7 +63,10 @@ def checkpoint_shards(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise WeightsError(f"{index}: not a checkpoint index ({type(e).__name__}: {e})") from None
             return [folder / f for f in files]
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():
@@ -356,8 +363,16 @@ def _merged_language_state(model) -> dict[str, torch.Tensor]:
     return unwrapped
 
 
-def save_pretrained(model, directory: str | os.PathLike, merge_lora: bool = False) -> Path:
-    from safetensors.torch import save_file
+def save_pretrained(model, directory: str | os.PathLike, merge_lora: bool = False,
+                    max_shard_size: int | str = "5GB") -> Path:
+    """Write the export folder in the Hub layout (``hf upload owner/name <folder>`` publishes it).
+
+    The weights go to model.safetensors, or to shards of at most ``max_shard_size`` (bytes or "5GB") listed
+    in model.safetensors.index.json, transformers' names and format.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    from chatterbox.model import hub
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -373,26 +388,18 @@ def save_pretrained(model, directory: str | os.PathLike, merge_lora: bool = Fals
         if any(name.startswith("clip_tower.") for name in trainable_names):
             cfg.clip.clip_path = ""  # a CLIP trained past its pretrained folder is saved, not referenced
     paths = _source_paths(cfg)
-
-    trainable, base = {}, {}
-    for name, tensor in state.items():
-        if name in trainable_names and not merge_lora:
-            trainable[name] = tensor
-        elif not paths[_base_source(name)]:
-            base[name] = tensor
+    exported = {name: tensor for name, tensor in state.items()
+                if name in trainable_names or not paths[_base_source(name)]}
+    for legacy in LEGACY_WEIGHT_FILES:  # a rewritten format-1 export must not publish its stale files
+        (out / legacy).unlink(missing_ok=True)
     # safetensors refuses shared storage: the vision branch's box head is registered under several names.
-    save_file(_unshare(trainable), str(out / "trainable.safetensors"))
-    if base:
-        save_file(_unshare(base), str(out / "base.safetensors"))
-    elif (out / "base.safetensors").exists():
-        (out / "base.safetensors").unlink()
+    save_torch_state_dict(_unshare(exported), out, max_shard_size=max_shard_size)
     (out / "config.yaml").write_text(yaml.safe_dump(config_schema.to_dict(cfg), sort_keys=False))
     model.tokenizer.save_pretrained(str(out / "tokenizer"))
+    base_weights = {k: v for k, v in paths.items() if k != "new"}
     (out / "export.json").write_text(json.dumps({
-        "format": EXPORT_FORMAT, "merged_lora": merge_lora,
-        "base_weights": {k: v for k, v in paths.items() if k != "new"},
-        "files": ["trainable.safetensors"] + (["base.safetensors"] if base else []),
-    }, indent=2))
+        "format": EXPORT_FORMAT, "merged_lora": merge_lora, "base_weights": base_weights}, indent=2))
+    hub.model_card(cfg, base_weights, lineage=_source_paths(model.cfg), merged_lora=merge_lora).save(out / "README.md")
     return out
 
 
@@ -414,10 +421,11 @@ def _read_export(folder: Path) -> tuple[dict, ModelConfig]:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{meta_path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (LEGACY_EXPORT_FORMAT, EXPORT_FORMAT):
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise WeightsError(f"{meta_path}: export format {found!r}, expected {EXPORT_FORMAT}")
-    if not isinstance(meta.get("files"), list):
+        raise WeightsError(f"{meta_path}: export format {found!r}, expected {EXPORT_FORMAT} "
+                           f"(or {LEGACY_EXPORT_FORMAT})")
+    if meta["format"] == LEGACY_EXPORT_FORMAT and not isinstance(meta.get("files"), list):
         raise WeightsError(f"{meta_path}: no 'files' list (the export's weight files)")
     config_path = folder / "config.yaml"
     try:
@@ -429,23 +437,29 @@ def _read_export(folder: Path) -> tuple[dict, ModelConfig]:
     return meta, cfg
 
 
+def _export_weight_files(folder: Path, meta: dict) -> list[Path]:
+    if meta["format"] == LEGACY_EXPORT_FORMAT:
+        return [folder / name for name in meta["files"]]
+    try:
+        return checkpoint_shards(folder)
+    except FileNotFoundError as e:
+        raise WeightsError(str(e)) from None
+
+
 def load_export_weights(model, directory: str | os.PathLike) -> None:
     """Load an export's tensors into an already built model (every exported tensor must fit it).
 
     Used by stage 2, which builds its model from its own config and starts from stage 1's weights.
     """
-    from safetensors.torch import load_file
-
     folder = Path(directory)
     meta, _ = _read_export(folder)
     expected = model.state_dict()
     provided: dict[str, torch.Tensor] = {}
-    for file_name in meta["files"]:
-        path = folder / file_name
+    for path in _export_weight_files(folder, meta):
         try:
-            provided.update(load_file(str(path)))
+            provided.update(read_tensor_file(path))
         except FileNotFoundError:
-            raise WeightsError(f"{path}: listed in export.json but missing") from None
+            raise WeightsError(f"{path}: listed in the export but missing") from None
         except Exception as e:  # safetensors raises its own SafetensorError on truncated/corrupt files
             raise WeightsError(f"{path}: unreadable weights file ({str(e).splitlines()[0]})") from None
     unexpected = set(provided) - set(expected)
