@@ -21,9 +21,9 @@ from pathlib import Path
 
 import httpx
 from huggingface_hub import ModelCard, ModelCardData, constants, hf_hub_download, snapshot_download
-from huggingface_hub.errors import (GatedRepoError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
-                                    OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError,
-                                    RevisionNotFoundError)
+from huggingface_hub.errors import (GatedRepoError, HFValidationError, HfHubHTTPError, IncompleteSnapshotError,
+                                    LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import validate_repo_id
 
 from chatterbox.model.weights import WeightsError
@@ -83,17 +83,23 @@ def _why_not_fetched(error: Exception, hub_id: HubId) -> str:
         return f"the Hub repo {hub_id.repo_id} is gated (accept its terms on the Hub, then `hf auth login`)"
     if isinstance(error, RepositoryNotFoundError):
         return f"no Hub repo {hub_id.repo_id} (or a private one: `hf auth login`)"
-    if isinstance(error, LocalEntryNotFoundError):
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         reason = "HF_HUB_OFFLINE=1" if constants.is_offline_mode() else "the Hub could not be reached"
-        return f"not in the Hub cache {constants.HF_HUB_CACHE} ({reason})"
+        held = "only partly" if isinstance(error, IncompleteSnapshotError) else "not"
+        return f"{held} in the Hub cache {constants.HF_HUB_CACHE} ({reason})"
     return f"the Hub answered {type(error).__name__}: {str(error).splitlines()[0]}"
 
 
 def _fetch(hub_id: HubId, value: str, key: str, allow_patterns: list[str] | None = None) -> Path:
+    # Offline, ask the cache only: given a commit, huggingface_hub would otherwise try to list the repo's files
+    # unless its cache kept that listing (older huggingface_hub versions did not keep it).
+    cache_only = constants.is_offline_mode()
     try:
         if hub_id.filename:
-            return Path(hf_hub_download(hub_id.repo_id, hub_id.filename, revision=hub_id.revision))
-        return Path(snapshot_download(hub_id.repo_id, revision=hub_id.revision, allow_patterns=allow_patterns))
+            return Path(hf_hub_download(hub_id.repo_id, hub_id.filename, revision=hub_id.revision,
+                                        local_files_only=cache_only))
+        return Path(snapshot_download(hub_id.repo_id, revision=hub_id.revision, allow_patterns=allow_patterns,
+                                      local_files_only=cache_only))
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.HTTPError) as error:
         raise WeightsError(f"{key}={value!r}: no such local path, and {_why_not_fetched(error, hub_id)}") from None
 
