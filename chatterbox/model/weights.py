@@ -370,7 +370,8 @@ def save_pretrained(model, directory: str | os.PathLike, merge_lora: bool = Fals
     The weights go to model.safetensors, or to shards of at most ``max_shard_size`` (bytes or "5GB") listed
     in model.safetensors.index.json, transformers' names and format.
     """
-    from huggingface_hub import save_torch_state_dict
+    from huggingface_hub import split_state_dict_into_shards_factory
+    from safetensors.torch import save_file
 
     from chatterbox.model import hub
 
@@ -388,12 +389,22 @@ def save_pretrained(model, directory: str | os.PathLike, merge_lora: bool = Fals
         if any(name.startswith("clip_tower.") for name in trainable_names):
             cfg.clip.clip_path = ""  # a CLIP trained past its pretrained folder is saved, not referenced
     paths = _source_paths(cfg)
-    exported = {name: tensor for name, tensor in state.items()
-                if name in trainable_names or not paths[_base_source(name)]}
-    for legacy in LEGACY_WEIGHT_FILES:  # a rewritten format-1 export must not publish its stale files
-        (out / legacy).unlink(missing_ok=True)
     # safetensors refuses shared storage: the vision branch's box head is registered under several names.
-    save_torch_state_dict(_unshare(exported), out, max_shard_size=max_shard_size)
+    exported = _unshare({name: tensor for name, tensor in state.items()
+                         if name in trainable_names or not paths[_base_source(name)]})
+    # Sized by their own bytes: after DeepSpeed training the parameters are views into one flat buffer, which
+    # huggingface_hub's torch helpers would take for a single shared tensor.
+    split = split_state_dict_into_shards_factory(exported, get_storage_size=lambda t: t.numel() * t.element_size(),
+                                                 filename_pattern="model{suffix}.safetensors",
+                                                 max_shard_size=max_shard_size)
+    for stale in (*hub.SAFETENSORS_WEIGHTS, *LEGACY_WEIGHT_FILES):  # of an export written here before
+        for path in out.glob(stale):
+            path.unlink()
+    for file_name, names in split.filename_to_tensors.items():
+        save_file({name: exported[name] for name in names}, str(out / file_name), metadata={"format": "pt"})
+    if split.is_sharded:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2))
     (out / "config.yaml").write_text(yaml.safe_dump(config_schema.to_dict(cfg), sort_keys=False))
     model.tokenizer.save_pretrained(str(out / "tokenizer"))
     base_weights = {k: v for k, v in paths.items() if k != "new"}
