@@ -204,27 +204,36 @@ def test_13b_parameter_counts_on_meta_device():
     assert counts["vision_backbone"] == 86_880_120
 
 
+def write_llava_folder(folder: Path, cfg) -> torch.nn.Module:
+    """A LLaVA-LLaMA checkpoint folder of ``cfg.language`` (random weights) as transformers 4.31 wrote the
+    public ones: config.json of model_type llava, pytorch_model.bin with the rotary inv_freq buffers."""
+    from chatterbox.model.llava_llama import LlavaLlamaForCausalLM, llama_config
+
+    lm = LlavaLlamaForCausalLM(llama_config(cfg.language, mm_hidden_size=cfg.clip.hidden_size))
+    folder.mkdir(parents=True)
+    state = dict(lm.state_dict())
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    torch.save(state, folder / "pytorch_model.bin")
+    config = {**lm.config.to_dict(), "model_type": "llava", "mm_use_im_start_end": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    return lm
+
+
 def test_llava_folder_and_clip_folder_load(tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
     from chatterbox.model.clip_tower import clip_vision_config
-    from chatterbox.model.llava_llama import LlavaLlamaForCausalLM, llama_config
     from chatterbox.model.weights import load_clip_vision, load_llava_llama
 
     cfg = preset("tiny")
     torch.manual_seed(0)
-    lm = LlavaLlamaForCausalLM(llama_config(cfg.language, mm_hidden_size=cfg.clip.hidden_size))
     folder = tmp_path / "llava"
-    folder.mkdir()
-    state = dict(lm.state_dict())
-    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # stored by transformers 4.31
-    torch.save(state, folder / "pytorch_model.bin")
-    config = {**lm.config.to_dict(), "model_type": "llava", "mm_use_im_start_end": False}
-    (folder / "config.json").write_text(json.dumps(config))
+    lm = write_llava_folder(folder, cfg)
     loaded = load_llava_llama(folder)
     ids = torch.tensor([[1, 5, 9, 2]])
     torch.testing.assert_close(loaded(input_ids=ids).logits, lm(input_ids=ids).logits)
     assert torch.equal(loaded.model.mm_projector.weight, lm.model.mm_projector.weight)
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
     state["model.extra.weight"] = torch.zeros(1)
     torch.save(state, folder / "pytorch_model.bin")
     with pytest.raises(WeightsError, match="model.extra.weight"):
