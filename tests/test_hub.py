@@ -122,6 +122,19 @@ def test_an_export_loads_by_hub_id_at_any_revision(hub_cache, exports):
     assert resolve_init_export(f"{EXPORT_ID}@v1") == snapshot
 
 
+def test_an_evaluation_of_an_export_by_id_is_fingerprinted_by_its_commit(hub_cache, exports):
+    from argparse import Namespace
+
+    from chatterbox.config import load_config
+    from chatterbox.eval.runner import run_fingerprint
+
+    cache_exports(hub_cache, exports)
+    fingerprint = run_fingerprint(Namespace(checkpoint=f"{EXPORT_ID}@v1", seed=0), load_config("tiny_stage2"))
+    snapshot = hub_cache / repo_folder_name(repo_id=EXPORT_ID, repo_type="model") / "snapshots" / V1_COMMIT
+    assert fingerprint["checkpoint"] == str(snapshot.resolve())
+    assert set(fingerprint["checkpoint_files"]) == {p.name for p in exports["v1"][1].iterdir() if p.is_file()}
+
+
 def test_hf_home_points_a_fresh_process_at_its_cache(exports, tmp_path):
     """No constant patched: the variables alone, read by huggingface_hub at import."""
     cache_exports(tmp_path / "hf" / "hub", exports)

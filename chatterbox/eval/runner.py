@@ -437,15 +437,17 @@ NOT_IN_FINGERPRINT = {"output_dir", "limit", "batch_size", "device", "visualize"
 def run_fingerprint(args, cfg) -> dict:
     """What decides a run's predictions: the weights (the export folder, its files' sizes and times; or the
     config's model and seed), the data and eval settings, the dtype and the runner's own options. Batch
-    size, device and scoring options are left out (the results do not depend on them)."""
+    size, device and scoring options are left out (the results do not depend on them). An export given by
+    Hub id is its snapshot folder in the Hub cache, which names the commit."""
     from chatterbox.config import config_to_dict
+    from chatterbox.model import hub
 
     settings = config_to_dict(cfg)
     data = {k: v for k, v in settings["data"].items() if k != "num_workers"}
     evaluation = {k: v for k, v in settings["eval"].items() if k not in ("batch_size", "output_dir", "visualize")}
     fingerprint = {"config": {"data": data, "eval": evaluation}}
     if args.checkpoint:
-        folder = Path(args.checkpoint).resolve()
+        folder = hub.resolve_folder(args.checkpoint, "--checkpoint", hub.EXPORT_FILES).resolve()
         fingerprint["checkpoint"] = str(folder)
         fingerprint["checkpoint_files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
                                            for p in sorted(folder.iterdir()) if p.is_file()}
