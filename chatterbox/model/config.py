@@ -1,7 +1,9 @@
 """Configs of the language side: LLaVA-LLaMA, CLIP tower, region encoder, query head, LoRA.
 
 Defaults are the paper's 13B model (spec/upstream.md §1). Paths are empty by default: an empty path
-means "build with random weights from the architecture fields" (tiny preset, tests, benchmarks).
+means "build with random weights from the architecture fields" (tiny preset, tests, benchmarks). A
+path that does not exist locally may be a Hub id, ``owner/name[@revision][:path/in/repo]``
+(chatterbox/model/hub.py).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ PARAMETER_GROUPS = ("clip_tower", "embed_tokens", "llm_base", "lora", "mm_projec
 
 @dataclass
 class LanguageConfig:
-    llm_path: str = ""  # local HF folder of llava-llama-2-13b-chat-lightning-preview (or 7b)
+    llm_path: str = ""  # HF folder or Hub id of liuhaotian/llava-llama-2-13b-chat-lightning-preview (or 7b)
     tokenizer_path: str = ""  # defaults to llm_path when empty
     model_max_length: int = 2048
     # Architecture used when llm_path is empty (LLaMA-2-13B).
@@ -51,7 +53,7 @@ class LanguageConfig:
 
 @dataclass
 class ClipConfig:
-    clip_path: str = ""  # local HF folder of openai/clip-vit-large-patch14
+    clip_path: str = ""  # HF folder or Hub id of openai/clip-vit-large-patch14
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_hidden_layers: int = 24
@@ -102,7 +104,9 @@ class ModelConfig:
     region_encoder: RegionEncoderConfig = field(default_factory=RegionEncoderConfig)
     query_head: QueryHeadConfig = field(default_factory=QueryHeadConfig)
     vision: VisionBranchConfig = field(default_factory=VisionBranchConfig)
-    vision_weights: str = ""  # local groundingdino_swinb_cogcoor.pth; empty = random init
+    # groundingdino_swinb_cogcoor.pth, or its Hub id ShilongLiu/GroundingDINO:groundingdino_swinb_cogcoor.pth;
+    # empty = random init
+    vision_weights: str = ""
     # Upstream multiplies the LM loss of a micro-batch by 0 when any sample has a GT box (spec §1.9).
     zero_lm_loss_on_grounding: bool = True
     # Upstream builds tgt_align / refpoint_align but never uses them; kept only to import its checkpoints.
