@@ -26,6 +26,7 @@ from huggingface_hub.errors import (GatedRepoError, HFValidationError, HfHubHTTP
                                     RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import validate_repo_id
 
+from chatterbox.model.config import ModelConfig
 from chatterbox.model.weights import WeightsError
 
 ID_SYNTAX = "owner/name[@revision][:path/in/repo]"
@@ -42,6 +43,8 @@ EXPORT_FILES = ["config.yaml", "export.json", "tokenizer/*", "*.safetensors", "m
 
 @dataclass(frozen=True)
 class HubId:
+    """A parsed ``owner/name[@revision][:path/in/repo]``."""
+
     repo_id: str
     revision: str | None = None
     filename: str | None = None
@@ -87,7 +90,7 @@ def _why_not_fetched(error: Exception, hub_id: HubId) -> str:
         reason = "HF_HUB_OFFLINE=1" if constants.is_offline_mode() else "the Hub could not be reached"
         held = "only partly" if isinstance(error, IncompleteSnapshotError) else "not"
         return f"{held} in the Hub cache {constants.HF_HUB_CACHE} ({reason})"
-    return f"the Hub answered {type(error).__name__}: {str(error).splitlines()[0]}"
+    return f"the Hub request failed ({type(error).__name__}: {str(error).splitlines()[0]})"
 
 
 def _fetch(hub_id: HubId, value: str, key: str, allow_patterns: list[str] | None = None) -> Path:
@@ -147,7 +150,7 @@ _PART_NAMES = {"llm": "language model (LLaVA-LLaMA-2)", "clip": "CLIP vision tow
                "vision": "GroundingDINO vision branch"}
 
 
-def model_card(cfg, base_weights: dict[str, str], lineage: dict[str, str], merged_lora: bool) -> ModelCard:
+def model_card(cfg: ModelConfig, base_weights: dict[str, str], lineage: dict[str, str], merged_lora: bool) -> ModelCard:
     """The README.md of an export: Hub metadata, what the model is, where its weights are, how to load it.
 
     ``base_weights``: the paths the export reads its base parts from (empty: stored in the export);
@@ -162,8 +165,8 @@ def model_card(cfg, base_weights: dict[str, str], lineage: dict[str, str], merge
     sources = "\n".join(
         f"* {part}: " + (f"`{base_weights[key]}`" if base_weights[key] else "stored in this export")
         for key, part in _PART_NAMES.items())
-    held = ("all weights, LoRA merged into the language model" if merged_lora else
-            "the trained weights and every part without a base path")
+    held = ("every weight not referenced below, LoRA merged into the language model" if merged_lora else
+            "the trained weights and every part not referenced below")
     body = f"""
 # ChatterBox
 
