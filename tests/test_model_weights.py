@@ -123,6 +123,36 @@ def test_save_pretrained_round_trip_is_bit_exact(tokenizer, tmp_path):
     torch.testing.assert_close(got_merged["lm_loss"], expected["lm_loss"], rtol=1e-4, atol=1e-5)
 
 
+def test_an_interrupted_save_leaves_the_previous_export_and_other_folders_are_not_written_over(
+        tokenizer, tmp_path, monkeypatch):
+    from chatterbox.model import hub
+    model = build_tiny(tokenizer)
+    export = model.save_pretrained(tmp_path / "export")
+    before = {p.relative_to(export): p.read_bytes() for p in export.rglob("*") if p.is_file()}
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt  # what a Ctrl-C during the last file of the save looks like
+
+    monkeypatch.setattr(hub, "model_card", fail)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(export)
+    assert {p.relative_to(export): p.read_bytes() for p in export.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging folder left behind
+    monkeypatch.undo()
+
+    model.save_pretrained(export)  # a completed save replaces it whole
+    assert {p.relative_to(export): p.read_bytes() for p in export.rglob("*") if p.is_file()} != before
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "results.txt").write_text("mine")
+    with pytest.raises(WeightsError, match=r"notes: exists and is not an export \(no export.json\)"):
+        model.save_pretrained(notes)
+    assert [p.name for p in notes.iterdir()] == ["results.txt"]
+
+
 def test_a_merged_export_keeps_a_clip_trained_from_a_pretrained_folder(tokenizer, tmp_path):
     """The tiny recipe trains a CLIP it loads from a folder (scripts/pretrain_clip.py): the self-contained
     export must carry the trained tower, not point back at the folder's weights."""

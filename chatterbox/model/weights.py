@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 EXPORT_FORMAT = 2
 #: format 1 listed its weight files in export.json: trainable.safetensors (+ base.safetensors).
 LEGACY_EXPORT_FORMAT = 1
-LEGACY_WEIGHT_FILES = ("trainable.safetensors", "base.safetensors")
 _SHOWN = 12
 
 
@@ -368,15 +368,36 @@ def save_pretrained(model, directory: str | os.PathLike, merge_lora: bool = Fals
     """Write the export folder in the Hub layout (``hf upload owner/name <folder>`` publishes it).
 
     The weights go to model.safetensors, or to shards of at most ``max_shard_size`` (bytes or "5GB") listed
-    in model.safetensors.index.json, transformers' names and format.
+    in model.safetensors.index.json, transformers' names and format. The folder is written beside the target
+    and swapped in whole, so an interrupted save leaves the previous export as it was; a folder that holds
+    anything but an export is refused, not written over.
     """
+    final = Path(directory)
+    if final.is_dir() and any(final.iterdir()) and not (final / "export.json").is_file():
+        raise WeightsError(f"{final}: exists and is not an export (no export.json); not writing over its files")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.partial-{os.getpid()}"
+    replaced = final.parent / f".{final.name}.replaced-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _write_export(model, staging, merge_lora, max_shard_size)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        os.replace(final, replaced)
+    os.replace(staging, final)
+    shutil.rmtree(replaced, ignore_errors=True)
+    return final
+
+
+def _write_export(model, out: Path, merge_lora: bool, max_shard_size: int | str) -> None:
     from huggingface_hub import split_state_dict_into_shards_factory
     from safetensors.torch import save_file
 
     from chatterbox.model import hub
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = config_schema.from_dict(ModelConfig, config_schema.to_dict(model.cfg))
     trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
     state = {k: v for k, v in model.state_dict().items()}
@@ -397,9 +418,6 @@ def save_pretrained(model, directory: str | os.PathLike, merge_lora: bool = Fals
     split = split_state_dict_into_shards_factory(exported, get_storage_size=lambda t: t.numel() * t.element_size(),
                                                  filename_pattern="model{suffix}.safetensors",
                                                  max_shard_size=max_shard_size)
-    for stale in (*hub.SAFETENSORS_WEIGHTS, *LEGACY_WEIGHT_FILES):  # of an export written here before
-        for path in out.glob(stale):
-            path.unlink()
     for file_name, names in split.filename_to_tensors.items():
         save_file({name: exported[name] for name in names}, str(out / file_name), metadata={"format": "pt"})
     if split.is_sharded:
@@ -411,7 +429,6 @@ def save_pretrained(model, directory: str | os.PathLike, merge_lora: bool = Fals
     (out / "export.json").write_text(json.dumps({
         "format": EXPORT_FORMAT, "merged_lora": merge_lora, "base_weights": base_weights}, indent=2))
     hub.model_card(cfg, base_weights, lineage=_source_paths(model.cfg), merged_lora=merge_lora).save(out / "README.md")
-    return out
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
