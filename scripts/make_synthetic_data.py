@@ -23,9 +23,12 @@ def main(argv=None) -> int:
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--eval-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kind-question-share", type=float, default=0.0,
+                        help="share of CB_REF rounds asking for the shape's kind alone (0: none, as upstream's data)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    corpus = write_corpus(args.out, args.num_images, args.seed, args.eval_fraction)
+    corpus = write_corpus(args.out, args.num_images, args.seed, args.eval_fraction,
+                          kind_question_share=args.kind_question_share)
     n_eval = sum(s.split == "eval" for s in corpus.scenes)
     print(f"wrote {len(corpus.scenes)} scenes ({n_eval} held out for eval) to {args.out} "
           f"in {time.perf_counter() - start:.2f}s")

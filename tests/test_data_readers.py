@@ -189,3 +189,30 @@ def test_make_synthetic_data_cli_writes_every_layout(tmp_path):
     for rel in expected:
         assert (root / rel).read_bytes().replace(str(root).encode(), b"") == \
             (again / rel).read_bytes().replace(str(again).encode(), b""), rel
+
+
+def test_kind_questions_change_only_cb_ref_and_name_the_kind_alone(tmp_path):
+    import filecmp
+    import json
+
+    from chatterbox.data.synthetic import CATEGORIES, write_corpus
+    plain, asked = tmp_path / "plain", tmp_path / "asked"
+    write_corpus(plain, num_images=12, seed=1)
+    write_corpus(asked, num_images=12, seed=1, kind_question_share=0.5)
+    kinds = {name.split()[1] for name in CATEGORIES}
+
+    def rounds(root):
+        dialogues = json.loads((root / "CB-300K" / "CB_REF.json").read_text())["data"]
+        turns = [turn["value"] for d in dialogues for turn in d["conversation"]]
+        return list(zip(turns[0::2], turns[1::2]))
+
+    kind_rounds = [(q, a) for q, a in rounds(asked) if q.startswith("What shape is")]
+    assert kind_rounds and not any(q.startswith("What shape is") for q, _ in rounds(plain))
+    for question, answer in kind_rounds:
+        assert "<object:[" in question and answer.removeprefix("It is a ").removesuffix(".") in kinds, (question, answer)
+    # the boxes asked about are the same; only the kind rounds' words differ
+    assert [q.split("<object:")[1] for q, _ in rounds(plain)] == [q.split("<object:")[1] for q, _ in rounds(asked)]
+    for path in plain.rglob("*"):
+        relative = path.relative_to(plain).as_posix()
+        if path.is_file() and relative not in ("CB-300K/CB_REF.json", "data_paths.json", "data_paths.yaml"):
+            assert filecmp.cmp(path, asked / relative, shallow=False), relative

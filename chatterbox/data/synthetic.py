@@ -278,11 +278,13 @@ def _write_json(path: Path, obj) -> None:
 
 
 def write_corpus(root: str | os.PathLike, num_images: int = 64, seed: int = 0, eval_fraction: float = 0.25,
-                 image_sizes=IMAGE_SIZES) -> SyntheticCorpus:
+                 image_sizes=IMAGE_SIZES, kind_question_share: float = 0.0) -> SyntheticCorpus:
     """Write the corpus under ``root`` and return its description (see `SyntheticCorpus.data_paths`).
 
     ``image_sizes``: (width, height) choices; the default is small for tests and the tiny preset, the
-    benchmark passes COCO/VG-like sizes."""
+    benchmark passes COCO/VG-like sizes. ``kind_question_share``: the share of CB_REF.json's rounds that ask
+    for the kind alone ("What shape is <it>?" -> "It is a circle."), where the reply reads the region for the
+    kind as it does for the colour of a name (docs/results/tiny_recipe, "the kind through the language model")."""
     root = Path(root)
     scenes = make_scenes(num_images, eval_fraction, seed, image_sizes)
     rng = random.Random(seed + 1)
@@ -294,7 +296,8 @@ def write_corpus(root: str | os.PathLike, num_images: int = 64, seed: int = 0, e
     _write_coco(root, train, evals)
     _write_refer(root, scenes, rng)
     _write_cb_materials(root, train, rng)
-    _write_cb300k(root, train, rng)
+    # A random stream of its own, so that the kind questions change no other file.
+    _write_cb300k(root, train, rng, kind_question_share, random.Random(seed + 2))
     _write_mdetr(root, train, rng)
     _write_llava(root, train, rng)
     _write_eval_files(root, evals, rng)
@@ -408,7 +411,8 @@ def _relation_rounds(s: Scene, rng: random.Random, limit: int = 3) -> list[tuple
     return rng.sample(triples, min(limit, len(triples)))
 
 
-def _write_cb300k(root: Path, train: list[Scene], rng: random.Random) -> None:
+def _write_cb300k(root: Path, train: list[Scene], rng: random.Random, kind_question_share: float,
+                  question_rng: random.Random) -> None:
     folder = root / "CB-300K"
     mrg, ref, gnd, lc = [], [], [], []
     for s in train:
@@ -432,7 +436,11 @@ def _write_cb300k(root: Path, train: list[Scene], rng: random.Random) -> None:
                 q = f"What is the shape in <region>? {_group([('object', sh.box_xyxy_abs)])}"
             else:
                 q = f"What is {s.position(sh)} of the image? {_group([('object', sh.box_xyxy_abs)])}"
-            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": f"It is {article(sh.name)}."}]
+            answer = f"It is {article(sh.name)}."
+            if question_rng.random() < kind_question_share:
+                q = q.replace("What is the shape in", "What shape is in").replace("What is", "What shape is")
+                answer = f"It is {article(sh.kind)}."
+            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": answer}]
         ref.append({**common, "conversation": conv})
 
         conv = []
