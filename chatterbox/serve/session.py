@@ -32,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -252,10 +252,12 @@ class ChatSession:
     def ask(self, question: str, boxes: Sequence[Sequence[float]] | torch.Tensor | None = None, *,
             ground: bool = False, max_new_tokens: int | None = None, min_new_tokens: int = 0,
             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-            generator: torch.Generator | None = None) -> ChatReply:
+            generator: torch.Generator | None = None, on_text: Callable[[str], None] | None = None) -> ChatReply:
         """One round: ``question`` may contain `<bbox>` (one box of ``boxes`` each, original-image pixels
         xyxy) and `[VG]` (a box is predicted for it); ``ground=True`` appends `[VG]` when absent.
-        ``min_new_tokens`` suppresses end-of-sequence before that many tokens (benchmarks)."""
+        ``min_new_tokens`` suppresses end-of-sequence before that many tokens (benchmarks). ``on_text``
+        streams the reply: it gets the text so far every few tokens (the decode loop's host checks),
+        after the input was checked."""
         t_start = time.perf_counter()
         question = self._check_question(question, ground)
         region_boxes_xyxy_abs, region_clip_norm = self._check_regions(question, boxes)
@@ -287,7 +289,7 @@ class ChatSession:
 
         try:
             reply = self._run_round(decoder, chunk, regions, segment_start, max_new_tokens, min_new_tokens,
-                                    do_sample, temperature, top_p, generator, t_start)
+                                    do_sample, temperature, top_p, generator, on_text, t_start)
         except BaseException:
             # Keep the cache in step with the dialogue (a failed first encode leaves it empty).
             decoder.truncate(min(decoder.length, len(self._cached_ids)) if reuse else 0)
@@ -373,7 +375,7 @@ class ChatSession:
         return self._decoder
 
     def _run_round(self, decoder, chunk, regions, segment_start, max_new_tokens, min_new_tokens,
-                   do_sample, temperature, top_p, generator, t_start) -> ChatReply:
+                   do_sample, temperature, top_p, generator, on_text, t_start) -> ChatReply:
         model, ids = self.model, self.token_ids
         cached_before = decoder.length
         chunk_ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
@@ -388,9 +390,10 @@ class ChatSession:
         query_hidden = [hidden[0, c] for c in vg_cols.tolist() if c + 1 >= segment_start]
         vg_in_question = len(query_hidden)
 
+        on_tokens = None if on_text is None else (lambda rows: on_text(self.tokenizer.decode(rows[0])))
         decoded = decode(model, decoder, hidden[:, -1], max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                          do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator,
-                         on_first_token=self._sync)
+                         on_first_token=self._sync, on_tokens=on_tokens)
         generated = decoded.token_ids[0]
         query_hidden.extend(decoded.vg_hidden[0])
         # Drop what the device ran past the end (it stops only at its periodic end-of-sequence checks).
