@@ -142,6 +142,18 @@ class ChatReply:
     def boxes_as_lists(self) -> list[list[float]]:
         return [[round(float(v), 2) for v in box] for box in self.boxes_xyxy_abs.tolist()]
 
+    def box_source(self, k: int) -> str:
+        """Where the `[VG]` of box ``k`` is: "question" or "reply"."""
+        return "question" if k < self.vg_in_question else "reply"
+
+    def box_lines(self) -> list[str]:
+        """A line per box: the `[VG]` it answers, the box in pixels and its score."""
+        lines = []
+        for k, (box, score) in enumerate(zip(self.boxes_as_lists(), self.scores.tolist())):
+            found = "" if self.found[k] else " (nothing above the score threshold: fallback box)"
+            lines.append(f"box {k + 1} ({VG_TOKEN} in the {self.box_source(k)}): {box} score {score:.3f}{found}")
+        return lines
+
 
 @dataclass
 class ChatTurn:
