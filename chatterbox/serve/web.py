@@ -347,6 +347,7 @@ def main(argv=None) -> int:
                         help="dialogues kept (one per browser tab or API client; least recently used go)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # else Gradio's start-up probes of its own URL are logged
     model, cfg, options = load_chat_model(args)
     demo = ChatDemo(model, options, max_new_tokens=cfg.chat.max_new_tokens,
                     box_threshold=cfg.model.vision.box_threshold, max_upload_bytes=cfg.chat.max_upload_bytes,
