@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 from chat_support import RunningDemo, build_tiny_chat_model, png_bytes, png_header_only, sample_image
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 from chatterbox.serve.draw import PALETTE, REGION_COLOUR
@@ -55,21 +57,18 @@ def fresh_replies(model):
             for question, regions, ground in ROUNDS]
 
 
+@pytest.fixture()
 def connect(demo, tmp_path):
-    """A gradio_client Client: a session of its own, like a browser tab."""
-    from gradio_client import Client
-
-    return Client(demo.url, verbose=False, download_files=str(tmp_path / "downloads"))
+    """Makes gradio_client Clients, each a session of its own like a browser tab."""
+    return lambda: Client(demo.url, verbose=False, download_files=str(tmp_path / "downloads"))
 
 
 @pytest.fixture()
-def client(demo, tmp_path):
-    return connect(demo, tmp_path)
+def client(connect):
+    return connect()
 
 
 def upload(client, path):
-    from gradio_client import handle_file
-
     return client.predict(handle_file(str(path)), api_name="/upload")
 
 
@@ -168,8 +167,6 @@ def test_bad_questions_are_refused_and_the_dialogue_goes_on(client, image_path, 
 
 
 def test_bad_uploads_are_refused_and_the_dialogue_goes_on(demo, client, image_path, fresh_replies, tmp_path):
-    from gradio_client.exceptions import AppError
-
     upload(client, image_path)
     ask(client, *ROUNDS[0])
     files = {
@@ -208,12 +205,12 @@ def test_the_upload_handler_checks_the_size_itself(demo, tmp_path):
                              f"{UPLOAD_LIMIT:,} bytes"}
 
 
-def test_sessions_are_separate_and_bounded(demo, image_path, tmp_path):
-    first = connect(demo, tmp_path)
+def test_sessions_are_separate_and_bounded(connect, image_path):
+    first = connect()
     assert "no image in this session: upload one first" in ask(first, "Hello?")[2]["error"]
     upload(first, image_path)
     assert ask(first, "Hello?")[2]["round"] == 1
-    others = [connect(demo, tmp_path) for _ in range(MAX_SESSIONS)]
+    others = [connect() for _ in range(MAX_SESSIONS)]
     for other in others:  # each a dialogue of its own, round 1
         upload(other, image_path)
         assert ask(other, "Hello?")[2]["round"] == 1
@@ -243,7 +240,7 @@ def test_a_stalled_connection_holds_up_nobody(demo, client, image_path):
             conn.close()
 
 
-def test_the_picture_is_shrunk_and_boxes_drawn_to_scale(demo, client, tmp_path):
+def test_the_picture_is_shrunk_and_boxes_drawn_to_scale(client, tmp_path):
     Image.new("RGB", (1600, 600), (230, 230, 230)).save(tmp_path / "wide.png")
     picture = upload(client, tmp_path / "wide.png")[1]
     assert Image.open(picture).size == (1024, 384)
