@@ -91,6 +91,7 @@ def assert_same_reply(data: dict, reply) -> None:
 
 def test_served_on_localhost_with_three_endpoints(demo, client):
     assert demo.url.startswith("http://127.0.0.1:")
+    assert not demo.app.blocks.analytics_enabled and not demo.app.blocks.share  # nothing leaves the machine
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == \
         {"/upload", "/ask", "/reset"}
 
