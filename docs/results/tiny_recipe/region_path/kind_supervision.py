@@ -7,6 +7,7 @@ referring sample (the synthetic corpus of the quickstart, data/synthetic), with 
 alive (> 0 after the ReLU that follows the sum of its per-level 3x3 convs, upstream's "pconvs").
 
     python docs/results/tiny_recipe/region_path/kind_supervision.py [--region-lr 1e-4] [--level-conv-std 0.06]
+        [--clip-lr 0] [--set train.init_from=outputs/tiny_stage1]
 
 No language model is involved: this isolates the region path from the lookup the LLM must learn.
 """
@@ -50,7 +51,8 @@ def region_vectors(model, batch) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--lr", type=float, default=1e-3, help="CLIP tower and head")
+    parser.add_argument("--lr", type=float, default=1e-3, help="the head (and CLIP unless --clip-lr)")
+    parser.add_argument("--clip-lr", type=float, default=None, help="CLIP tower (0: frozen)")
     parser.add_argument("--region-lr", type=float, default=1e-3, help="region encoder")
     parser.add_argument("--level-conv-std", type=float, default=0.01, help="init std of the per-level convs "
                         "(0.01: upstream's, written for 1024 channels)")
@@ -68,7 +70,8 @@ def main() -> None:
     stream = iter(build_streams(cfg, model.tokenizer, init_distributed("cpu"))["referring"])
     head = torch.nn.Linear(model.region_encoder.output_projection.out_features, len(KINDS))
     optimizer = torch.optim.AdamW([
-        {"params": [*model.clip_tower.parameters(), *head.parameters()], "lr": args.lr},
+        {"params": list(head.parameters()), "lr": args.lr},
+        {"params": list(model.clip_tower.parameters()), "lr": args.lr if args.clip_lr is None else args.clip_lr},
         {"params": list(model.region_encoder.parameters()), "lr": args.region_lr}])
     held_out = [next(stream) for _ in range(10)]
 
