@@ -41,6 +41,7 @@ setup(
     packages=find_packages(include=["chatterbox", "chatterbox.*", "model", "model.*"]),
     package_data={
         "model.GroundingDINO.ms_deform_attn": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"],
+        "chatterbox.serve": ["static/*.html"],
     },
     install_requires=_read_requirements(),
     ext_modules=ext_modules,

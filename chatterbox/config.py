@@ -111,6 +111,7 @@ class ChatConfig:
     port: int = 7860
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    request_timeout_s: float = 30.0  # web demo: a connection silent this long is closed
 
 
 @dataclass
@@ -146,7 +147,7 @@ INT_RANGES = {
     "model.vision.return_interm_indices": (0, None),
 }
 #: floats that must be > 0 (every other float must be >= 0)
-POSITIVE_FLOATS = {"train.lr", "train.eps", "model.language.rms_norm_eps",
+POSITIVE_FLOATS = {"train.lr", "train.eps", "chat.request_timeout_s", "model.language.rms_norm_eps",
                    "model.language.rope_theta", "model.vision.pe_temperature_h", "model.vision.pe_temperature_w",
                    "model.vision.swin_mlp_ratio"}
 #: fractions and probabilities: floats in [0, 1]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import struct
 import zlib
 
@@ -62,20 +61,23 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class RunningDemo:
-    """The web demo (chatterbox.serve.web.ChatDemo) on a free port of 127.0.0.1, served from background threads."""
+    """The web demo on a free local port, served from a background thread."""
 
-    def __init__(self, model, **options):
-        from chatterbox.serve.web import ChatDemo
+    def __init__(self, model, **limits):
+        import threading
 
-        self.app = ChatDemo(model, **options)
-        self.url = self.app.launch("127.0.0.1", free_port()).rstrip("/")
+        from chatterbox.serve.web import ChatService, make_server
+
+        request_timeout = limits.pop("request_timeout", 30.0)
+        self.service = ChatService(model, max_new_tokens=limits.pop("max_new_tokens", 8), **limits)
+        self.server = make_server(self.service, "127.0.0.1", 0, request_timeout)
+        host, port = self.server.server_address[:2]
+        self.url = f"http://{host}:{port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
 
     def close(self) -> None:
-        self.app.close()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)

@@ -466,15 +466,12 @@ class DecodeResult:
 def decode(model, decoder: KVDecoder, first_hidden: torch.Tensor, *, max_new_tokens: int, min_new_tokens: int = 0,
            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
            generator: torch.Generator | None = None, check_every: int = 8,
-           on_first_token: Callable[[], None] | None = None,
-           on_tokens: Callable[[list[list[int]]], None] | None = None) -> DecodeResult:
+           on_first_token: Callable[[], None] | None = None) -> DecodeResult:
     """Generate up to ``max_new_tokens`` per row, starting from the final hidden state of the prompt.
 
     ``model`` gives ``_next_token_logits`` (lm_head with placeholder tokens banned), ``_pick`` and
     ``token_ids``. End-of-sequence is suppressed for the first ``min_new_tokens`` tokens. The host syncs
-    after the first token (``on_first_token``, for latency measurements) and every ``check_every`` steps;
-    at each of those checks ``on_tokens`` (streaming) gets every row's tokens so far, up to its
-    end-of-sequence.
+    after the first token (``on_first_token``, for latency measurements) and every ``check_every`` steps.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -500,25 +497,16 @@ def decode(model, decoder: KVDecoder, first_hidden: torch.Tensor, *, max_new_tok
             if on_first_token is not None:
                 on_first_token()
             first_token_s = time.perf_counter()
-        if steps == max_new_tokens:
+        if steps == max_new_tokens or (steps % check_every == 0 and bool(finished.all())):
             break
-        if steps % check_every == 0:
-            if on_tokens is not None:
-                on_tokens([_until_eos(row_tokens, ids.eos) for row_tokens in tokens[:steps].t().tolist()])
-            if bool(finished.all()):
-                break
         hidden = decoder.step(picked)
 
     token_rows = tokens[:steps].t().tolist()
     result = DecodeResult(token_ids=[], vg_hidden=[], ended_by_eos=[], steps=steps, first_token_s=first_token_s)
     for row, row_tokens in enumerate(token_rows):
-        kept = _until_eos(row_tokens, ids.eos)
+        end = row_tokens.index(ids.eos) if ids.eos in row_tokens else len(row_tokens)
+        kept = row_tokens[:end]
         result.token_ids.append(kept)
-        result.ended_by_eos.append(len(kept) < len(row_tokens))
+        result.ended_by_eos.append(end < len(row_tokens))
         result.vg_hidden.append([picked_from[s, row] for s, tok in enumerate(kept) if tok == ids.vg])
     return result
-
-
-def _until_eos(row_tokens: list[int], eos: int) -> list[int]:
-    """The tokens before the first end-of-sequence (all of them when there is none)."""
-    return row_tokens[:row_tokens.index(eos)] if eos in row_tokens else row_tokens

@@ -1,5 +1,5 @@
 """Talking to a ChatterBox model about one image: a multi-round session with a KV cache (``session``),
-box rendering (``draw``), a terminal chat (``cli``) and a browser demo, a Gradio app (``web``).
+box rendering (``draw``), a terminal chat (``cli``) and a small web demo (``web``).
 
     chat = model.chat_session("photo.jpg")     # a chatterbox.serve.ChatSession
     reply = chat.ask("What is <bbox> holding?", boxes=[[10, 20, 200, 310]])

@@ -105,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {e}")
             continue
         print(f"ChatterBox> {reply.text}")
-        for line in reply.box_lines():
-            print(f"  {line}")
+        for k, (box, score) in enumerate(zip(reply.boxes_as_lists(), reply.scores.tolist())):
+            source = "question" if k < reply.vg_in_question else "reply"
+            found = "" if reply.found[k] else " (nothing above the score threshold: fallback box)"
+            print(f"  box {k + 1} ({VG_TOKEN} in the {source}): {box} score {score:.3f}{found}")
         if args.save_image and (boxes or len(reply.boxes_xyxy_abs)):
             draw_round(chat.image, chat.history[-1].region_boxes_xyxy_abs, reply).save(args.save_image)
             print(f"  (image with boxes saved to {args.save_image})")

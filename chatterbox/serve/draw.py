@@ -41,17 +41,12 @@ def draw_boxes(image: Image.Image, boxes_xyxy_abs: Sequence[Sequence[float]] | t
     return out
 
 
-def draw_round(image: Image.Image, region_boxes_xyxy_abs, reply=None, scale: float = 1.0) -> Image.Image:
-    """The user's regions (``region k``) and the reply's predicted boxes (``box k score``) on ``image``.
-
-    ``image`` may be the original resized by ``scale`` (boxes stay in original pixels). Boxes with nothing
-    above the score threshold (``reply.found`` False) are not drawn: their fallback box marks no place.
-    """
+def draw_round(image: Image.Image, region_boxes_xyxy_abs, reply) -> Image.Image:
+    """The user's regions (``region k``) and the reply's predicted boxes (``box k score``) on ``image``."""
     regions = as_box_tensor(region_boxes_xyxy_abs).reshape(-1, 4) if len(region_boxes_xyxy_abs) else torch.zeros(0, 4)
-    found = [] if reply is None else [k for k, hit in enumerate(reply.found.tolist()) if hit]
-    predicted = reply.boxes_xyxy_abs.reshape(-1, 4)[found] if found else torch.zeros(0, 4)
-    boxes = torch.cat([regions.float(), predicted.float()]) * scale
+    predicted = reply.boxes_xyxy_abs.reshape(-1, 4)
+    boxes = torch.cat([regions.float(), predicted.float()])
     labels = [f"region {k + 1}" for k in range(len(regions))]
-    labels += [f"box {k + 1} {float(reply.scores[k]):.2f}" for k in found]
-    colours = [REGION_COLOUR] * len(regions) + [PALETTE[k % len(PALETTE)] for k in found]
+    labels += [f"box {k + 1} {float(s):.2f}" for k, s in enumerate(reply.scores.tolist())]
+    colours = [REGION_COLOUR] * len(regions) + [PALETTE[k % len(PALETTE)] for k in range(len(predicted))]
     return draw_boxes(image, boxes, labels, colours)

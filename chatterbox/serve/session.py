@@ -32,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -141,18 +141,6 @@ class ChatReply:
 
     def boxes_as_lists(self) -> list[list[float]]:
         return [[round(float(v), 2) for v in box] for box in self.boxes_xyxy_abs.tolist()]
-
-    def box_source(self, k: int) -> str:
-        """Where the `[VG]` of box ``k`` is: "question" or "reply"."""
-        return "question" if k < self.vg_in_question else "reply"
-
-    def box_lines(self) -> list[str]:
-        """A line per box: the `[VG]` it answers, the box in pixels and its score."""
-        lines = []
-        for k, (box, score) in enumerate(zip(self.boxes_as_lists(), self.scores.tolist())):
-            found = "" if self.found[k] else " (nothing above the score threshold: fallback box)"
-            lines.append(f"box {k + 1} ({VG_TOKEN} in the {self.box_source(k)}): {box} score {score:.3f}{found}")
-        return lines
 
 
 @dataclass
@@ -264,12 +252,10 @@ class ChatSession:
     def ask(self, question: str, boxes: Sequence[Sequence[float]] | torch.Tensor | None = None, *,
             ground: bool = False, max_new_tokens: int | None = None, min_new_tokens: int = 0,
             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-            generator: torch.Generator | None = None, on_text: Callable[[str], None] | None = None) -> ChatReply:
+            generator: torch.Generator | None = None) -> ChatReply:
         """One round: ``question`` may contain `<bbox>` (one box of ``boxes`` each, original-image pixels
         xyxy) and `[VG]` (a box is predicted for it); ``ground=True`` appends `[VG]` when absent.
-        ``min_new_tokens`` suppresses end-of-sequence before that many tokens (benchmarks). ``on_text``
-        streams the reply: it gets the text so far every few tokens (the decode loop's host checks),
-        after the input was checked."""
+        ``min_new_tokens`` suppresses end-of-sequence before that many tokens (benchmarks)."""
         t_start = time.perf_counter()
         question = self._check_question(question, ground)
         region_boxes_xyxy_abs, region_clip_norm = self._check_regions(question, boxes)
@@ -301,7 +287,7 @@ class ChatSession:
 
         try:
             reply = self._run_round(decoder, chunk, regions, segment_start, max_new_tokens, min_new_tokens,
-                                    do_sample, temperature, top_p, generator, on_text, t_start)
+                                    do_sample, temperature, top_p, generator, t_start)
         except BaseException:
             # Keep the cache in step with the dialogue (a failed first encode leaves it empty).
             decoder.truncate(min(decoder.length, len(self._cached_ids)) if reuse else 0)
@@ -387,7 +373,7 @@ class ChatSession:
         return self._decoder
 
     def _run_round(self, decoder, chunk, regions, segment_start, max_new_tokens, min_new_tokens,
-                   do_sample, temperature, top_p, generator, on_text, t_start) -> ChatReply:
+                   do_sample, temperature, top_p, generator, t_start) -> ChatReply:
         model, ids = self.model, self.token_ids
         cached_before = decoder.length
         chunk_ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
@@ -402,10 +388,9 @@ class ChatSession:
         query_hidden = [hidden[0, c] for c in vg_cols.tolist() if c + 1 >= segment_start]
         vg_in_question = len(query_hidden)
 
-        on_tokens = None if on_text is None else (lambda rows: on_text(self.tokenizer.decode(rows[0])))
         decoded = decode(model, decoder, hidden[:, -1], max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                          do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator,
-                         on_first_token=self._sync, on_tokens=on_tokens)
+                         on_first_token=self._sync)
         generated = decoded.token_ids[0]
         query_hidden.extend(decoded.vg_hidden[0])
         # Drop what the device ran past the end (it stops only at its periodic end-of-sequence checks).

@@ -1,167 +1,50 @@
-"""The browser demo, a Gradio app: upload an image, mark regions by dragging on it (or type them), chat
-over several rounds with the reply streamed, see the predicted boxes and their scores drawn on the image.
+"""A small web demo served by the standard library (no web framework): upload an image, draw or type
+regions, chat over several rounds, see predicted boxes drawn on the image.
 
     python -m chatterbox.serve.web --config 13b_stage2 --checkpoint export/      # http://127.0.0.1:7860
 
 Bound to 127.0.0.1 by default (chat.host); the demo has no authentication, so expose it only behind
-something that has. Each browser tab (or ``gradio_client.Client``) has its own dialogue, whose KV cache
-is kept across rounds; the model answers one request at a time, the others wait in Gradio's queue.
-The programmatic API is Gradio's: endpoints ``/upload``, ``/ask`` and ``/reset`` (docs/chat.md).
+something that has. JSON API (every error is ``{"error": message}`` with a 4xx/5xx status):
+
+* ``POST /api/sessions`` body = the image file's bytes -> ``{"session": id, "width", "height"}``
+  (at most chat.max_upload_bytes bytes and chat.max_image_pixels pixels, checked before decoding);
+* ``POST /api/sessions/<id>/ask`` ``{"question", "boxes": [[x1,y1,x2,y2], ...], "ground": bool}`` ->
+  ``{"text", "boxes": [{"box": [x1,y1,x2,y2], "score", "source": "question"|"reply"}], "round", "stats"}``;
+* ``POST /api/sessions/<id>/reset``; ``DELETE /api/sessions/<id>``; ``GET /api/info``.
 """
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import logging
-import os
-import queue
+import secrets
 import sys
 import threading
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections import OrderedDict
+from dataclasses import asdict
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 
-import gradio as gr
-from PIL import Image
-
-from chatterbox.serve.cli import parse_box
-from chatterbox.serve.draw import draw_round
 from chatterbox.serve.session import ChatInputError, ChatSession, PromptOptions, open_image
-from chatterbox.tokens import BBOX_TOKEN, VG_TOKEN
 
+logger = logging.getLogger(__name__)
+
+MAX_JSON_BYTES = 64 * 1024
 MAX_QUESTION_CHARS = 4000
-MAX_REGIONS_CHARS = 64 * 1024
-PREVIEW_SIDE = 1024   # the picture in the page is the image shrunk to this many pixels a side at most
-MAX_QUEUED = 32       # requests waiting for the model beyond this are refused (Gradio's "queue is full")
-MODEL = "model"       # concurrency group of the events that run the model: one at a time
-
-# Dragging on the picture marks a region. The box goes to the server as fractions of the picture (which
-# may be a shrunk copy) through the hidden button #add-dragged-region; the server turns it into pixels.
-DRAG_TO_MARK_REGIONS_JS = """
-() => {
-  const MIN_SIDE = 3;  // CSS pixels: a click is not a region
-  const outline = document.createElement("div");
-  outline.id = "drag-outline";
-  outline.style.cssText = "position:fixed;border:2px dashed #ffc800;pointer-events:none;display:none;z-index:1000";
-  document.body.appendChild(outline);
-  let drag = null;
-  // Where the picture is drawn inside its <img> box (object-fit keeps the aspect ratio and centres it).
-  const pictureRect = (img) => {
-    const box = img.getBoundingClientRect();
-    let scale = Math.min(box.width / img.naturalWidth, box.height / img.naturalHeight);
-    if (getComputedStyle(img).objectFit === "scale-down") scale = Math.min(scale, 1);
-    const width = img.naturalWidth * scale, height = img.naturalHeight * scale;
-    return { left: box.left + (box.width - width) / 2, top: box.top + (box.height - height) / 2, width, height };
-  };
-  const inside = (event, r) => [Math.min(Math.max(event.clientX, r.left), r.left + r.width),
-                                Math.min(Math.max(event.clientY, r.top), r.top + r.height)];
-  const corners = (event) => {
-    const [x, y] = inside(event, drag.rect);
-    return [Math.min(drag.x, x), Math.min(drag.y, y), Math.max(drag.x, x), Math.max(drag.y, y)];
-  };
-  document.addEventListener("mousedown", (event) => {
-    const img = event.target.closest ? event.target.closest("#picture img") : null;
-    if (!img || !img.naturalWidth || event.button !== 0) return;
-    event.preventDefault();  // not the browser's own dragging of images
-    const rect = pictureRect(img), [x, y] = inside(event, rect);
-    drag = { rect, x, y };
-  });
-  document.addEventListener("mousemove", (event) => {
-    if (!drag) return;
-    const [x1, y1, x2, y2] = corners(event);
-    Object.assign(outline.style, { display: "block", left: `${x1}px`, top: `${y1}px`,
-                                   width: `${x2 - x1}px`, height: `${y2 - y1}px` });
-  });
-  document.addEventListener("mouseup", (event) => {
-    if (!drag) return;
-    const [x1, y1, x2, y2] = corners(event), r = drag.rect;
-    drag = null;
-    outline.style.display = "none";
-    if (x2 - x1 < MIN_SIDE || y2 - y1 < MIN_SIDE) return;
-    window.chatterboxDraggedRegion = JSON.stringify([(x1 - r.left) / r.width, (y1 - r.top) / r.height,
-                                                     (x2 - r.left) / r.width, (y2 - r.top) / r.height]);
-    document.getElementById("add-dragged-region").click();
-  });
-}
-"""
-READ_DRAGGED_REGION_JS = "(dragged, ...rest) => [window.chatterboxDraggedRegion, ...rest]"
-CSS = "#picture img { cursor: crosshair; user-select: none; }"
+# An oversized upload up to this many times the limit is read and dropped before answering 413.
+DRAIN_FACTOR = 4
 
 
-@dataclass
-class ImageDialogue:
-    """One browser session's dialogue (kept in a gr.State): the ChatSession, whose KV cache lasts across
-    rounds, and the picture the page shows, the image shrunk to PREVIEW_SIDE."""
-
-    chat: ChatSession
-    preview: Image.Image
-
-    @property
-    def preview_scale(self) -> float:
-        return self.preview.width / self.chat.width
+class HTTPError(Exception):
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
-def parse_regions(text: str, *, skip_unreadable: bool = False) -> list[list[float]]:
-    """The regions field: a box per line, x1 y1 x2 y2 in image pixels (blank lines are skipped)."""
-    boxes = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            boxes.append(parse_box(line))
-        except ValueError as e:
-            if not skip_unreadable:
-                raise ChatInputError(f"regions, line {number}: {e}") from None
-    return boxes
-
-
-def _format_box(box) -> str:
-    return " ".join(f"{round(float(v), 1):g}" for v in box)
-
-
-def refused(error: ChatInputError, skipped_before: int, skipped_after: int) -> tuple:
-    """A handler's answer to input it cannot use: the message in a toast, in the status box and as
-    ``{"error": message}`` in the data slot; every other output (the dialogue's state too) stays as it was.
-
-    Not gr.Error: that would put every output of the event in an error state, hiding the dialogue."""
-    message = str(error)
-    gr.Warning(html.escape(message))  # the toast shows HTML: escaped, "<bbox>" stays visible
-    return (*[gr.skip()] * skipped_before, {"error": message}, f"Refused: {message}", *[gr.skip()] * skipped_after)
-
-
-def _check_length(field: str, text: str, limit: int) -> None:
-    if len(text) > limit:
-        raise ChatInputError(f"the {field} is longer than {limit} characters")
-
-
-def chat_messages(chat: ChatSession) -> list[dict]:
-    """The dialogue as gr.Chatbot messages: each question with its regions, each reply with its boxes."""
-    messages = []
-    for turn in chat.history:
-        regions = [f"region {k + 1}: [{', '.join(f'{v:g}' for v in box)}]"
-                   for k, box in enumerate(turn.region_boxes_xyxy_abs.tolist())]
-        messages.append({"role": "user", "content": "\n".join([turn.question, *regions])})
-        messages.append({"role": "assistant", "content": "\n".join([turn.reply.text, *turn.reply.box_lines()])})
-    return messages
-
-
-def reply_data(chat: ChatSession) -> dict:
-    """The last round as data: the reply, the question as the model saw it, the boxes and the timings."""
-    turn = chat.history[-1]
-    reply = turn.reply
-    scores = reply.scores.tolist()
-    return {
-        "text": reply.text,
-        "question": turn.question,
-        "round": len(chat.history),
-        "boxes": [{"box": box, "score": round(scores[k], 4), "found": bool(reply.found[k]),
-                   "source": reply.box_source(k)} for k, box in enumerate(reply.boxes_as_lists())],
-        "stats": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(reply.stats).items()},
-    }
-
-
-class ChatDemo:
-    """The Gradio app around one model: ``ChatDemo(model, ...).launch()``."""
+class ChatService:
+    """The sessions of the demo: a bounded number, least recently used evicted; one model call at a time."""
 
     def __init__(self, model, options: PromptOptions | None = None, *, max_new_tokens: int = 512,
                  box_threshold: float | None = None, max_upload_bytes: int = 20 * 1024 * 1024,
@@ -173,167 +56,181 @@ class ChatDemo:
         self.max_upload_bytes = max_upload_bytes
         self.max_image_pixels = max_image_pixels
         self.max_sessions = max_sessions
-        # Besides the queue's one-at-a-time: a reply whose page went away still runs to its end.
-        self._model_lock = threading.Lock()
-        self.blocks = self._build()
-        self.blocks.queue(default_concurrency_limit=1, max_size=MAX_QUEUED)
+        self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
+        self._lock = threading.Lock()  # the model runs one request at a time
 
-    # -- the page ----------------------------------------------------------------------------------
-    def _build(self) -> gr.Blocks:
-        with gr.Blocks(title="ChatterBox", analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
-            dialogue = gr.State(None)
-            gr.Markdown("# ChatterBox\nUpload an image, drag on it to mark a region (or type one), ask about "
-                        f"it: each `{BBOX_TOKEN}` in a question is the next region of the list; tick "
-                        f"**ask for a box** to get one back (`{VG_TOKEN}`).")
-            with gr.Row():
-                with gr.Column():
-                    upload = gr.File(label="Image", file_types=["image"], type="filepath", height=120,
-                                     elem_id="upload")
-                    picture = gr.Image(label="Picture", interactive=False, format="png",
-                                       buttons=["download", "fullscreen"], elem_id="picture")
-                    regions = gr.Textbox(label="Regions", info="x1 y1 x2 y2 per line, in pixels of the image",
-                                         lines=3, elem_id="regions")
-                    clear_regions = gr.Button("Clear regions", size="sm", elem_id="clear-regions")
-                    # In the page but not shown: what the drag script triggers (the box rides in its js).
-                    dragged = gr.Textbox(visible="hidden", elem_id="dragged-region")
-                    add_dragged = gr.Button(visible="hidden", elem_id="add-dragged-region")
-                with gr.Column():
-                    chatbot = gr.Chatbot(label="Dialogue", render_markdown=False, feedback_options=None,
-                                         buttons=["copy", "copy_all"], height=420, elem_id="dialogue")
-                    question = gr.Textbox(label="Question", placeholder=f"Ask about the image; {BBOX_TOKEN} = a region",
-                                          elem_id="question")
-                    with gr.Row():
-                        insert_bbox = gr.Button(f"Insert {BBOX_TOKEN}", elem_id="insert-bbox")
-                        ground = gr.Checkbox(label=f"ask for a box ({VG_TOKEN})", elem_id="ground")
-                        send = gr.Button("Send", variant="primary", elem_id="send")
-                        reset = gr.Button("Reset dialogue", elem_id="reset")
-                    status = gr.Textbox(label="Status", value="Upload an image to start.", interactive=False,
-                                        elem_id="status")
-                    with gr.Accordion("Last reply as data", open=False):
-                        last_reply = gr.JSON(label="Last reply", elem_id="last-reply")
+    def info(self) -> dict:
+        return {"max_upload_bytes": self.max_upload_bytes, "max_image_pixels": self.max_image_pixels,
+                "max_new_tokens": self.max_new_tokens, "sessions": len(self._sessions)}
 
-            # Every endpoint answers (dialogue, picture, last reply, status, regions, ...), in that order. The
-            # model's events run one at a time; "minimal" progress leaves the dialogue visible meanwhile.
-            shown = [chatbot, picture, last_reply, status, regions]
-            model_event = dict(concurrency_id=MODEL, concurrency_limit=1, show_progress="minimal")
-            upload.upload(self.upload, [upload], [dialogue, *shown], api_name="upload", **model_event)
-            upload.clear(lambda: (None, [], None, None, "Upload an image to start.", ""), None, [dialogue, *shown],
-                         api_visibility="private")
-            gr.on([send.click, question.submit], self.ask, [question, regions, ground, dialogue], [*shown, question],
-                  api_name="ask", **model_event)
-            reset.click(self.reset, [dialogue], shown, api_name="reset", **model_event)
-            regions.input(self.picture, [regions, dialogue], [picture], trigger_mode="always_last",
-                          show_progress="hidden", api_visibility="private")
-            clear_regions.click(lambda d: ("", self.picture("", d)), [dialogue], [regions, picture],
-                                show_progress="hidden", api_visibility="private")
-            add_dragged.click(self.add_dragged_region, [dragged, regions, dialogue], [regions, picture],
-                              js=READ_DRAGGED_REGION_JS, show_progress="hidden", api_visibility="private")
-            insert_bbox.click(None, [question], [question], js=f"(question) => question + '{BBOX_TOKEN}'")
-        return blocks
+    def create(self, data: bytes) -> dict:
+        image = open_image(data, self.max_image_pixels, what="the uploaded file")
+        with self._lock:
+            session = ChatSession(self.model, image, options=self.options, max_new_tokens=self.max_new_tokens,
+                                  box_threshold=self.box_threshold, max_image_pixels=None)
+            session_id = secrets.token_urlsafe(12)
+            self._sessions[session_id] = session
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+        return {"session": session_id, "width": session.width, "height": session.height}
 
-    def launch(self, host: str = "127.0.0.1", port: int = 7860) -> str:
-        """Start serving in a background thread; returns the page's address."""
-        self.blocks.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, share=False,
-                           show_error=False, max_file_size=self.max_upload_bytes,
-                           state_session_capacity=self.max_sessions, enable_monitoring=False, mcp_server=False,
-                           ssr_mode=False, run_history=False, footer_links=["api"], js=DRAG_TO_MARK_REGIONS_JS,
-                           css=CSS)
-        return self.blocks.local_url
+    def _get(self, session_id: str) -> ChatSession:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise HTTPError(HTTPStatus.NOT_FOUND, "unknown or expired session: upload the image again")
+        self._sessions.move_to_end(session_id)
+        return session
 
-    def close(self) -> None:
-        self.blocks.close(verbose=False)
+    def ask(self, session_id: str, request: dict) -> dict:
+        question = request.get("question")
+        if not isinstance(question, str):
+            raise ChatInputError("field 'question' must be a string")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise ChatInputError(f"field 'question' is longer than {MAX_QUESTION_CHARS} characters")
+        boxes = request.get("boxes") or []
+        if not isinstance(boxes, list) or not all(
+                isinstance(b, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)
+                for b in boxes):
+            raise ChatInputError("field 'boxes' must be a list of [x1, y1, x2, y2] number lists")
+        ground = request.get("ground", False)
+        if not isinstance(ground, bool):
+            raise ChatInputError("field 'ground' must be true or false")
+        with self._lock:
+            session = self._get(session_id)
+            reply = session.ask(question, boxes, ground=ground)
+            round_index = len(session.history)
+            question_used = session.history[-1].question
+        scores = reply.scores.tolist()
+        return {
+            "text": reply.text,
+            "question": question_used,
+            "round": round_index,
+            "boxes": [{"box": box, "score": round(scores[k], 4), "found": bool(reply.found[k]),
+                       "source": "question" if k < reply.vg_in_question else "reply"}
+                      for k, box in enumerate(reply.boxes_as_lists())],
+            "stats": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(reply.stats).items()},
+        }
 
-    # -- event handlers ------------------------------------------------------------------------------
-    def _dialogue(self, dialogue: ImageDialogue | None) -> ImageDialogue:
-        if dialogue is None:
-            raise ChatInputError("no image in this session: upload one first (the demo keeps the "
-                                 f"{self.max_sessions} most recently used sessions)")
-        return dialogue
+    def reset(self, session_id: str) -> dict:
+        with self._lock:
+            self._get(session_id).reset()
+        return {"ok": True}
 
-    def picture(self, regions_text: str, dialogue: ImageDialogue | None) -> Image.Image | None:
-        """The image with the regions being typed (else the last question's) and the last reply's boxes."""
-        if dialogue is None:
-            return None
-        chat = dialogue.chat
-        # What can be drawn of a region being typed: its part inside the image.
-        pending = [[min(max(v, 0), side) for v, side in zip(box, (chat.width, chat.height) * 2)]
-                   for box in parse_regions(regions_text, skip_unreadable=True)]
-        pending = [box for box in pending if box[2] > box[0] and box[3] > box[1]]
-        last = chat.history[-1] if chat.history else None
-        regions = pending or (last.region_boxes_xyxy_abs if last else [])
-        return draw_round(dialogue.preview, regions, last.reply if last else None, dialogue.preview_scale)
+    def delete(self, session_id: str) -> dict:
+        with self._lock:
+            self._get(session_id)
+            del self._sessions[session_id]
+        return {"ok": True}
 
-    def upload(self, image: str):
-        """A new dialogue about the uploaded image (its size and pixel count checked before decoding)."""
+
+def _page() -> bytes:
+    return resources.files("chatterbox.serve").joinpath("static/index.html").read_bytes()
+
+
+class ChatRequestHandler(BaseHTTPRequestHandler):
+    service: ChatService  # set on the subclass made by make_server
+    server_version = "ChatterBoxDemo/1"
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
+        logger.info("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: HTTPStatus, payload: dict) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _body(self, limit: int, what: str) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "the request needs a Content-Length header")
         try:
-            if not image:
-                raise ChatInputError("no file was uploaded")
-            size = os.path.getsize(image)
-            if size > self.max_upload_bytes:  # files Gradio fetched from a URL skip its upload limit
-                raise ChatInputError(f"the uploaded file is {size:,} bytes, more than the limit of "
-                                     f"{self.max_upload_bytes:,} bytes")
-            decoded = open_image(Path(image).read_bytes(), self.max_image_pixels, what="the uploaded file")
-            with self._model_lock:
-                chat = ChatSession(self.model, decoded, options=self.options, max_new_tokens=self.max_new_tokens,
-                                   box_threshold=self.box_threshold, max_image_pixels=None)
-        except ChatInputError as e:
-            return refused(e, skipped_before=3, skipped_after=1)
-        preview = decoded.copy()
-        preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
-        dialogue = ImageDialogue(chat, preview)
-        return (dialogue, [], self.picture("", dialogue), None,
-                f"Image {chat.width}×{chat.height}: drag on it to mark a region, then ask.", "")
+            size = int(length)
+        except ValueError:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}") from None
+        if size > limit:
+            self._discard(size, limit)
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            f"{what} is {size:,} bytes, more than the limit of {limit:,} bytes")
+        return self.rfile.read(size)
 
-    def ask(self, question: str, regions: str, ground: bool, dialogue: ImageDialogue | None):
-        """One round, streamed: (dialogue, picture, last reply as data, status, regions, question)."""
-        question, regions = question or "", regions or ""  # the API may send None for a text field
-        try:
-            chat = self._dialogue(dialogue).chat
-            _check_length("question", question, MAX_QUESTION_CHARS)
-            _check_length("regions field", regions, MAX_REGIONS_CHARS)
-            boxes = parse_regions(regions)
-        except ChatInputError as e:
-            yield refused(e, skipped_before=2, skipped_after=2)
+    def _discard(self, size: int, limit: int) -> None:
+        """Read and drop a refused body so the client gets the answer rather than a reset connection;
+        a body far beyond the limit is not read: the connection is closed instead."""
+        if size > DRAIN_FACTOR * limit:
+            self.close_connection = True
             return
-        updates: queue.Queue = queue.Queue()
+        while size > 0:
+            chunk = self.rfile.read(min(size, 1 << 16))
+            if not chunk:
+                break
+            size -= len(chunk)
 
-        def answer():
-            try:
-                with self._model_lock:
-                    updates.put(chat.ask(question, boxes, ground=bool(ground), on_text=updates.put))
-            except BaseException as e:  # handed to the request's thread, which raises it
-                updates.put(e)
-
-        threading.Thread(target=answer, name="chatterbox-ask", daemon=True).start()
-        while isinstance(update := updates.get(), str):
-            streamed = [{"role": "user", "content": question}, {"role": "assistant", "content": update}]
-            yield chat_messages(chat) + streamed, gr.skip(), gr.skip(), "Writing…", gr.skip(), gr.skip()
-        if isinstance(update, ChatInputError):
-            yield refused(update, skipped_before=2, skipped_after=2)
-            return
-        if isinstance(update, BaseException):
-            raise update
-        stats = update.stats
-        yield (chat_messages(chat), self.picture("", dialogue), reply_data(chat),
-               f"Round {stats.round_index}: {stats.generated_tokens} tokens in {stats.total_s:.2f} s.", "", "")
-
-    def reset(self, dialogue: ImageDialogue | None):
-        """Forget the dialogue and its KV cache; the image stays."""
+    def _json_body(self) -> dict:
+        raw = self._body(MAX_JSON_BYTES, "the request")
         try:
-            self._dialogue(dialogue).chat.reset()
-        except ChatInputError as e:
-            return refused(e, skipped_before=2, skipped_after=1)
-        return [], self.picture("", dialogue), None, "Dialogue cleared.", ""
+            payload = json.loads(raw or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(payload, dict):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object")
+        return payload
 
-    def add_dragged_region(self, dragged: str, regions: str, dialogue: ImageDialogue | None):
-        """Append the region dragged on the picture (fractions of it, from the page's script) in pixels."""
-        if dialogue is None:
-            return gr.skip(), gr.skip()
-        fractions = json.loads(dragged)
-        chat = dialogue.chat
-        box = [f * side for f, side in zip(fractions, (chat.width, chat.height) * 2)]
-        regions = regions.rstrip("\n") + ("\n" if regions.strip() else "") + _format_box(box)
-        return regions, self.picture(regions, dialogue)
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        parts = [p for p in path.split("/") if p]
+        try:
+            if method == "GET" and path in ("/", "/index.html"):
+                return self._send(HTTPStatus.OK, _page(), "text/html; charset=utf-8")
+            if method == "GET" and parts == ["api", "info"]:
+                return self._json(HTTPStatus.OK, self.service.info())
+            if method == "POST" and parts == ["api", "sessions"]:
+                data = self._body(self.service.max_upload_bytes, "the uploaded file")
+                return self._json(HTTPStatus.CREATED, self.service.create(data))
+            if len(parts) == 3 and parts[:2] == ["api", "sessions"] and method == "DELETE":
+                return self._json(HTTPStatus.OK, self.service.delete(parts[2]))
+            if len(parts) == 4 and parts[:2] == ["api", "sessions"] and method == "POST":
+                if parts[3] == "ask":
+                    return self._json(HTTPStatus.OK, self.service.ask(parts[2], self._json_body()))
+                if parts[3] == "reset":
+                    return self._json(HTTPStatus.OK, self.service.reset(parts[2]))
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint: {method} {path}")
+        except HTTPError as e:
+            self._json(e.status, {"error": e.message})
+        except ChatInputError as e:
+            self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        except Exception:  # the message of an internal error is logged, not shown
+            logger.exception("request %s %s failed", method, path)
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the server log"})
+
+    def do_GET(self):  # noqa: N802 - http.server naming
+        self._dispatch("GET")
+
+    def do_POST(self):  # noqa: N802
+        self._dispatch("POST")
+
+    def do_DELETE(self):  # noqa: N802
+        self._dispatch("DELETE")
+
+
+def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 7860,
+                request_timeout: float = 30.0) -> ThreadingHTTPServer:
+    """A ThreadingHTTPServer for ``service`` (port 0 picks a free port: see ``server.server_address``).
+
+    A connection that sends nothing for ``request_timeout`` seconds is closed, so stalled uploads cannot
+    hold the server's threads."""
+    handler = type("BoundChatRequestHandler", (ChatRequestHandler,),
+                   {"service": service, "timeout": request_timeout})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
 
 
 def main(argv=None) -> int:
@@ -343,21 +240,24 @@ def main(argv=None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--host", default=None, help="address to bind (default: chat.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: chat.port, 7860)")
-    parser.add_argument("--max-sessions", type=int, default=8,
-                        help="dialogues kept (one per browser tab or API client; least recently used go)")
+    parser.add_argument("--max-sessions", type=int, default=8, help="sessions kept (least recently used go)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # else Gradio's start-up probes of its own URL are logged
     model, cfg, options = load_chat_model(args)
-    demo = ChatDemo(model, options, max_new_tokens=cfg.chat.max_new_tokens,
-                    box_threshold=cfg.model.vision.box_threshold, max_upload_bytes=cfg.chat.max_upload_bytes,
-                    max_image_pixels=cfg.chat.max_image_pixels, max_sessions=args.max_sessions)
-    url = demo.launch(args.host or cfg.chat.host, cfg.chat.port if args.port is None else args.port)
-    print(f"ChatterBox demo on {url} (Ctrl-C stops it)", flush=True)
+    service = ChatService(model, options, max_new_tokens=cfg.chat.max_new_tokens,
+                          box_threshold=cfg.model.vision.box_threshold, max_upload_bytes=cfg.chat.max_upload_bytes,
+                          max_image_pixels=cfg.chat.max_image_pixels, max_sessions=args.max_sessions)
+    host = args.host or cfg.chat.host
+    port = cfg.chat.port if args.port is None else args.port
+    server = make_server(service, host, port, cfg.chat.request_timeout_s)
+    print(f"ChatterBox demo on http://{server.server_address[0]}:{server.server_address[1]}/ (Ctrl-C stops it)",
+          flush=True)
     try:
-        demo.blocks.block_thread()
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
     finally:
-        demo.close()
+        server.server_close()
     return 0
 
 
