@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 from kind_gradient import COLOURS, KINDS, word_positions
+from kind_supervision import NAME
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trained_export  # noqa: E402
 
 from chatterbox.model.lora import apply_trainable_policy, parameter_group  # noqa: E402
 
-NAME = re.compile(r"(red|green|blue|yellow|purple|orange) (circle|square|triangle)")
 LR, LR_SCALE = 1e-3, {"lora": 3, "embed_tokens": 3, "lm_head": 3, "region_encoder": 0.1}
 FORWARD_KEYS = ("input_ids", "attention_mask", "labels", "images_clip", "images_dino", "offset", "image_sizes",
                 "region_boxes", "grounding_targets", "task", "sample_ids")
