@@ -13,7 +13,9 @@ success_rate, miou_at_success, num_samples, ...), the same as eval_grounding.py 
 --visualize N draws the first N predictions (GT green, prediction red) to <output-dir>/visualizations.
 --query-swap adds success_rate_query_swapped: each question answered with the [VG] query of another
 question about the same image (grounding_metrics.evaluate_query_swap), the control for "the box
-follows the words".
+follows the words"; and, for names of several words, success_rate_by_shared_word: the success rate where
+another shape of the image shares word k of the name, beside the chance of a model blind to the other words
+(grounding_metrics.evaluate_shared_words; on the synthetic split: does the box follow the colour, the kind).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     from chatterbox.eval import questions as Q
+    from chatterbox.eval.grounding_metrics import evaluate_shared_words
     from chatterbox.eval.reports import write_markdown_report, write_summary_json
     from chatterbox.eval.runner import setup_runner
 
@@ -61,6 +64,10 @@ def main(argv=None) -> int:
     result = evaluation.to_dict()
     if args.query_swap:
         result.update(query_swap_fields(predictions.records, args.iou_threshold))
+        names = [item.upstream.get("catgory") for item in items]  # upstream's spelling of the key
+        if all(names):
+            result["success_rate_by_shared_word"] = evaluate_shared_words(
+                predictions.records, names, iou_threshold=args.iou_threshold)
     summary = {"benchmark": "coco_grounding", "questions": source, **run_fields(args, stats),
                "world_size": s.dist.world_size, **result}
     write_summary_json(s.output_dir / "summary.json", summary)

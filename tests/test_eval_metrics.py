@@ -15,6 +15,7 @@ from chatterbox.eval.grounding_metrics import (
     GroundingRecord,
     evaluate_grounding,
     evaluate_query_swap,
+    evaluate_shared_words,
     iou_per_item,
     read_upstream_grounding_predictions,
     rec_accuracy,
@@ -288,6 +289,27 @@ def test_query_swap_separates_grounding_the_words_from_one_box_per_image():
     lone = [_record(0, "a.jpg", "Where is the dog?", dog, None), _record(1, "a.jpg", "Where is the cat?", cat, cat),
             _record(2, "b.jpg", "Where is the cup?", dog, dog)]
     assert evaluate_query_swap(lone) == {"num_swappable": 2, "success_rate": 0.5, "success_rate_query_swapped": 0.0}
+
+
+def test_shared_words_tell_a_colour_blind_model_from_one_that_reads_both_words():
+    box = {"red circle": (0, 0, 10, 10), "blue circle": (20, 0, 30, 10), "red square": (40, 0, 50, 10),
+           "green triangle": (60, 0, 70, 10)}
+    names = list(box)
+
+    def records(answer):
+        return [_record(i, "a.jpg", f"Where is the {n}?", box[n], box[answer(n)]) for i, n in enumerate(names)]
+
+    reads_both = evaluate_shared_words(records(lambda n: n), names)
+    # word 0 (colour) shared: red circle / red square, the kind decides; word 1 (kind): the two circles
+    assert reads_both == [{"word": 0, "num_questions": 2, "success_rate": 1.0, "chance": 0.5},
+                          {"word": 1, "num_questions": 2, "success_rate": 1.0, "chance": 0.5}]
+    # blind to the colour: every circle question gets the red circle
+    colour_blind = evaluate_shared_words(records(lambda n: "red circle" if n.endswith("circle") else n), names)
+    assert colour_blind[1] == {"word": 1, "num_questions": 2, "success_rate": 0.5, "chance": 0.5}
+    assert colour_blind[0]["success_rate"] == 1.0  # the kind still decides red circle vs red square
+    # names are looked up by record index: a short list is an error, not a silent misalignment
+    with pytest.raises(ValueError, match="3 names"):
+        evaluate_shared_words(records(lambda n: n), names[:3])
 
 
 def test_query_swap_command_on_a_predictions_file(tmp_path):

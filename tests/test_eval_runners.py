@@ -574,7 +574,7 @@ def _free_port() -> int:
 
 def test_coco_grounding_command_sharded_equals_single(tmp_path, synthetic_root):
     sets = ["--set", f"data.paths.coco2017_dir={synthetic_root / 'MSCOCO2017'}", "--set", "eval.max_new_tokens=4"]
-    common = ["--config", "tiny_stage1", *sets, "--limit", "5", "--batch-size", "2", "--device", "cpu"]
+    common = ["--config", "tiny_stage1", *sets, "--limit", "5", "--batch-size", "2", "--device", "cpu", "--query-swap"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(key, None)
@@ -591,6 +591,10 @@ def test_coco_grounding_command_sharded_equals_single(tmp_path, synthetic_root):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     metrics = json.loads(single.stdout.strip().splitlines()[-1])
     assert metrics["num_samples"] == 5 and set(metrics) >= {"miou", "success_rate", "miou_at_success"}
+    # the controls: the query swap, and the words shared with another shape of the image ("red circle")
+    assert metrics["num_query_swappable"] <= 5 and metrics["success_rate_by_shared_word"]  # seed 3: two circles
+    for shared in metrics["success_rate_by_shared_word"]:
+        assert shared["word"] in (0, 1) and 1 <= shared["num_questions"] <= 5 and 0 < shared["chance"] <= 0.5
     assert json.loads(sharded.stdout.strip().splitlines()[-1]) == metrics
     assert not list((tmp_path / "two").glob("*.rank*"))
 

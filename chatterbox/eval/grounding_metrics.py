@@ -43,6 +43,7 @@ __all__ = [
     "evaluate_grounding",
     "query_swap_partners",
     "evaluate_query_swap",
+    "evaluate_shared_words",
 ]
 
 MISSING_POLICIES = ("error", "zero")
@@ -470,3 +471,42 @@ def evaluate_query_swap(records: Sequence[GroundingRecord], *,
             "success_rate": float((own >= iou_threshold).double().mean()),
             "success_rate_query_swapped": float((swapped >= iou_threshold).double().mean())}
 
+
+
+def evaluate_shared_words(records: Sequence[GroundingRecord], names: Sequence[str], *,
+                          iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> list[dict]:
+    """Which words of a name the box follows: for each word position k of the (space-separated) names,
+    the success rate over the questions whose image also holds another asked-about name sharing word k,
+    where only the other words tell the shapes apart ("red circle" beside a "blue circle": the colour
+    decides). ``names[r.index]`` is the name record r asks about.
+
+    Beside it, ``chance``: the mean of 1 / (1 + the number of such names in the image), what a model that
+    reads every word but k, and picks among the shapes sharing word k at random, would score. One dict per
+    word position that some question has, in order: ``word``, ``num_questions``, ``success_rate``, ``chance``.
+    """
+    if len(names) < max((r.index for r in records), default=-1) + 1:
+        raise ValueError(f"{len(names)} names for records up to index {max(r.index for r in records)}")
+    by_image: dict[str, set[str]] = {}
+    for r in records:
+        if r.image_path is None:
+            raise ValueError(f"record {r.index} has no image path: the shared-word breakdown needs it")
+        by_image.setdefault(r.image_path, set()).add(names[r.index])
+    zero = (0.0, 0.0, 0.0, 0.0)
+    ious = iou_per_item([r.pred_box_xyxy_abs if r.pred_box_xyxy_abs is not None else zero for r in records],
+                        [r.gt_box_xyxy_abs for r in records])
+    results = []
+    for word in range(max(len(n.split()) for n in names)):
+        hits, chances = [], []
+        for r, iou in zip(records, ious.tolist()):
+            words = names[r.index].split()
+            if word >= len(words):
+                continue
+            sharing = sum(1 for other in by_image[r.image_path] if other != names[r.index]
+                          and len(other.split()) > word and other.split()[word] == words[word])
+            if sharing:
+                hits.append(iou >= iou_threshold)
+                chances.append(1.0 / (1 + sharing))
+        if hits:
+            results.append({"word": word, "num_questions": len(hits), "success_rate": sum(hits) / len(hits),
+                            "chance": sum(chances) / len(chances)})
+    return results
