@@ -29,6 +29,16 @@ def shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def shared_word_fields(by_shared_word: list[dict]) -> dict:
+    """Summary fields from coco_grounding's success_rate_by_shared_word on the synthetic "<colour> <kind>" names."""
+    fields = {}
+    for shared in by_shared_word:
+        decides = {0: "kind", 1: "colour"}[shared["word"]]
+        fields[f"grounding_success_rate_{decides}_decides"] = shared["success_rate"]
+        fields[f"grounding_success_rate_{decides}_decides_chance"] = shared["chance"]
+    return fields
+
+
 def set_arguments(overrides: list[str]) -> list[str]:
     """``--set KEY=VALUE`` command-line arguments for every override."""
     return [arg for override in overrides for arg in ("--set", override)]
@@ -155,6 +165,9 @@ def main(argv=None) -> int:
         "grounding_num_samples": grounding["num_samples"],
         # the control: each question answered with another question's [VG] query (same image)
         "grounding_success_rate_query_swapped": grounding["success_rate_query_swapped"],
+        # where another shape of the image has the same kind (colour), only the colour (kind) tells them
+        # apart: the box follows that word if the rate is above the chance of picking among them
+        **shared_word_fields(grounding["success_rate_by_shared_word"]),
         "referring_accuracy": referring["name_accuracy"],
         "referring_accuracy_most_frequent_category": referring["name_accuracy_most_frequent_category"],
         # the synthetic names are "<colour> <kind>": each word on its own, beside its most-frequent control
