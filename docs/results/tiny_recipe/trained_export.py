@@ -20,13 +20,15 @@ def parse_args(description: str, batches: int) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override matching the export (e.g. model.clip.patch_size=14)")
     parser.add_argument("--batches", type=int, default=batches)
+    parser.add_argument("--config", default="tiny_stage2", help="the stage-2 config the export was trained with")
     return parser.parse_args()
 
 
 def load(args: argparse.Namespace):
-    """(config, model in eval mode) for ``args.export`` (seed 0 for whatever it does not hold)."""
+    """(config, model in eval mode) for ``args.export`` (seed 0 for whatever it does not hold); the config
+    is ``args.config`` (tiny_stage2 when absent) with ``args.set``, on its configured device."""
     torch.manual_seed(0)
-    cfg = load_config("tiny_stage2", ["train.init_from=", *args.set])
+    cfg = load_config(getattr(args, "config", "tiny_stage2"), ["train.init_from=", *args.set])
     model = build_model(cfg).eval()
     if args.export != "init":
         load_export_weights(model, args.export)
