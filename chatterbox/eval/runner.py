@@ -415,17 +415,19 @@ def check_export_fits_config(export_model_cfg, cfg, checkpoint: str) -> None:
                        "are used", checkpoint, cfg.name, ", ".join(differ[:8]) + (" ..." if len(differ) > 8 else ""))
 
 
-def load_eval_model(cfg, checkpoint: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def load_eval_model(cfg, checkpoint: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                    quantization: str = "none"):
     """``checkpoint``: a ``ChatterBox.save_pretrained`` directory or the Hub id of one; empty = the config's
-    model (base weights from its paths; random parts drawn from ``seed``, so every rank builds the same model)."""
+    model (base weights from its paths; random parts drawn from ``seed``, so every rank builds the same model).
+    ``quantization``: "8bit" / "4bit" puts the LLM's linear layers in bitsandbytes."""
     from chatterbox.model.chatterbox import ChatterBox
 
     if checkpoint:
-        model = ChatterBox.from_pretrained(checkpoint, dtype=dtype, device=device)
+        model = ChatterBox.from_pretrained(checkpoint, dtype=dtype, device=device, quantization=quantization)
         check_export_fits_config(model.cfg, cfg, checkpoint)
     else:
         torch.manual_seed(seed)
-        model = ChatterBox.build(cfg.model, dtype=dtype, device=device, verbose=False)
+        model = ChatterBox.build(cfg.model, dtype=dtype, device=device, verbose=False, quantization=quantization)
     return model.eval()
 
 
@@ -456,11 +458,14 @@ def run_fingerprint(args, cfg) -> dict:
         fingerprint["seed"] = args.seed
     options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_FINGERPRINT
                and k not in ("config", "overrides", "checkpoint", "seed")}
+    if options.get("quantization") == "none":
+        del options["quantization"]  # full-precision runs resume the files written before the option existed
     return json.loads(json.dumps({**fingerprint, "options": options}, default=str))
 
 
 def add_runner_arguments(parser) -> None:
     from chatterbox.config import add_config_arguments
+    from chatterbox.model.quantization import add_quantization_argument
 
     add_config_arguments(parser)
     parser.add_argument("--checkpoint", default="", help="ChatterBox.save_pretrained directory or its Hub id "
@@ -473,6 +478,7 @@ def add_runner_arguments(parser) -> None:
     parser.add_argument("--device", default="", help="default: the config's device (auto = cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--seed", type=int, default=0, help="seed for randomly initialised parts (no checkpoint)")
+    add_quantization_argument(parser)
 
 
 @dataclass
@@ -501,7 +507,8 @@ def setup_runner(args, benchmark: str) -> RunnerSetup:
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    model = load_eval_model(cfg, args.checkpoint, device, resolve_dtype(args.dtype, device), args.seed)
+    model = load_eval_model(cfg, args.checkpoint, device, resolve_dtype(args.dtype, device), args.seed,
+                            args.quantization)
     encoder = RequestEncoder.from_config(model.tokenizer, cfg)
     output_dir = Path(args.output_dir or os.path.join(cfg.eval.output_dir, benchmark))
     output_dir.mkdir(parents=True, exist_ok=True)

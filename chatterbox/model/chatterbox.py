@@ -74,6 +74,7 @@ class ChatterBox(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.quantization = "none"  # "8bit" / "4bit" after chatterbox.model.quantization (inference only)
         self.token_ids: SpecialTokenIds = special_token_ids(tokenizer)
         self.clip_tower = clip_tower
         self.language_model = language_model
@@ -100,30 +101,44 @@ class ChatterBox(nn.Module):
     # construction
     @classmethod
     def build(cls, cfg: ModelConfig, tokenizer=None, dtype: torch.dtype | None = None,
-              device: str | torch.device | None = None, verbose: bool = True) -> "ChatterBox":
-        """Build from a config: base weights from the configured paths or Hub ids, random where a path is empty."""
+              device: str | torch.device | None = None, verbose: bool = True,
+              quantization: str = "none") -> "ChatterBox":
+        """Build from a config: base weights from the configured paths or Hub ids, random where a path is empty.
+        ``quantization`` ("8bit", "4bit"): the LLM's linear layers in bitsandbytes, for inference
+        (chatterbox.model.quantization)."""
         from chatterbox.model import weights
 
         model = weights.build_model(cfg, tokenizer=tokenizer)
-        if dtype is not None or device is not None:
-            model.to(device=device, dtype=dtype)
+        model._place(dtype, device, quantization)
         if verbose:
             logger.info("ChatterBox parameters:\n%s", model.parameter_table())
         return model
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> "ChatterBox":
+                        device: str | torch.device | None = None, quantization: str = "none") -> "ChatterBox":
         """Load an export written by :meth:`save_pretrained` (base weights re-read from their paths).
 
         ``directory`` may be the Hub id of a repo holding an export: ``owner/name`` or ``owner/name@revision``.
+        ``quantization`` ("8bit", "4bit"): the LLM's linear layers in bitsandbytes, for inference on a smaller
+        card (chatterbox.model.quantization).
         """
         from chatterbox.model import weights
 
         model = weights.load_pretrained(directory)
-        if dtype is not None or device is not None:
-            model.to(device=device, dtype=dtype)
+        model._place(dtype, device, quantization)
         return model
+
+    def _place(self, dtype: torch.dtype | None, device: str | torch.device | None, quantization: str) -> None:
+        if quantization == "none":
+            if dtype is not None or device is not None:
+                self.to(device=device, dtype=dtype)
+            return
+        from chatterbox.model.quantization import quantize_language_model
+
+        if dtype is not None:
+            self.to(dtype=dtype)  # on the host: bitsandbytes quantises while moving to the device
+        quantize_language_model(self, quantization, device if device is not None else "cpu")
 
     def save_pretrained(self, directory: str | Path, merge_lora: bool = False,
                         max_shard_size: int | str = "5GB") -> Path:

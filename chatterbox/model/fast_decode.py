@@ -89,6 +89,8 @@ def unsupported_reason(causal_lm: nn.Module) -> str | None:
             base = _base_linear(module)
             if not isinstance(base, nn.Linear) or base.bias is not None:
                 return f"layer {index} {name}_proj is not a bias-free nn.Linear"
+            if not base.weight.is_floating_point():
+                return f"layer {index} {name}_proj holds quantised weights ({base.weight.dtype})"
             problem = _adapter_problem(module)
             if problem:
                 return f"layer {index} {name}_proj: {problem}"

@@ -372,6 +372,9 @@ def save_pretrained(model, directory: str | os.PathLike, merge_lora: bool = Fals
     and swapped in whole, so an interrupted save leaves the previous export as it was; a folder that holds
     anything but an export is refused, not written over.
     """
+    if model.quantization != "none":
+        raise WeightsError(f"the model is quantised ({model.quantization}) for inference; save the export it "
+                           "was loaded from instead")
     final = Path(directory)
     if final.is_dir() and any(final.iterdir()) and not (final / "export.json").is_file():
         raise WeightsError(f"{final}: exists and is not an export (no export.json); not writing over its files")

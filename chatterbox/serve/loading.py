@@ -7,6 +7,7 @@ import logging
 import torch
 
 from chatterbox.config import ChatterBoxConfig, add_config_arguments, config_from_args
+from chatterbox.model.quantization import add_quantization_argument
 from chatterbox.serve.session import PromptOptions
 
 logger = logging.getLogger(__name__)
@@ -20,6 +21,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                         help="weights dtype (auto: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
+    add_quantization_argument(parser)
 
 
 def resolve_device(cfg: ChatterBoxConfig) -> torch.device:
@@ -43,9 +45,11 @@ def load_chat_model(args: argparse.Namespace):
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     if args.checkpoint:
-        model = ChatterBox.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+        model = ChatterBox.from_pretrained(args.checkpoint, dtype=dtype, device=device,
+                                           quantization=args.quantization)
     else:
         logger.warning("no --checkpoint: using the base weights of config %r (random where a path is empty)",
                        args.config)
-        model = ChatterBox.build(cfg.model, dtype=dtype, device=device, verbose=False)
+        model = ChatterBox.build(cfg.model, dtype=dtype, device=device, verbose=False,
+                                 quantization=args.quantization)
     return model.eval(), cfg, PromptOptions.from_data_config(cfg.data)
