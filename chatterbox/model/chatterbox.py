@@ -485,6 +485,8 @@ class ChatterBox(nn.Module):
         "static", ``fused_step=False`` runs transformers' step instead of the fused one and
         ``compile_step`` overrides whether the step is compiled (default: the fused step on CUDA)."""
         param = self.causal_lm.get_input_embeddings().weight
+        if self.quantization != "none" and cuda_graph is None:
+            cuda_graph = False  # bitsandbytes' int8 matmul picks its outlier columns on the host: not capturable
         return make_kv_decoder(self.causal_lm, cache, batch_size, capacity, param.device, param.dtype, cuda_graph,
                                compile_step, fused_step)
 
