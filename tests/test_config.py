@@ -51,7 +51,7 @@ def test_overrides_apply_with_types():
         ("model.language.lora_r=four", r"model.language.lora_r: expected an integer"),
         ("train.precision=fp8", r"train.precision: 'fp8' is not one of"),
         ("train.betas=[0.9]", r"train.betas: expected 2 items"),
-        ("model.vision.two_stage_type=none", r"two_stage_type"),
+        ("model.vision.num_querys=900", r"unknown config key 'model.vision.num_querys'.*did you mean 'num_queries'"),
         ("train.lr", r"must look like key.path=value"),
         ("train.learning_rate=1e-4", r"unknown config key 'train.learning_rate'.*did you mean 'lr'"),
         # numbers out of range: one error at load naming the key, not a crash in torch or DeepSpeed

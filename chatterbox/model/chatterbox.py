@@ -498,8 +498,7 @@ class ChatterBox(nn.Module):
                  max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, use_cache: bool = True, box_threshold: float | None = None,
                  generator: torch.Generator | None = None, cache: str = "static",
-                 cuda_graph: bool | None = None, fused_step: bool | None = None,
-                 **_ignored) -> list[GenerationResult]:
+                 cuda_graph: bool | None = None, fused_step: bool | None = None) -> list[GenerationResult]:
         """Generate replies for right-padded prompts; boxes for every `[VG]` in prompt or reply.
 
         Regions are injected in the prefill; the query of a prompt `[VG]` is read from the prefill hidden

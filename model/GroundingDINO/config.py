@@ -47,8 +47,7 @@ class VisionBranchConfig:
     # that stochastic depth does not perturb "frozen" features; True reproduces upstream (spec §5.2.14).
     freeze_backbone: bool = True
     frozen_backbone_train_mode: bool = False
-    # --- position encoding -----------------------------------------------------------------------
-    position_embedding: str = "sine"
+    # --- position encoding (sine: the only kind upstream uses) ------------------------------------
     pe_temperature_h: float = 20.0
     pe_temperature_w: float = 20.0
     # --- transformer -------------------------------------------------------------------------------
@@ -63,10 +62,7 @@ class VisionBranchConfig:
     num_queries: int = 900
     enc_n_points: int = 4
     dec_n_points: int = 4
-    two_stage_type: str = "standard"
-    embed_init_tgt: bool = True
     two_stage_bbox_embed_share: bool = False
-    dec_pred_bbox_embed_share: bool = True
     use_transformer_ckpt: bool = True  # gradient checkpointing of the encoder deformable layers
     # --- text side (the [VG] query stands in for BERT text features) -----------------------------
     max_text_len: int = 256
@@ -133,14 +129,6 @@ class VisionBranchConfig:
         if self.num_feature_levels < len(self.return_interm_indices):
             raise ValueError(f"num_feature_levels={self.num_feature_levels} is smaller than the "
                              f"{len(self.return_interm_indices)} backbone outputs")
-        if self.position_embedding != "sine":
-            raise ValueError(f"position_embedding={self.position_embedding!r}: only 'sine' is implemented")
-        if self.two_stage_type != "standard":
-            raise ValueError(f"two_stage_type={self.two_stage_type!r}: only 'standard' is implemented")
-        if not self.embed_init_tgt:
-            raise ValueError("embed_init_tgt=False is not implemented (upstream uses learned content queries)")
-        if not self.dec_pred_bbox_embed_share:
-            raise ValueError("dec_pred_bbox_embed_share=False is not implemented (upstream shares the box head)")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"activation={self.activation!r}: expected 'relu' or 'gelu'")
         for name in ("hidden_dim", "fusion_embed_dim"):

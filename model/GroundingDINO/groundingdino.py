@@ -173,17 +173,11 @@ class VisionBranch(nn.Module):
             srcs, masks, positions = pick(srcs), pick(masks), pick(positions)
         out = self.transformer(srcs, masks, positions, queries, query_token_mask, text_padding=text_padding)
 
-        if all(head is self.bbox_embed[0] for head in self.bbox_embed):
-            # One shared box head: all decoder layers in one batch (a tenth of the kernel launches).
-            hidden = torch.stack(out.hidden_states)  # [layers, Q, num_queries, C]
-            references = torch.stack(out.references[:-1])
-            boxes = (self.bbox_embed[0](hidden) + inverse_sigmoid(references)).sigmoid().unbind(0)
-            logits = self.class_embed(hidden, out.text, query_token_mask).unbind(0)
-        else:
-            logits, boxes = [], []
-            for layer, (hidden, reference) in enumerate(zip(out.hidden_states, out.references[:-1])):
-                boxes.append((self.bbox_embed[layer](hidden) + inverse_sigmoid(reference)).sigmoid())
-                logits.append(self.class_embed(hidden, out.text, query_token_mask))
+        # The box head is shared by the decoder layers: all layers in one batch.
+        hidden = torch.stack(out.hidden_states)  # [layers, Q, num_queries, C]
+        references = torch.stack(out.references[:-1])
+        boxes = (self.bbox_embed[0](hidden) + inverse_sigmoid(references)).sigmoid().unbind(0)
+        logits = self.class_embed(hidden, out.text, query_token_mask).unbind(0)
         result = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "text_token_mask": query_token_mask}
         if self.cfg.aux_loss:
             result["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
