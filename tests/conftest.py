@@ -20,9 +20,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``scripts/<script>`` with this interpreter from the repository root; it must succeed (the
+    """Run ``bench/<script>`` with this interpreter from the repository root; it must succeed (the
     assertion shows the end of its output)."""
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / script), *map(str, args)], cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), *map(str, args)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

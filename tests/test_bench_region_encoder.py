@@ -1,4 +1,4 @@
-"""scripts/bench_region_encoder.py on the CPU (tiny preset): it times each variant and compares the
+"""bench/bench_region_encoder.py on the CPU (tiny preset): it times each variant and compares the
 variants' outputs and gradients with the eager ones."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""scripts/bench_train_step.py on the CPU: batch shapes of the data contract, the checkpointing plan,
+"""bench/bench_train_step.py on the CPU: batch shapes of the data contract, the checkpointing plan,
 the LLaMA-shaped tokenizer stand-in, and the --tiny end-to-end run (both modes, one and three engines)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from chatterbox.model.llava_llama import check_image_layout
 from chatterbox.tokens import special_token_ids
 from tests.conftest import REPO_ROOT, run_script
 
-SCRIPT = REPO_ROOT / "scripts" / "bench_train_step.py"
+SCRIPT = REPO_ROOT / "bench" / "bench_train_step.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""scripts/check_compiled_step.py on the CPU: compiled blocks (aot_eager) give the eager step's losses and
+"""bench/check_compiled_step.py on the CPU: compiled blocks (aot_eager) give the eager step's losses and
 gradients in fp32, and the report names non-finite gradients (none here)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""scripts/check_three_engines.py on the CPU (fp32, a small model): the gradient-hook calls of every engine
+"""bench/check_three_engines.py on the CPU (fp32, a small model): the gradient-hook calls of every engine
 are counted per backward, and training through the last engine updates the weights."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """CUDA-graph replay of the frozen encoders (chatterbox.model.frozen_graphs): the CPU fallback here, the
-graphs themselves on a GPU (skipped without one; run by scripts/gpu_bench_train.sh)."""
+graphs themselves on a GPU (skipped without one; run by bench/gpu_bench_train.sh)."""
 from __future__ import annotations
 
 import pytest

@@ -1,7 +1,7 @@
 """The grounding step's vision part replayed from CUDA graphs (chatterbox.model.grounding_graphs).
 
 On the CPU its padded computation runs eagerly (``graphs=False``) and must give the eager path's losses
-and gradients; on a GPU (skipped without one; run by scripts/gpu_bench_train.sh) the captured graphs must
+and gradients; on a GPU (skipped without one; run by bench/gpu_bench_train.sh) the captured graphs must
 give the same as both, across padded shapes, gradient accumulation and repeated replays."""
 from __future__ import annotations
 

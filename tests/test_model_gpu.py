@@ -1,5 +1,5 @@
 """The tiny model on a CUDA GPU: bf16 and fp16 forward/backward with gradient checkpointing (skipped
-without a GPU; run by scripts/gpu_bench_train.sh)."""
+without a GPU; run by bench/gpu_bench_train.sh)."""
 from __future__ import annotations
 
 import pytest

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from chatterbox.model.chatterbox import ChatterBox, causal_mask_suffices
-from chatterbox.model.flops import llm_matmul_params, llm_step_flops
+from bench.flops import llm_matmul_params, llm_step_flops
 from chatterbox.model.presets import preset
 
 
@@ -62,7 +62,7 @@ def test_flops_formula_equals_counted_matmuls(tokenizer):
 
 
 def test_flops_formula_rows_add_and_reject_negative():
-    from chatterbox.model.flops import LlmMatmulParams
+    from bench.flops import LlmMatmulParams
 
     p = LlmMatmulParams(frozen=100, trainable=10, lm_head=50, lm_head_trainable=True, num_layers=2, hidden_size=8)
     one = 5 * (400 + 60) + 4 * 300 + 6 * 2 * 8 * 25

@@ -1,4 +1,4 @@
-"""scripts/profile_train_step.py on the CPU (--tiny): both parts are timed and profiled, the forward and
+"""bench/profile_train_step.py on the CPU (--tiny): both parts are timed and profiled, the forward and
 backward work is charged to the named stages of the model, and compiled blocks are profiled without
 recompiling."""
 from __future__ import annotations

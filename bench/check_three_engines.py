@@ -11,7 +11,7 @@ This builds a model with as many trainable fp16 parameters as ChatterBox-13b tra
 gradient bucket of 5e8 elements fills during backward as in upstream), N engines with upstream's ZeRO-2
 config, runs accumulation cycles through the last engine and reports, per engine, the gradient-hook calls
 per backward and the engine's GPU memory; the median micro-step time; any error (as in a run).
-    python scripts/check_three_engines.py --engines 3 --json three.json     # one CUDA GPU
+    python bench/check_three_engines.py --engines 3 --json three.json     # one CUDA GPU
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for the deformable-attention op: build our kernel, run the GPU tests, build upstream's
 # kernel from the copy outside git (.upstream/deformable_detr_ops, never committed), benchmark.
-# Usage (repo root, on a CUDA machine): bash scripts/gpu_check_ms_deform_attn.sh [OUT_DIR]
+# Usage (repo root, on a CUDA machine): bash bench/gpu_check_ms_deform_attn.sh [OUT_DIR]
 # Pass QUICK=1 for a short benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,4 +40,4 @@ fi
 echo "== benchmark"
 BENCH_ARGS=""
 [ "${QUICK:-0}" = 1 ] && BENCH_ARGS="--quick"
-$PY scripts/bench_ms_deform_attn.py $UPARG --out "$OUT" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log" | grep -v "^b[28] " | tail -80
+$PY bench/bench_ms_deform_attn.py $UPARG --out "$OUT" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log" | grep -v "^b[28] " | tail -80

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Stage-2 training-step throughput of ChatterBox on one GPU, ours vs upstream's configuration.
 
-    python scripts/bench_train_step.py --compare --out outputs/bench_train     # both modes, one GPU
-    python scripts/bench_train_step.py --mode ours --preset 13b --json r.json  # one mode
-    python scripts/bench_train_step.py --tiny                                   # CPU smoke run, seconds
+    python bench/bench_train_step.py --compare --out outputs/bench_train     # both modes, one GPU
+    python bench/bench_train_step.py --mode ours --preset 13b --json r.json  # one mode
+    python bench/bench_train_step.py --tiny                                   # CPU smoke run, seconds
 
 Model: the preset (13b = LLaMA-2-13B + CLIP-L/14 + GroundingDINO Swin-B) with random weights, LoRA and
 the trainable policy of training; through the project's DeepSpeed ZeRO-2 engine (chatterbox.train.engine).
@@ -30,7 +30,7 @@ Modes (each in its own process when --compare):
   layer and of the vision transformer (upstream's settings), THREE engines built around the one model
   (referring, VQA, grounding; all work through the last), as upstream's stage 2 does
   (``upstream-1engine``: the same with one engine). On upstream's DeepSpeed 0.11.1 only the last
-  engine's gradient hooks fire, so one engine takes the same step time (scripts/check_three_engines.py);
+  engine's gradient hooks fire, so one engine takes the same step time (bench/check_three_engines.py);
   on DeepSpeed 0.19.8 all three engines' hooks fire, and at 13b size (705M trainable parameters, more
   than one 5e8-element gradient bucket) ZeRO-2 stops at the second micro-step ("Gradient computed twice").
 
@@ -43,7 +43,7 @@ the upstream mode is, if anything, faster than upstream really is.
 Per stream: the median micro-step (forward + engine.backward + engine.step inside an accumulation
 cycle), the extra time of the step that ends a cycle (optimizer), and the time per micro-batch
 amortised over upstream's 20 accumulation steps; samples/s, tokens/s (real tokens), and MFU of the LLM
-part = chatterbox.model.flops.llm_step_flops (formula there) / time / measured bf16 matmul peak — both
+part = bench.flops.llm_step_flops (formula there) / time / measured bf16 matmul peak — both
 over the whole training micro-step and over the LLM's own forward+backward timed alone. The stage-2 mix
 weights streams by upstream's cadence: per 10 global steps 10 grounding, 1 referring, 2 VQA cycles.
 """
@@ -272,7 +272,7 @@ class StreamResult:
     amortised_s: float  # per micro-batch with 20 accumulation steps
     samples_per_s: float
     tokens_per_s: float
-    llm_tflop: float  # model FLOPs of the LLM part per micro-batch (chatterbox.model.flops)
+    llm_tflop: float  # model FLOPs of the LLM part per micro-batch (bench.flops)
     mfu_step: float  # llm_tflop / amortised_s / peak
     llm_only_s: float | None = None  # LLM forward+backward (lm_head + CE included) timed alone
     mfu_llm_only: float | None = None
@@ -343,7 +343,7 @@ def llm_only_time(model, batch: dict, reps: int, device: torch.device) -> float:
 
 def run_mode(args) -> dict:
     from chatterbox.config import StreamConfig, TrainConfig
-    from chatterbox.model.flops import llm_matmul_params, llm_step_flops
+    from bench.flops import llm_matmul_params, llm_step_flops
     from chatterbox.train.distributed import init_distributed
     from chatterbox.train.engine import build_engine, use_stream
     from chatterbox.train.loop import PRECISION_DTYPES

@@ -4,8 +4,8 @@
 # the previous leg's ZeRO-2 checkpoint (re-partitioned when the count changes). Prints per leg the GPU
 # count, the steps, each stream's loss at the start and the end, and samples/s.
 # Usage (repo root, on a CUDA machine):
-#   bash scripts/gpu_train_resume_legs.sh OUT_DIR "2 4 1" "60 20 20"     # GPUs per leg, steps per leg
-#   CONFIG=configs/7b_stage2_synthetic.yaml SETS="train.init_from=" bash scripts/gpu_train_resume_legs.sh ...
+#   bash bench/gpu_train_resume_legs.sh OUT_DIR "2 4 1" "60 20 20"     # GPUs per leg, steps per leg
+#   CONFIG=configs/7b_stage2_synthetic.yaml SETS="train.init_from=" bash bench/gpu_train_resume_legs.sh ...
 #   (SETS: extra space-separated key=value overrides; here stage 2 from random weights, not stage 1's export)
 # Without deepspeed installed, wheels are taken from .whl_dev/ or .whl/ (scripts/carried_deepspeed.sh).
 set -uo pipefail

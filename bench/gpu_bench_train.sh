@@ -2,18 +2,18 @@
 # One GPU session for the training step: the model's and vision branch's GPU tests (tiny preset /
 # Swin-B, bf16/fp16, gradient checkpointing), the profile of a 13b grounding micro-step, and the 13b
 # stage-2 step benchmark, ours vs upstream's configuration.
-# Usage (repo root, on a CUDA machine): bash scripts/gpu_bench_train.sh [OUT_DIR]
+# Usage (repo root, on a CUDA machine): bash bench/gpu_bench_train.sh [OUT_DIR]
 # Without deepspeed installed, wheels are taken from .whl_dev/ or .whl/ (scripts/carried_deepspeed.sh: deepspeed
 # 0.19.8, hjson, pydantic, pydantic-core, annotated-types, typing-inspection).
 # Environment:
-#   BENCH_ARGS="--streams grounding"   extra flags of scripts/bench_train_step.py
+#   BENCH_ARGS="--streams grounding"   extra flags of bench/bench_train_step.py
 #   SKIP_TESTS=1 / SKIP_BENCH=1         leave out the GPU tests / the benchmark
 #   SKIP_BUILD=1                        use the kernel already built into the package (_C*.so)
-#   PROFILE=1                           profile one 13b grounding micro-step (scripts/profile_train_step.py)
+#   PROFILE=1                           profile one 13b grounding micro-step (bench/profile_train_step.py)
 #   PROFILE_ARGS="--trace"              extra flags of the profiler
 #   BEFORE_TREE=path                    also profile the code in that copy of the repository first
 #                                       (e.g. an older commit: `git archive <rev> | tar -x -C path`)
-#   THREE_ENGINES=1                     scripts/check_three_engines.py (1 and 3 engines) under the DeepSpeed
+#   THREE_ENGINES=1                     bench/check_three_engines.py (1 and 3 engines) under the DeepSpeed
 #                                       in use and, where .whl/ds0111/ holds it, upstream's DeepSpeed 0.11.1
 #                                       (docs/BENCHMARKS.md says how that folder is made)
 set -uo pipefail
@@ -57,13 +57,13 @@ if [ "${PROFILE:-0}" = 1 ]; then
   if [ -n "${BEFORE_TREE:-}" ]; then
     echo "== profile of the code in $BEFORE_TREE"
     cp model/GroundingDINO/ms_deform_attn/_C*.so "$BEFORE_TREE/model/GroundingDINO/ms_deform_attn/" 2>/dev/null
-    cp scripts/profile_train_step.py "$BEFORE_TREE/scripts/"
-    (cd "$BEFORE_TREE" && timeout 200 $PY scripts/profile_train_step.py --out "$OUT/profile_before" \
+    mkdir -p "$BEFORE_TREE/bench" && cp bench/profile_train_step.py bench/flops.py bench/__init__.py "$BEFORE_TREE/bench/"
+    (cd "$BEFORE_TREE" && timeout 200 $PY bench/profile_train_step.py --out "$OUT/profile_before" \
       ${PROFILE_ARGS:-} > "$OUT/profile_before.log" 2>&1; echo "exit $?")
     grep -E "^\[profile\]|median wall|^Vision branch alone|Error" "$OUT/profile_before.log"
   fi
   echo "== profile of this tree"
-  timeout 200 $PY scripts/profile_train_step.py --out "$OUT/profile" ${PROFILE_ARGS:-} > "$OUT/profile.log" 2>&1
+  timeout 200 $PY bench/profile_train_step.py --out "$OUT/profile" ${PROFILE_ARGS:-} > "$OUT/profile.log" 2>&1
   echo "exit $?"
   grep -E "^\[profile\]|median wall|^Vision branch alone|Error" "$OUT/profile.log"
 fi
@@ -72,7 +72,7 @@ if [ "${THREE_ENGINES:-0}" = 1 ]; then
   echo "== upstream's three engines: gradient hooks and step time"
   three_engines() {  # label, then PYTHONPATH for that DeepSpeed
     for n in 1 3; do
-      PYTHONPATH=$2 timeout 150 $PY scripts/check_three_engines.py --engines $n --json "$OUT/engines_$1_$n.json" \
+      PYTHONPATH=$2 timeout 150 $PY bench/check_three_engines.py --engines $n --json "$OUT/engines_$1_$n.json" \
         > "$OUT/engines_$1_$n.log" 2>&1
       echo "$1, $n engine(s): exit $? $(tail -1 "$OUT/engines_$1_$n.log" | cut -c1-600)"
     done
@@ -86,6 +86,6 @@ fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "== 13b stage-2 step benchmark"
-  $PY scripts/bench_train_step.py --compare --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
+  $PY bench/bench_train_step.py --compare --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
     | grep -E "^\[(ours|upstream[-a-z0-9]*)\]|^\||^\{|Error|error|Thread|File" | grep -v "^\[20"
 fi

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Forward+backward time of the region encoder (``<bbox>`` features) at the 13b preset's shapes, per variant.
 
-    python scripts/bench_region_encoder.py --json out.json                  # one GPU
-    python scripts/bench_region_encoder.py --device cpu --preset tiny       # smoke run
+    python bench/bench_region_encoder.py --json out.json                  # one GPU
+    python bench/bench_region_encoder.py --device cpu --preset tiny       # smoke run
 
 Variants: ``eager`` (as trained), ``compiled_rounds`` (each fuse round's conv+GroupNorm+ReLU through
 torch.compile), ``cudnn_benchmark`` (cuDNN times its algorithms for each shape). Inputs as a referring

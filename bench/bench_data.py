@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Data-pipeline throughput: samples/s of one worker (one CPU core) for each stream.
 
-    OMP_NUM_THREADS=1 python scripts/bench_data.py [--samples 200] [--config 13b_stage2]
+    OMP_NUM_THREADS=1 python bench/bench_data.py [--samples 200] [--config 13b_stage2]
 
 Writes a synthetic corpus with COCO/VG-like image sizes (640x480, 480x640, 800x600, 500x375) to a
 temporary folder and draws from each stream's mixture with the preset's image sizes (13b: CLIP 224,

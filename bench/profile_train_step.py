@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Profile one ChatterBox stage-2 training micro-step (torch.profiler): where the time goes.
 
-    python scripts/profile_train_step.py --out outputs/profile                  # 13b grounding, ours, one GPU
-    python scripts/profile_train_step.py --mode upstream --stream referring      # another configuration
-    python scripts/profile_train_step.py --tiny                                  # CPU smoke run, seconds
+    python bench/profile_train_step.py --out outputs/profile                  # 13b grounding, ours, one GPU
+    python bench/profile_train_step.py --mode upstream --stream referring      # another configuration
+    python bench/profile_train_step.py --tiny                                  # CPU smoke run, seconds
 
-Model, batches and modes are those of scripts/bench_train_step.py (random weights, real shapes,
+Model, batches and modes are those of bench/bench_train_step.py (random weights, real shapes,
 micro-batch 6, one DeepSpeed ZeRO-2 engine; ``upstream`` = fp16, eager attention, every LLM layer and
 the vision encoder checkpointed). The script reports, per micro-step:
 
@@ -41,7 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
 
@@ -321,7 +321,7 @@ def timed(device, run, reps: int) -> list[float]:
 def run(args) -> dict:
     from chatterbox.config import StreamConfig, TrainConfig
     from chatterbox.model.chatterbox import causal_mask_suffices
-    from chatterbox.model.flops import llm_matmul_params
+    from bench.flops import llm_matmul_params
     from chatterbox.train.distributed import init_distributed
     from chatterbox.train.engine import build_engine, use_stream
     from chatterbox.train.loop import PRECISION_DTYPES

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in one device session: build the package as a user would (`pip install -e .` compiles the
 # deformable-attention kernel ahead of time), run every GPU test, then the 13b chat latency benchmark.
-# Usage (repo root, on a CUDA machine): bash scripts/gpu_session.sh [OUT_DIR]
+# Usage (repo root, on a CUDA machine): bash bench/gpu_session.sh [OUT_DIR]
 # Missing Python packages are taken from carried wheel folders (.whl/, .upstream/wheels/) if present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +27,5 @@ $PY -m pytest tests/test_ms_deform_attn.py tests/test_vision_gpu.py tests/test_m
   -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 
 echo "== chat latency, 13b preset"
-$PY scripts/bench_chat.py --preset 13b --merge-lora --out "$OUT/bench_chat_13b.json" 2>&1 \
+$PY bench/bench_chat.py --preset 13b --merge-lora --out "$OUT/bench_chat_13b.json" 2>&1 \
   | tee "$OUT/bench_chat.log" | tail -40

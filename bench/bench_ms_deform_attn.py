@@ -12,7 +12,7 @@ torch.compile. Reports achieved bandwidth against the bytes the op must move:
   fwd+bwd  = forward + backward, with e = bytes per value element (4 fp32, 2 bf16); locations and
              weights stay fp32 in every variant.
 
-Usage: python scripts/bench_ms_deform_attn.py [--upstream-src DIR] [--out DIR] [--quick]
+Usage: python bench/bench_ms_deform_attn.py [--upstream-src DIR] [--out DIR] [--quick]
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 # Run several tiny-preset quickstarts side by side on one many-core machine, two cores each, to compare
 # recipes (docs/results/tiny_recipe). Each variant runs in its own copy of the repository, so corpora,
 # checkpoints and evaluations never collide.
-# Usage (repo root): bash scripts/sweep_tiny_recipe.sh OUT_DIR VARIANTS_FILE
+# Usage (repo root): bash bench/sweep_tiny_recipe.sh OUT_DIR VARIANTS_FILE
 # VARIANTS_FILE: one variant per line, "name quickstart-options..." (e.g.
 #   "patch7 --stage1-steps 1000 --set model.clip.patch_size=7"); '#' starts a comment.
 # OUT_DIR/<name>.json is the variant's last quickstart line, OUT_DIR/<name>.log its whole output.

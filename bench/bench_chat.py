@@ -1,8 +1,8 @@
 """Chat latency benchmark: time to first token, decode tokens/s and time to boxes for rounds 1..N of
 one dialogue, against the memory-bandwidth bound of decoding (issue 8, item 5).
 
-    python scripts/bench_chat.py --preset 13b --out outputs/bench_chat_13b.json        # on an H100/H200
-    python scripts/bench_chat.py --preset tiny --device cpu --rounds 3 --answer-tokens 8   # smoke test
+    python bench/bench_chat.py --preset 13b --out outputs/bench_chat_13b.json        # on an H100/H200
+    python bench/bench_chat.py --preset tiny --device cpu --rounds 3 --answer-tokens 8   # smoke test
 
 Random weights in bf16 (the timing of a forward pass does not depend on the values). Every round asks
 about a region (`<bbox>`) and for a box (`[VG]`), and every answer is forced to the same length
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     profiles: dict[str, dict] = {}
     variants: dict[str, list[dict]] = {}
     result = {
-        "benchmark": "chat latency (scripts/bench_chat.py)",
+        "benchmark": "chat latency (bench/bench_chat.py)",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

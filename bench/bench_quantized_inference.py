@@ -1,7 +1,7 @@
 """Low-memory inference benchmark: the LLM in bf16, 8-bit and 4-bit (``--quantization``) on one GPU.
 
-    python scripts/bench_quantized_inference.py --preset 13b --out outputs/bench_quantized_13b.json   # H100/H200
-    python scripts/bench_quantized_inference.py --preset tiny --device cpu --questions 4 --answer-tokens 4   # smoke
+    python bench/bench_quantized_inference.py --preset 13b --out outputs/bench_quantized_13b.json   # H100/H200
+    python bench/bench_quantized_inference.py --preset tiny --device cpu --questions 4 --answer-tokens 4   # smoke
 
 Random weights (seed 0; the memory and the time of a step do not depend on the values), built on the device
 (fast), then moved to the host: each mode starts from a copy of those host weights and is placed as
@@ -30,7 +30,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 
 def parse_args(argv=None):

@@ -3,8 +3,8 @@
 compiled blocks (as ``ChatterBox.compile_layers``, or one kind of vision block), on the benchmark's model
 and batches.
 
-    python scripts/check_compiled_step.py --stream grounding --json out.json     # 13b preset, one GPU
-    python scripts/check_compiled_step.py --preset tiny --device cpu             # CPU smoke run
+    python bench/check_compiled_step.py --stream grounding --json out.json     # 13b preset, one GPU
+    python bench/check_compiled_step.py --preset tiny --device cpu             # CPU smoke run
 
 Per variant: every loss term, the parameters whose gradient is not finite (the first few by name), and
 the relative gradient difference from the eager step per parameter group (LLM, vision, ...).
