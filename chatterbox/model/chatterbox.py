@@ -205,10 +205,8 @@ class ChatterBox(nn.Module):
         branch's deformable encoder, text and decoder layers (``vision``), and its image-text fusion layers
         when the grounding step runs from CUDA graphs (:meth:`use_grounding_loss_graphs`, so call that first).
 
-        Measured on an H200 (docs/BENCHMARKS.md): inside the graphs, compiled fusion layers save ~10 ms per
-        13b grounding micro-step (0.262 vs 0.272 s); run eagerly they cost more host time than they save
-        (0.417 vs 0.337 s). The region encoder stays eager: its time is in cuDNN's convolutions, which
-        compiling keeps, and its compilation did not finish within two minutes."""
+        Compiled fusion layers pay only inside the graphs (eagerly their host time outweighs the gain); the
+        region encoder stays eager: its time is in cuDNN's convolutions (docs/BENCHMARKS.md)."""
         blocks: list[nn.Module] = []
         if language:
             blocks += list(self.causal_lm.model.layers)

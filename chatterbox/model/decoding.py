@@ -286,8 +286,7 @@ class FusedStaticKVDecoder(StaticKVDecoder):
     BUCKET_WIDTH = 256
 
     #: Compiled one-row matmuls as tuned Triton reductions instead of cuBLAS (see fast_decode._compiled).
-    #: Off: on an H200 (13b, LoRA merged) it made the step 1.4% faster (7.54 vs 7.65 ms) for a much
-    #: longer first compilation, and cuBLAS's GEMVs already read the weights at ~3.9 TB/s.
+    #: Off: barely faster for a much longer first compilation (docs/BENCHMARKS.md, chat latency).
     TRITON_GEMV = False
 
     def __init__(self, causal_lm: nn.Module, batch_size: int, capacity: int, device: torch.device,

@@ -6,8 +6,8 @@ column). At batch 1 a step should cost little more than reading the weights once
 it. Per layer this step runs
 
     residual add + RMSNorm -> one GEMV over the fused q|k|v weight -> RoPE and K/V into the static cache
-    -> attention over the first ``bucket`` cache columns (SDPA; on an H200 it runs cuDNN's kernel,
-       ~10 us a layer at 768 columns, faster than the same attention as compiled fp32 reductions)
+    -> attention over the first ``bucket`` cache columns (SDPA, faster than the same attention as
+       compiled fp32 reductions: docs/BENCHMARKS.md, chat latency)
     -> o_proj GEMV -> residual add + RMSNorm -> one GEMV over the fused gate|up weight -> SiLU * up
     -> down_proj GEMV (its residual add is done by the next layer's first kernel)
 
