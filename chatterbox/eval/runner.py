@@ -15,7 +15,6 @@ Three layers, each usable alone:
 """
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
@@ -29,13 +28,14 @@ from chatterbox.conversation import USER, Message, generation_prompt
 from chatterbox.data.errors import DataError, parse_sample_id
 from chatterbox.data.transforms import (ImageShapeError, clip_image, clip_resize_mode, dino_image, load_image,
                                         region_boxes_from_pixels)
+from chatterbox.distributed import DTYPES, DistContext, join_torchrun, resolve_device, resolve_dtype
 from chatterbox.tokens import NUM_IMAGE_PATCHES, expand_image_placeholder, special_token_ids
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "EVAL_IMAGE_PREFIX", "GenerationRequest", "EncodedRequest", "RequestEncoder", "collate_requests",
-    "generate_for_requests", "upstream_answer_text", "DistContext", "init_eval_distributed",
+    "generate_for_requests", "upstream_answer_text", "DistContext", "join_torchrun",
     "read_jsonl", "run_items", "shard_path", "RunStats", "run_fingerprint", "fingerprint_path",
 ]
 
@@ -187,41 +187,6 @@ def generate_for_requests(model, encoder: RequestEncoder, requests: Sequence[Gen
 # ----------------------------------------------------------------------------------------------
 # Distributed set-up
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-
-
-def _leave_process_group() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def init_eval_distributed(device: torch.device) -> DistContext:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (NCCL on GPUs, gloo on CPU); else one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext()
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-        # A process that exits with its group alive can abort in the backend's threads ("terminate called
-        # without an active exception"). No barrier here: after an error the other ranks may never arrive.
-        atexit.register(_leave_process_group)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return DistContext(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,18 +341,6 @@ def run_items(items: Sequence, item_id: Callable[[object], str], predict_batch: 
 # Model + command-line set-up shared by evaluation/*.py
 # ----------------------------------------------------------------------------------------------
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto": bf16 on a GPU (the project's default), fp32 on a CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
 def check_export_fits_config(export_model_cfg, cfg, checkpoint: str) -> None:
     """The questions are encoded with ``cfg``'s data settings, the export's model reads them: the data keys
     that repeat a model key (image sizes, CLIP patch grid and resize) must agree with the export (a tiny
@@ -499,14 +452,8 @@ def setup_runner(args, benchmark: str) -> RunnerSetup:
     from chatterbox.config import config_from_args
 
     cfg = config_from_args(args)
-    device_name = args.device or cfg.device
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
-    dist = init_eval_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
+    dist = join_torchrun(resolve_device(args.device or cfg.device))
+    device = dist.device
     model = load_eval_model(cfg, args.checkpoint, device, resolve_dtype(args.dtype, device), args.seed,
                             args.quantization)
     encoder = RequestEncoder.from_config(model.tokenizer, cfg)

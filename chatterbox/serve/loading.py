@@ -6,7 +6,8 @@ import logging
 
 import torch
 
-from chatterbox.config import ChatterBoxConfig, add_config_arguments, config_from_args
+from chatterbox.config import add_config_arguments, config_from_args
+from chatterbox.distributed import DTYPES, resolve_device, resolve_dtype
 from chatterbox.model.quantization import add_quantization_argument
 from chatterbox.serve.session import PromptOptions
 
@@ -18,22 +19,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default="",
                         help="export directory written by ChatterBox.save_pretrained, or its Hub id (default: the "
                              "base weights the config points at, random where a path is empty)")
-    parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="weights dtype (auto: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
     add_quantization_argument(parser)
-
-
-def resolve_device(cfg: ChatterBoxConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def load_chat_model(args: argparse.Namespace):
@@ -41,7 +30,7 @@ def load_chat_model(args: argparse.Namespace):
     from chatterbox.model.chatterbox import ChatterBox
 
     cfg = config_from_args(args)
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     if args.checkpoint:

@@ -1,23 +1,12 @@
-"""Process-group set-up for one process (CPU or GPU) or a `deepspeed`/`torchrun` launch."""
+"""Process-group set-up for training: one process (CPU or GPU) or a `deepspeed`/`torchrun` launch."""
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from chatterbox.distributed import DistContext, resolve_device
 
 
 def _free_port() -> int:
@@ -26,16 +15,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"config asks for device {name!r} but no CUDA GPU is visible")
-    return device
-
-
-def init_distributed(device_name: str = "auto") -> DistInfo:
+def init_distributed(device_name: str = "auto") -> DistContext:
     """Initialise torch.distributed through DeepSpeed: NCCL on GPUs, gloo on a CPU.
 
     A plain `python` process gets single-process defaults (otherwise DeepSpeed falls back to MPI
@@ -61,7 +41,7 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
 def barrier() -> None:

@@ -21,7 +21,7 @@ import torch
 from chatterbox.config import ChatterBoxConfig, dump_config
 from chatterbox.data.mixtures import STREAM_ORDER, streams_due
 from chatterbox.train.checkpoint import CheckpointManager, rng_state, set_rng_state
-from chatterbox.train.distributed import DistInfo
+from chatterbox.distributed import DistContext
 from chatterbox.train.engine import build_engine, use_stream
 from chatterbox.train.reshard import load_resharded
 from chatterbox.train.schedule import upstream_extra_steps
@@ -74,7 +74,7 @@ class Trainer:
     ``streams`` maps a stream name to an iterator of batches with ``state_dict``/``load_state_dict``.
     """
 
-    def __init__(self, cfg: ChatterBoxConfig, dist: DistInfo, model: torch.nn.Module, streams: dict):
+    def __init__(self, cfg: ChatterBoxConfig, dist: DistContext, model: torch.nn.Module, streams: dict):
         self.cfg, self.dist = cfg, dist
         self.train_cfg = cfg.train
         self.streams = streams

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from chatterbox.config import ChatterBoxConfig, add_config_arguments, config_from_args
-from chatterbox.train.distributed import DistInfo, barrier, gather_objects, init_distributed, shutdown_distributed
+from chatterbox.distributed import DistContext
+from chatterbox.train.distributed import barrier, gather_objects, init_distributed, shutdown_distributed
 
 logger = logging.getLogger("chatterbox.train")
 EXPORT_DIR = "export"
@@ -91,7 +92,7 @@ def build_model(cfg: ChatterBoxConfig, device: torch.device | None = None, dtype
     return model
 
 
-def build_streams(cfg: ChatterBoxConfig, tokenizer, dist: DistInfo) -> dict:
+def build_streams(cfg: ChatterBoxConfig, tokenizer, dist: DistContext) -> dict:
     from chatterbox.data.streams import build_stream
 
     return {
@@ -129,7 +130,7 @@ def data_report(streams: dict) -> dict:
     return report
 
 
-def _train(cfg: ChatterBoxConfig, dist: DistInfo, max_steps: int | None) -> dict:
+def _train(cfg: ChatterBoxConfig, dist: DistContext, max_steps: int | None) -> dict:
     from chatterbox.train.loop import PRECISION_DTYPES, Trainer
 
     seed_everything(cfg.train.seed, dist.rank)
