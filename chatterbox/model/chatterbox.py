@@ -546,6 +546,22 @@ class ChatterBox(nn.Module):
         self._attach_boxes(results, query_hidden, images_dino, offset, image_sizes, box_threshold)
         return results
 
+    def image_features(self, images_dino: torch.Tensor):
+        """The vision branch's backbone features of ``images_dino`` [I,3,H,W] (reusable across questions)."""
+        vision_dtype = next(self.vision_branch.input_proj.parameters()).dtype
+        return self.vision_branch.forward_backbone(images_dino.to(vision_dtype))
+
+    def boxes_for_queries(self, query_hidden: torch.Tensor, image_features, query_image_index: torch.Tensor,
+                          image_sizes_wh: torch.Tensor, box_threshold: float | None = None):
+        """The best box of each `[VG]` query: ``query_hidden`` [Q,hidden] (the LLM states the queries are read
+        from) through the query head and the vision branch on the ``image_features`` of image
+        ``query_image_index[q]``; boxes in pixels of images of ``image_sizes_wh`` [Q,2] (BoxPrediction)."""
+        queries = self.query_head(query_hidden)
+        vision_dtype = next(self.vision_branch.input_proj.parameters()).dtype
+        outputs = self.vision_branch.forward_enc_dec(image_features, queries.to(vision_dtype),
+                                                     query_image_index.to(queries.device))
+        return self.vision_branch.predict_boxes(outputs, image_sizes_wh, box_threshold)
+
     def _attach_boxes(self, results, query_hidden, images_dino, offset, image_sizes, box_threshold) -> None:
         query_rows = [r for r, qs in enumerate(query_hidden) for _ in qs]
         if not query_rows:
@@ -555,14 +571,10 @@ class ChatterBox(nn.Module):
         row_to_image = self._row_to_image(offset, len(results), images_dino.shape[0])
         query_images = row_to_image[torch.tensor(query_rows)]
         used_images, query_image_index = torch.unique(query_images, return_inverse=True)
-        queries = self.query_head(torch.stack([h for qs in query_hidden for h in qs]))
-        vision_dtype = next(self.vision_branch.input_proj.parameters()).dtype
-        features = self.vision_branch.forward_backbone(
-            images_dino.index_select(0, used_images.to(images_dino.device)).to(vision_dtype))
-        outputs = self.vision_branch.forward_enc_dec(features, queries.to(vision_dtype),
-                                                     query_image_index.to(queries.device))
+        features = self.image_features(images_dino.index_select(0, used_images.to(images_dino.device)))
         sizes_hw = torch.as_tensor(image_sizes).reshape(-1, 2)[query_images]
-        best = self.vision_branch.predict_boxes(outputs, sizes_hw.flip(-1), box_threshold)
+        best = self.boxes_for_queries(torch.stack([h for qs in query_hidden for h in qs]), features,
+                                      query_image_index, sizes_hw.flip(-1), box_threshold)
         start = 0
         for r, qs in enumerate(query_hidden):
             end = start + len(qs)

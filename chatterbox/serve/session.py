@@ -261,7 +261,6 @@ class ChatSession:
         region_boxes_xyxy_abs, region_clip_norm = self._check_regions(question, boxes)
         first_round = not self.history
         segment = self._segment_ids(question, first_round)
-        ids = self.token_ids
         max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         if max_new_tokens < 1:
             raise ChatInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -416,15 +415,12 @@ class ChatSession:
     def _boxes(self, query_hidden: list[torch.Tensor]):
         if not query_hidden:
             return torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.bool)
-        branch = self.model.vision_branch
-        vision_dtype = next(branch.input_proj.parameters()).dtype
-        if self._vision_features is None:
-            self._vision_features = branch.forward_backbone(self._images_dino.to(self.device, vision_dtype))
-        queries = self.model.query_head(torch.stack(query_hidden))
-        image_index = torch.zeros(len(query_hidden), dtype=torch.long, device=queries.device)
-        outputs = branch.forward_enc_dec(self._vision_features, queries.to(vision_dtype), image_index)
+        if self._vision_features is None:  # one image: its backbone features serve every round
+            self._vision_features = self.model.image_features(self._images_dino.to(self.device))
+        image_index = torch.zeros(len(query_hidden), dtype=torch.long)
         sizes_wh = torch.tensor([[self.width, self.height]] * len(query_hidden))
-        best = branch.predict_boxes(outputs, sizes_wh, self.box_threshold)
+        best = self.model.boxes_for_queries(torch.stack(query_hidden), self._vision_features, image_index, sizes_wh,
+                                            self.box_threshold)
         return (best.boxes_xyxy_abs.float().cpu(), best.boxes_cxcywh_norm.float().cpu(), best.scores.float().cpu(),
                 best.found.cpu())
 
