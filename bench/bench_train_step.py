@@ -140,7 +140,7 @@ def build_batch(ids: SpecialTokenIds, shape: StreamShape, task: str, micro_batch
         low, high = low_high
         return int(torch.randint(low, high + 1, (1,), generator=generator))
 
-    rows, labels, region_boxes, grounding_targets = [], [], [], []
+    rows, labels, region_boxes_xyxy_clip_norm, grounding_targets_cxcywh_norm = [], [], [], []
     for _ in range(micro_batch):
         n_text = draw(shape.text_tokens)
         text = torch.randint(3, text_vocab, (n_text,), generator=generator)
@@ -152,9 +152,9 @@ def build_batch(ids: SpecialTokenIds, shape: StreamShape, task: str, micro_batch
             text[where] = ids.bbox
             xy = torch.rand(n_regions, 2, generator=generator) * 0.6
             wh = 0.05 + torch.rand(n_regions, 2, generator=generator) * 0.35
-            region_boxes.append(torch.cat([xy, xy + wh], dim=1))
+            region_boxes_xyxy_clip_norm.append(torch.cat([xy, xy + wh], dim=1))
         else:
-            region_boxes.append(torch.zeros(0, 4))
+            region_boxes_xyxy_clip_norm.append(torch.zeros(0, 4))
         targets = []
         if n_vg:  # `[VG]` in the answer, never first (its query is read from the token before it)
             span = n_text - 1 - (answer_start + 1)
@@ -165,7 +165,7 @@ def build_batch(ids: SpecialTokenIds, shape: StreamShape, task: str, micro_batch
                 centre = 0.2 + torch.rand(k, 2, generator=generator) * 0.6
                 size = 0.05 + torch.rand(k, 2, generator=generator) * 0.3
                 targets.append(torch.cat([centre, size], dim=1))
-        grounding_targets.append(targets)
+        grounding_targets_cxcywh_norm.append(targets)
         text[-1] = ids.eos
         row = torch.cat([torch.tensor([ids.bos, ids.im_start]), torch.full((num_patches,), ids.im_patch),
                          torch.tensor([ids.im_end]), text])
@@ -182,14 +182,14 @@ def build_batch(ids: SpecialTokenIds, shape: StreamShape, task: str, micro_batch
         input_ids[b, :len(row)] = row
         attention_mask[b, :len(row)] = 1
         label_tensor[b, :len(row)] = label
-    has_grounding = any(grounding_targets)
+    has_grounding = any(grounding_targets_cxcywh_norm)
     return dict(
         input_ids=input_ids, attention_mask=attention_mask, labels=label_tensor,
         images_clip=torch.randn(micro_batch, 3, clip_size, clip_size, generator=generator),
         images_dino=(torch.randn(micro_batch, 3, dino_size, dino_size, generator=generator)
                      if has_grounding and dino_size else None),
-        offset=torch.arange(micro_batch + 1), image_sizes=torch.tensor([[480, 640]] * micro_batch),
-        region_boxes=region_boxes, grounding_targets=grounding_targets, task=[task] * micro_batch,
+        offset=torch.arange(micro_batch + 1), image_sizes_hw=torch.tensor([[480, 640]] * micro_batch),
+        region_boxes_xyxy_clip_norm=region_boxes_xyxy_clip_norm, grounding_targets_cxcywh_norm=grounding_targets_cxcywh_norm, task=[task] * micro_batch,
         sample_ids=[f"bench/{task}#{b}" for b in range(micro_batch)],
     )
 
@@ -324,7 +324,7 @@ def llm_only_time(model, batch: dict, reps: int, device: torch.device) -> float:
 
     with torch.no_grad():
         embeds = model.build_inputs_embeds(batch["input_ids"], batch["images_clip"], batch["offset"],
-                                           batch["region_boxes"], batch["sample_ids"])
+                                           batch["region_boxes_xyxy_clip_norm"], batch["sample_ids"])
     embeds = embeds.detach().requires_grad_(True)
     mask = causal_mask_suffices(batch["attention_mask"])
     times = []
@@ -471,7 +471,7 @@ def run_mode(args) -> dict:
                 if i >= args.gas:  # the first cycle warms up (and allocates the optimizer state)
                     (boundary_times if (i + 1) % args.gas == 0 else times).append(elapsed)
                     flops.append(llm_step_flops(counts, row_lengths(batch),
-                                                lm_loss=not model.lm_loss_is_zeroed(batch["grounding_targets"])))
+                                                lm_loss=not model.lm_loss_is_zeroed(batch["grounding_targets_cxcywh_norm"])))
                     tokens_seen.append(sum(row_lengths(batch)))
         except torch.OutOfMemoryError as oom:
             error = f"out of memory: {str(oom).splitlines()[0]}"

@@ -350,15 +350,15 @@ def run(args) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     batches = bench.stream_batches(model, cfg, args.stream, args.micro_batch, args.distinct_batches, generator,
                                    device, dtype)
-    result["queries_per_batch"] = [sum(len(t) for t in b["grounding_targets"]) for b in batches]
-    result["target_boxes_per_batch"] = [sum(len(x) for t in b["grounding_targets"] for x in t) for b in batches]
+    result["queries_per_batch"] = [sum(len(t) for t in b["grounding_targets_cxcywh_norm"]) for b in batches]
+    result["target_boxes_per_batch"] = [sum(len(x) for t in b["grounding_targets_cxcywh_norm"] for x in t) for b in batches]
 
     # 1. The vision branch alone (plain autograd, before the engine hooks the parameters).
     if args.stream == "grounding":
         hidden_inputs = []
         with torch.no_grad():
             for b in batches:
-                embeds = model.build_inputs_embeds(b["input_ids"], b["images_clip"], b["offset"], b["region_boxes"],
+                embeds = model.build_inputs_embeds(b["input_ids"], b["images_clip"], b["offset"], b["region_boxes_xyxy_clip_norm"],
                                                    b["sample_ids"])
                 hidden = model.causal_lm.model(inputs_embeds=embeds, attention_mask=causal_mask_suffices(
                     b["attention_mask"]), use_cache=False).last_hidden_state
@@ -370,7 +370,7 @@ def run(args) -> dict:
             i = next(counter) % len(batches)
             b, hidden = batches[i], hidden_inputs[i].requires_grad_(True)
             losses = model._grounding_losses(hidden, b["input_ids"], host_ids[i], b["images_dino"], b["offset"],
-                                             b["grounding_targets"], b["sample_ids"])
+                                             b["grounding_targets_cxcywh_norm"], b["sample_ids"])
             losses["loss"].backward()
             hidden.grad = None
 

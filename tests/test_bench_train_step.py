@@ -52,20 +52,20 @@ def test_batches_follow_the_data_contract(bench, stream):
         row = batch["input_ids"][b, :lengths[b]]
         assert row[0] == ids.bos and row[-1] == ids.eos
         assert (batch["input_ids"][b, lengths[b]:] == ids.pad).all()
-        assert int((row == ids.bbox).sum()) == len(batch["region_boxes"][b])
-        assert int((row == ids.vg).sum()) == len(batch["grounding_targets"][b])
-        boxes = batch["region_boxes"][b]
+        assert int((row == ids.bbox).sum()) == len(batch["region_boxes_xyxy_clip_norm"][b])
+        assert int((row == ids.vg).sum()) == len(batch["grounding_targets_cxcywh_norm"][b])
+        boxes = batch["region_boxes_xyxy_clip_norm"][b]
         assert boxes.shape[-1] == 4 and (boxes[:, 2:] > boxes[:, :2]).all()
         assert ((boxes >= 0) & (boxes <= 1)).all()
         supervised = batch["labels"][b] != -100
         assert supervised.any() and not supervised[:259].any() and not supervised[lengths[b]:].any()
     if stream == "grounding":
         assert batch["images_dino"].shape == (6, 3, 512, 512)
-        assert all(1 <= len(t) <= 2 for t in batch["grounding_targets"])
+        assert all(1 <= len(t) <= 2 for t in batch["grounding_targets_cxcywh_norm"])
     else:
-        assert batch["images_dino"] is None and not any(batch["grounding_targets"])
+        assert batch["images_dino"] is None and not any(batch["grounding_targets_cxcywh_norm"])
     if stream == "referring":
-        assert all(1 <= len(r) <= 4 for r in batch["region_boxes"])
+        assert all(1 <= len(r) <= 4 for r in batch["region_boxes_xyxy_clip_norm"])
 
 
 def test_checkpoint_plan(bench):

@@ -37,8 +37,8 @@ def regenerate_from_scratch(model, chat: ChatSession, reply_len: int, max_new_to
     """ChatterBox.generate on the whole dialogue before the last reply, without any cache."""
     prompt = chat.dialogue_token_ids[:len(chat.dialogue_token_ids) - reply_len]
     return model.generate(torch.tensor([prompt]), images_clip=chat._images_clip, images_dino=chat._images_dino,
-                          image_sizes=torch.tensor([[chat.height, chat.width]]),
-                          region_boxes=[chat.region_boxes_clip_norm], max_new_tokens=max_new_tokens,
+                          image_sizes_hw=torch.tensor([[chat.height, chat.width]]),
+                          region_boxes_xyxy_clip_norm=[chat.region_boxes_clip_norm], max_new_tokens=max_new_tokens,
                           use_cache=False)[0]
 
 

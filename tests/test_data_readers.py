@@ -20,8 +20,8 @@ EXPECTED_TASK = {name: spec.task for name, spec in SOURCES.items()}
 
 
 def _recovered_region_boxes(batch, b, image_path, clip_resize, normalisation):
-    height, width = batch["image_sizes"][b].tolist()
-    boxes = batch["region_boxes"][b].double()
+    height, width = batch["image_sizes_hw"][b].tolist()
+    boxes = batch["region_boxes_xyxy_clip_norm"][b].double()
     if clip_resize == "squash" or normalisation == "full_image":
         return denormalize(boxes, width, height)
     return ClipGeometry.build(width, height, 224, "crop").boxes_from_clip_norm(boxes)
@@ -47,27 +47,27 @@ def test_source_round_trip(source_name, tiny_tokenizer):
     for b, sample in enumerate(built):
         true_boxes = scene_boxes(sample.image_path)
         n_bbox = int((batch["input_ids"][b] == ids.bbox).sum())
-        assert n_bbox == len(batch["region_boxes"][b])
+        assert n_bbox == len(batch["region_boxes_xyxy_clip_norm"][b])
         n_vg = int((batch["input_ids"][b] == ids.vg).sum())
-        assert n_vg == len(batch["grounding_targets"][b])
+        assert n_vg == len(batch["grounding_targets_cxcywh_norm"][b])
         recovered = _recovered_region_boxes(batch, b, sample.image_path, sample.clip_resize, "full_image")
         for box in recovered.tolist():
             assert tuple(round(v) for v in box) in true_boxes
             assert max(abs(v - round(v)) for v in box) < 1e-3
-        height, width = batch["image_sizes"][b].tolist()
-        for target in batch["grounding_targets"][b]:
+        height, width = batch["image_sizes_hw"][b].tolist()
+        for target in batch["grounding_targets_cxcywh_norm"][b]:
             xyxy_abs = denormalize(convert_layout(target.double(), "cxcywh", "xyxy"), width, height)
             for box in xyxy_abs.tolist():
                 assert tuple(round(v) for v in box) in true_boxes
                 assert max(abs(v - round(v)) for v in box) < 1e-3
     if EXPECTED_TASK[source_name] == "grounding":
         assert batch["images_dino"].shape == (len(samples), 3, 512, 512)
-        assert all(len(t) == 1 for t in batch["grounding_targets"])
+        assert all(len(t) == 1 for t in batch["grounding_targets_cxcywh_norm"])
     else:
         assert batch["images_dino"] is None
-        assert all(t == [] for t in batch["grounding_targets"])
+        assert all(t == [] for t in batch["grounding_targets_cxcywh_norm"])
     if EXPECTED_TASK[source_name] == "referring":
-        assert all(len(r) >= 1 for r in batch["region_boxes"])
+        assert all(len(r) >= 1 for r in batch["region_boxes_xyxy_clip_norm"])
 
 
 def test_crop_normalisation_maps_through_the_centre_crop(tiny_tokenizer):

@@ -33,8 +33,8 @@ def batch_inputs(tokenizer):
     g = torch.Generator().manual_seed(3)
     return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                 images_clip=torch.randn(2, 3, 224, 224, generator=g), images_dino=torch.randn(2, 3, 128, 128, generator=g),
-                image_sizes=torch.tensor([[480, 640], [300, 400]]),
-                region_boxes=[torch.tensor([[0.1, 0.2, 0.5, 0.6]]), torch.zeros(0, 4)])
+                image_sizes_hw=torch.tensor([[480, 640], [300, 400]]),
+                region_boxes_xyxy_clip_norm=[torch.tensor([[0.1, 0.2, 0.5, 0.6]]), torch.zeros(0, 4)])
 
 
 def assert_same_results(a, b):

@@ -59,8 +59,8 @@ def float64_batch(tokenizer) -> dict:
     batch = make_batch(tokenizer)
     for key in ("images_clip", "images_dino"):
         batch[key] = batch[key].double()
-    batch["region_boxes"] = [b.double() for b in batch["region_boxes"]]
-    batch["grounding_targets"] = [[t.double() for t in q] for q in batch["grounding_targets"]]
+    batch["region_boxes_xyxy_clip_norm"] = [b.double() for b in batch["region_boxes_xyxy_clip_norm"]]
+    batch["grounding_targets_cxcywh_norm"] = [[t.double() for t in q] for q in batch["grounding_targets_cxcywh_norm"]]
     return batch
 
 
@@ -93,7 +93,7 @@ def test_float64_generation_predicts_boxes_in_float64(tokenizer):
     probe = NarrowFloatProbe()
     with probe:
         result = model.generate(enc.input_ids, enc.attention_mask, images_clip=batch["images_clip"][:1],
-                                images_dino=batch["images_dino"][:1], image_sizes=batch["image_sizes"][:1],
-                                region_boxes=batch["region_boxes"][:1], max_new_tokens=3)[0]
+                                images_dino=batch["images_dino"][:1], image_sizes_hw=batch["image_sizes_hw"][:1],
+                                region_boxes_xyxy_clip_norm=batch["region_boxes_xyxy_clip_norm"][:1], max_new_tokens=3)[0]
     assert_float64_only(probe)
     assert result.boxes_xyxy_abs.shape == (1, 4) and result.boxes_xyxy_abs.dtype == torch.float64

@@ -47,9 +47,9 @@ def grounding_batch(tokenizer, rows=(0, 1, 2)) -> dict:
     g = torch.Generator().manual_seed(3)
     batch.update(images_clip=torch.randn(len(rows), 3, 224, 224, generator=g),
                  images_dino=torch.randn(len(rows), 3, 128, 128, generator=g),
-                 offset=torch.arange(len(rows) + 1), image_sizes=torch.tensor([[480, 640]] * len(rows)),
-                 region_boxes=[torch.zeros(0, 4)] * len(rows),
-                 grounding_targets=[[torch.tensor(t) for t in TARGETS[r]] for r in rows],
+                 offset=torch.arange(len(rows) + 1), image_sizes_hw=torch.tensor([[480, 640]] * len(rows)),
+                 region_boxes_xyxy_clip_norm=[torch.zeros(0, 4)] * len(rows),
+                 grounding_targets_cxcywh_norm=[[torch.tensor(t) for t in TARGETS[r]] for r in rows],
                  task=["grounding"] * len(rows), sample_ids=[f"gnd.json#{r}" for r in rows])
     return batch
 

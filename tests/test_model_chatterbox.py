@@ -32,9 +32,9 @@ def make_batch(tokenizer, texts=(REGION_TEXT, GROUNDING_TEXT)) -> dict:
     return dict(
         input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels,
         images_clip=torch.randn(2, 3, 224, 224, generator=g), images_dino=torch.randn(2, 3, 128, 128, generator=g),
-        offset=torch.tensor([0, 1, 2]), image_sizes=torch.tensor([[480, 640], [300, 400]]),
-        region_boxes=[torch.tensor([[0.1, 0.2, 0.5, 0.6]]), torch.zeros(0, 4)],
-        grounding_targets=[[], [torch.tensor([[0.5, 0.5, 0.2, 0.3]])]],
+        offset=torch.tensor([0, 1, 2]), image_sizes_hw=torch.tensor([[480, 640], [300, 400]]),
+        region_boxes_xyxy_clip_norm=[torch.tensor([[0.1, 0.2, 0.5, 0.6]]), torch.zeros(0, 4)],
+        grounding_targets_cxcywh_norm=[[], [torch.tensor([[0.5, 0.5, 0.2, 0.3]])]],
         task=["referring", "grounding"], sample_ids=["refs.json#0", "gnd.json#7"],
     )
 
@@ -93,7 +93,7 @@ def test_zero_lm_loss_on_grounding_batches(tokenizer, model):
             kept = model(**batch)
         finally:
             model.cfg.zero_lm_loss_on_grounding = True
-        referring_only = model(**{**batch, "grounding_targets": [[], []], "images_dino": None})
+        referring_only = model(**{**batch, "grounding_targets_cxcywh_norm": [[], []], "images_dino": None})
     assert zeroed["lm_loss"] == 0 and kept["lm_loss"] > 0
     assert referring_only["lm_loss"] > 0 and referring_only["grounding_loss"] == 0
     assert torch.equal(zeroed["grounding_loss"], kept["grounding_loss"])
@@ -137,11 +137,11 @@ def test_image_and_region_embeddings_land_at_their_tokens(tokenizer, model):
     ids = model.token_ids
     with torch.no_grad():
         embeds = model.build_inputs_embeds(batch["input_ids"], batch["images_clip"], batch["offset"],
-                                           batch["region_boxes"], batch["sample_ids"])
+                                           batch["region_boxes_xyxy_clip_norm"], batch["sample_ids"])
         plain = model.causal_lm.get_input_embeddings()(batch["input_ids"])
         clip = model.clip_tower(batch["images_clip"])
         image_embeds = model.causal_lm.model.mm_projector(clip.image_tokens)
-        region = model.region_encoder(clip.region_levels, batch["region_boxes"][0], torch.tensor([0]))
+        region = model.region_encoder(clip.region_levels, batch["region_boxes_xyxy_clip_norm"][0], torch.tensor([0]))
     for row in range(2):
         patch_pos = (batch["input_ids"][row] == ids.im_patch).nonzero().squeeze(1)
         assert patch_pos.tolist() == list(range(2, 258))  # BOS, <im_start>, then 256 patches
@@ -156,9 +156,9 @@ def test_image_and_region_embeddings_land_at_their_tokens(tokenizer, model):
 def test_count_mismatches_name_the_sample(tokenizer, model):
     batch = make_batch(tokenizer)
     with pytest.raises(ValueError, match=r"refs\.json#0.*1 <bbox> tokens but 2 region boxes"):
-        model(**{**batch, "region_boxes": [torch.rand(2, 4), torch.zeros(0, 4)]})
+        model(**{**batch, "region_boxes_xyxy_clip_norm": [torch.rand(2, 4), torch.zeros(0, 4)]})
     with pytest.raises(ValueError, match=r"gnd\.json#7.*1 \[VG\] tokens but 2 grounding targets"):
-        model(**{**batch, "grounding_targets": [[], [torch.rand(1, 4), torch.rand(1, 4)]]})
+        model(**{**batch, "grounding_targets_cxcywh_norm": [[], [torch.rand(1, 4), torch.rand(1, 4)]]})
     truncated = {**batch, "input_ids": batch["input_ids"][:, :200], "attention_mask": batch["attention_mask"][:, :200],
                  "labels": batch["labels"][:, :200]}
     with pytest.raises(ValueError, match=r"refs\.json#0.*<im_start>"):
@@ -179,7 +179,7 @@ def test_every_vg_yields_a_query(tokenizer, model):
     model.vision_branch.forward_enc_dec = spy
     try:
         with torch.no_grad():
-            model(**{**batch, "region_boxes": None, "grounding_targets": targets})
+            model(**{**batch, "region_boxes_xyxy_clip_norm": None, "grounding_targets_cxcywh_norm": targets})
     finally:
         del model.vision_branch.forward_enc_dec
     assert seen["queries"].shape == (4, model.vision_branch.cfg.hidden_dim)
@@ -194,7 +194,7 @@ def test_generation_with_cache_equals_without(tokenizer, model):
     batch = make_batch(tokenizer)
     enc = _prompt(tokenizer, "<image>\n What is it <bbox>? Where is it?[VG] ASSISTANT:")
     kwargs = dict(images_clip=batch["images_clip"][:1], images_dino=batch["images_dino"][:1],
-                  image_sizes=batch["image_sizes"][:1], region_boxes=[torch.tensor([[0.1, 0.2, 0.5, 0.6]])],
+                  image_sizes_hw=batch["image_sizes_hw"][:1], region_boxes_xyxy_clip_norm=[torch.tensor([[0.1, 0.2, 0.5, 0.6]])],
                   max_new_tokens=12)
     cached = model.generate(enc.input_ids, enc.attention_mask, use_cache=True, **kwargs)[0]
     uncached = model.generate(enc.input_ids, enc.attention_mask, use_cache=False, **kwargs)[0]
@@ -204,7 +204,7 @@ def test_generation_with_cache_equals_without(tokenizer, model):
     torch.testing.assert_close(cached.boxes_xyxy_abs, uncached.boxes_xyxy_abs)
     # Regions are injected during generation: another box changes the prefill.
     moved = model.generate(enc.input_ids, enc.attention_mask, **{**kwargs, "max_new_tokens": 1,
-                                                                 "region_boxes": [torch.tensor([[0.6, 0.6, 0.9, 0.9]])]})
+                                                                 "region_boxes_xyxy_clip_norm": [torch.tensor([[0.6, 0.6, 0.9, 0.9]])]})
     same = model.generate(enc.input_ids, enc.attention_mask, **{**kwargs, "max_new_tokens": 1})
     assert not torch.equal(moved[0].boxes_cxcywh_norm, same[0].boxes_cxcywh_norm) or \
         moved[0].scores.item() != same[0].scores.item()
@@ -213,7 +213,7 @@ def test_generation_with_cache_equals_without(tokenizer, model):
 def test_generated_vg_uses_the_step_that_produced_it(tokenizer, model, monkeypatch):
     batch = make_batch(tokenizer)
     kwargs = dict(images_clip=batch["images_clip"][:1], images_dino=batch["images_dino"][:1],
-                  image_sizes=batch["image_sizes"][:1])
+                  image_sizes_hw=batch["image_sizes_hw"][:1])
     ids = model.token_ids
     step = {"n": 0}
     original = model._next_token_logits
@@ -245,14 +245,14 @@ def test_batched_generation_matches_single_prompts(tokenizer, model):
     enc = tokenizer([expand_image_placeholder(t) for t in texts], padding=True, return_tensors="pt")
     regions = [torch.tensor([[0.1, 0.2, 0.5, 0.6]]), torch.zeros(0, 4)]
     common = dict(images_clip=batch["images_clip"], images_dino=batch["images_dino"],
-                  image_sizes=batch["image_sizes"], max_new_tokens=6)
-    together = model.generate(enc.input_ids, enc.attention_mask, region_boxes=regions, **common)
+                  image_sizes_hw=batch["image_sizes_hw"], max_new_tokens=6)
+    together = model.generate(enc.input_ids, enc.attention_mask, region_boxes_xyxy_clip_norm=regions, **common)
     for row in range(2):
         n = int(enc.attention_mask[row].sum())
-        alone = model.generate(enc.input_ids[row:row + 1, :n], region_boxes=regions[row:row + 1],
+        alone = model.generate(enc.input_ids[row:row + 1, :n], region_boxes_xyxy_clip_norm=regions[row:row + 1],
                                **{**common, "images_clip": batch["images_clip"][row:row + 1],
                                   "images_dino": batch["images_dino"][row:row + 1],
-                                  "image_sizes": batch["image_sizes"][row:row + 1]})[0]
+                                  "image_sizes_hw": batch["image_sizes_hw"][row:row + 1]})[0]
         assert together[row].token_ids == alone.token_ids
         torch.testing.assert_close(together[row].boxes_xyxy_abs, alone.boxes_xyxy_abs)
 

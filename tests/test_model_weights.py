@@ -95,7 +95,7 @@ def _outputs(model, tokenizer):
         model.cfg.zero_lm_loss_on_grounding = False
         out = model(**batch)
         hidden = model.build_inputs_embeds(batch["input_ids"], batch["images_clip"], batch["offset"],
-                                           batch["region_boxes"])
+                                           batch["region_boxes_xyxy_clip_norm"])
     return out, hidden
 
 

@@ -294,10 +294,10 @@ def test_move_batch_keeps_what_the_model_reads_on_the_host():
     from chatterbox.train.loop import move_batch
 
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "images_dino": torch.ones(2, 3, 4, 4),
-             "offset": torch.arange(3), "region_boxes": [torch.zeros(1, 4), torch.zeros(0, 4)],
-             "grounding_targets": [[torch.full((2, 4), 0.5)], []], "task": ["grounding", "grounding"]}
+             "offset": torch.arange(3), "region_boxes_xyxy_clip_norm": [torch.zeros(1, 4), torch.zeros(0, 4)],
+             "grounding_targets_cxcywh_norm": [[torch.full((2, 4), 0.5)], []], "task": ["grounding", "grounding"]}
     moved = move_batch(batch, torch.device("meta"), torch.bfloat16)
     assert moved["input_ids"].is_meta and moved["images_dino"].dtype == torch.bfloat16
-    assert all(b.is_meta and b.dtype == torch.float32 for b in moved["region_boxes"])
+    assert all(b.is_meta and b.dtype == torch.float32 for b in moved["region_boxes_xyxy_clip_norm"])
     assert moved["offset"].device.type == "cpu" and moved["task"] == batch["task"]
-    assert moved["grounding_targets"][0][0].device.type == "cpu"
+    assert moved["grounding_targets_cxcywh_norm"][0][0].device.type == "cpu"

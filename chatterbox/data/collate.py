@@ -41,9 +41,9 @@ def collate_samples(samples: Sequence[EncodedSample], pad_token_id: int) -> dict
         "images_clip": torch.stack([s.image_clip for s in samples]),
         "images_dino": images_dino,
         "offset": torch.arange(batch_size + 1, dtype=torch.long),
-        "image_sizes": torch.tensor([s.image_size_hw for s in samples], dtype=torch.long),
-        "region_boxes": [s.region_boxes_xyxy_clip_norm for s in samples],
-        "grounding_targets": [list(s.grounding_targets_cxcywh_norm) for s in samples],
+        "image_sizes_hw": torch.tensor([s.image_size_hw for s in samples], dtype=torch.long),
+        "region_boxes_xyxy_clip_norm": [s.region_boxes_xyxy_clip_norm for s in samples],
+        "grounding_targets_cxcywh_norm": [list(s.grounding_targets_cxcywh_norm) for s in samples],
         "task": [s.task for s in samples],
         "sample_ids": [s.sample_id for s in samples],
     }

@@ -138,8 +138,8 @@ def collate_requests(encoded: Sequence[EncodedRequest], pad_token_id: int) -> di
         "images_clip": torch.stack([e.image_clip for e in encoded]),
         "images_dino": torch.stack([e.image_dino for e in encoded]),
         "offset": torch.arange(len(encoded) + 1, dtype=torch.long),
-        "image_sizes": torch.tensor([e.image_size_hw for e in encoded], dtype=torch.long),
-        "region_boxes": [e.region_boxes_xyxy_clip_norm for e in encoded],
+        "image_sizes_hw": torch.tensor([e.image_size_hw for e in encoded], dtype=torch.long),
+        "region_boxes_xyxy_clip_norm": [e.region_boxes_xyxy_clip_norm for e in encoded],
         "sample_ids": [e.request_id for e in encoded],
     }
 
@@ -169,7 +169,7 @@ def generate_for_requests(model, encoder: RequestEncoder, requests: Sequence[Gen
     batch = collate_requests(encoded, encoder.ids.pad)
     device = device if device is not None else next(model.parameters()).device
     tensors = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    tensors["region_boxes"] = [b.to(device) for b in batch["region_boxes"]]
+    tensors["region_boxes_xyxy_clip_norm"] = [b.to(device) for b in batch["region_boxes_xyxy_clip_norm"]]
     results = model.generate(**tensors, max_new_tokens=max_new_tokens, box_threshold=box_threshold)
     out = []
     for e, r in zip(encoded, results):

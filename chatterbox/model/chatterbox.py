@@ -2,7 +2,7 @@
 
     model = ChatterBox.build(cfg.model, dtype=torch.bfloat16)      # base weights from paths / Hub ids / random
     out = model(**batch)                                            # dict(lm_loss, grounding_loss, loss, ...)
-    results = model.generate(input_ids, attention_mask, images_clip=..., images_dino=..., image_sizes=...)
+    results = model.generate(input_ids, attention_mask, images_clip=..., images_dino=..., image_sizes_hw=...)
     model.save_pretrained("export/"); model = ChatterBox.from_pretrained("export/")  # or "owner/name[@revision]"
 
 Sub-modules: ``clip_tower`` (frozen CLIP ViT), ``language_model`` (LLaVA LLaMA, peft LoRA-wrapped),
@@ -277,7 +277,7 @@ class ChatterBox(nn.Module):
         return torch.repeat_interleave(torch.arange(num_images), offset[1:] - offset[:-1])
 
     def build_inputs_embeds(self, input_ids: torch.Tensor, images_clip: torch.Tensor | None = None,
-                            offset: torch.Tensor | None = None, region_boxes: Sequence | None = None,
+                            offset: torch.Tensor | None = None, region_boxes_xyxy_clip_norm: Sequence | None = None,
                             sample_ids: Sequence[str] | None = None,
                             host_input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features at `<im_patch>` and region vectors at `<bbox>` positions.
@@ -290,10 +290,10 @@ class ChatterBox(nn.Module):
         host_ids = input_ids.cpu() if host_input_ids is None else host_input_ids
         images_per_row = check_image_layout(host_ids, ids, self.clip_tower.num_patches, sample_ids)
         bbox_counts = (host_ids == ids.bbox).sum(dim=1).tolist()
-        if region_boxes is not None and len(region_boxes) != input_ids.shape[0]:
-            raise ValueError(f"region_boxes has {len(region_boxes)} entries for {input_ids.shape[0]} rows")
+        if region_boxes_xyxy_clip_norm is not None and len(region_boxes_xyxy_clip_norm) != input_ids.shape[0]:
+            raise ValueError(f"region_boxes_xyxy_clip_norm has {len(region_boxes_xyxy_clip_norm)} entries for {input_ids.shape[0]} rows")
         for row, count in enumerate(bbox_counts):
-            given = 0 if region_boxes is None or region_boxes[row] is None else int(len(region_boxes[row]))
+            given = 0 if region_boxes_xyxy_clip_norm is None or region_boxes_xyxy_clip_norm[row] is None else int(len(region_boxes_xyxy_clip_norm[row]))
             if count != given:
                 raise ValueError(f"{_where(sample_ids, row)}: {count} <bbox> tokens but {given} region boxes")
         if images_clip is None:
@@ -314,14 +314,14 @@ class ChatterBox(nn.Module):
                                                   int(images_per_row.sum()) * self.clip_tower.num_patches)
         if needs_regions:
             inputs_embeds = inject_region_features(
-                inputs_embeds, input_ids, ids.bbox, self._region_vectors(features, region_boxes, row_to_image),
+                inputs_embeds, input_ids, ids.bbox, self._region_vectors(features, region_boxes_xyxy_clip_norm, row_to_image),
                 sum(bbox_counts))
         return inputs_embeds
 
-    def _region_vectors(self, features: ClipFeatures, region_boxes: Sequence, row_to_image: torch.Tensor):
-        rows = [r for r, boxes in enumerate(region_boxes) if boxes is not None and len(boxes)]
-        boxes = torch.cat([torch.as_tensor(region_boxes[r]).reshape(-1, 4) for r in rows])
-        box_rows = torch.cat([torch.full((len(region_boxes[r]),), r) for r in rows])
+    def _region_vectors(self, features: ClipFeatures, region_boxes_xyxy_clip_norm: Sequence, row_to_image: torch.Tensor):
+        rows = [r for r, boxes in enumerate(region_boxes_xyxy_clip_norm) if boxes is not None and len(boxes)]
+        boxes = torch.cat([torch.as_tensor(region_boxes_xyxy_clip_norm[r]).reshape(-1, 4) for r in rows])
+        box_rows = torch.cat([torch.full((len(region_boxes_xyxy_clip_norm[r]),), r) for r in rows])
         box_images = row_to_image[box_rows]
         used_images, box_image_index = torch.unique(box_images, return_inverse=True)
         device = features.image_tokens.device
@@ -335,8 +335,8 @@ class ChatterBox(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, images_clip: torch.Tensor | None = None,
                 images_dino: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-                image_sizes: torch.Tensor | None = None, region_boxes: Sequence | None = None,
-                grounding_targets: Sequence | None = None, task: Sequence[str] | None = None,
+                image_sizes_hw: torch.Tensor | None = None, region_boxes_xyxy_clip_norm: Sequence | None = None,
+                grounding_targets_cxcywh_norm: Sequence | None = None, task: Sequence[str] | None = None,
                 sample_ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Training/validation forward on a collated batch (docs/model.md "batch contract").
 
@@ -345,11 +345,11 @@ class ChatterBox(nn.Module):
         ``cfg.zero_lm_loss_on_grounding`` the LM loss of a batch with grounding targets is multiplied by 0.
         """
         host_ids = input_ids.cpu()  # the token layout is checked on the host, before anything is queued
-        inputs_embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes, sample_ids, host_ids)
+        inputs_embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes_xyxy_clip_norm, sample_ids, host_ids)
         hidden = self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=causal_mask_suffices(attention_mask),
                                       use_cache=False).last_hidden_state
         result: dict[str, torch.Tensor] = {}
-        if self.lm_loss_is_zeroed(grounding_targets):
+        if self.lm_loss_is_zeroed(grounding_targets_cxcywh_norm):
             # Upstream multiplies this batch's LM loss by 0: its gradient is zero, so lm_head and the
             # cross-entropy over the vocabulary are not computed at all (a zero gradient and no gradient
             # are the same to the ZeRO optimizer, which fills missing gradients with zeros).
@@ -357,7 +357,7 @@ class ChatterBox(nn.Module):
         else:
             lm_loss = self._lm_loss(hidden, labels) if labels is not None else hidden.sum() * 0.0
 
-        grounding = self._grounding_losses(hidden, input_ids, host_ids, images_dino, offset, grounding_targets,
+        grounding = self._grounding_losses(hidden, input_ids, host_ids, images_dino, offset, grounding_targets_cxcywh_norm,
                                            sample_ids)
         grounding_loss = grounding.pop("loss")
         result["lm_loss"] = lm_loss
@@ -366,9 +366,9 @@ class ChatterBox(nn.Module):
         result.update({name: value.detach() for name, value in grounding.items()})
         return result
 
-    def lm_loss_is_zeroed(self, grounding_targets: Sequence | None) -> bool:
+    def lm_loss_is_zeroed(self, grounding_targets_cxcywh_norm: Sequence | None) -> bool:
         """Upstream's rule: a batch with any grounding target trains without its LM loss (spec §1.9)."""
-        return self.cfg.zero_lm_loss_on_grounding and any(grounding_targets or [])
+        return self.cfg.zero_lm_loss_on_grounding and any(grounding_targets_cxcywh_norm or [])
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Shifted token cross-entropy, mean over supervised (!= IGNORE_INDEX) targets, in at least fp32; 0 (with a
@@ -381,7 +381,7 @@ class ChatterBox(nn.Module):
                                 ignore_index=IGNORE_INDEX, reduction="sum")
         return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
-    def _grounding_losses(self, hidden, input_ids, host_ids, images_dino, offset, grounding_targets,
+    def _grounding_losses(self, hidden, input_ids, host_ids, images_dino, offset, grounding_targets_cxcywh_norm,
                           sample_ids) -> dict:
         """Vision branch + grounding criterion; the j-th grounding target of a row is grounded from the
         hidden state before the row's j-th `[VG]`.
@@ -393,10 +393,10 @@ class ChatterBox(nn.Module):
         """
         num_rows = input_ids.shape[0]
         target_boxes, query_rows, query_slots, expected = [], [], [], {}
-        if grounding_targets is not None:
-            if len(grounding_targets) != num_rows:
-                raise ValueError(f"grounding_targets has {len(grounding_targets)} entries for {num_rows} rows")
-            for row, targets in enumerate(grounding_targets):
+        if grounding_targets_cxcywh_norm is not None:
+            if len(grounding_targets_cxcywh_norm) != num_rows:
+                raise ValueError(f"grounding_targets_cxcywh_norm has {len(grounding_targets_cxcywh_norm)} entries for {num_rows} rows")
+            for row, targets in enumerate(grounding_targets_cxcywh_norm):
                 if not targets:
                     continue
                 expected[row] = len(targets)
@@ -491,8 +491,8 @@ class ChatterBox(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  images_clip: torch.Tensor | None = None, images_dino: torch.Tensor | None = None,
-                 offset: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
-                 region_boxes: Sequence | None = None, sample_ids: Sequence[str] | None = None,
+                 offset: torch.Tensor | None = None, image_sizes_hw: torch.Tensor | None = None,
+                 region_boxes_xyxy_clip_norm: Sequence | None = None, sample_ids: Sequence[str] | None = None,
                  max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, use_cache: bool = True, box_threshold: float | None = None,
                  generator: torch.Generator | None = None, cache: str = "static",
@@ -505,7 +505,7 @@ class ChatterBox(nn.Module):
         columns whose fused decode step is a CUDA graph on CUDA (``cuda_graph=False`` keeps it eager;
         ``fused_step=False`` runs transformers' step; ``cache="dynamic"`` uses transformers' growing
         cache). ``use_cache=False`` re-runs the whole sequence every step (for testing equivalence).
-        ``image_sizes`` [I,2] (height, width) of the original images map boxes to pixels.
+        ``image_sizes_hw`` [I,2] (height, width) of the original images map boxes to pixels.
         """
         self.eval()
         if max_new_tokens < 1:
@@ -515,7 +515,7 @@ class ChatterBox(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         lengths = attention_mask.sum(dim=1)
-        embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes, sample_ids)
+        embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes_xyxy_clip_norm, sample_ids)
         # Right padding -> left padding so that new tokens append at one column for every row.
         shift = (length - lengths).to(device)
         source = (torch.arange(length, device=device)[None, :] - shift[:, None]) % length
@@ -543,7 +543,7 @@ class ChatterBox(nn.Module):
             tokens = decoded.token_ids[r]
             results.append(GenerationResult(token_ids=tokens, text=self.tokenizer.decode(tokens),
                                             vg_in_prompt=vg_in_prompt[r]))
-        self._attach_boxes(results, query_hidden, images_dino, offset, image_sizes, box_threshold)
+        self._attach_boxes(results, query_hidden, images_dino, offset, image_sizes_hw, box_threshold)
         return results
 
     def image_features(self, images_dino: torch.Tensor):
@@ -562,17 +562,17 @@ class ChatterBox(nn.Module):
                                                      query_image_index.to(queries.device))
         return self.vision_branch.predict_boxes(outputs, image_sizes_wh, box_threshold)
 
-    def _attach_boxes(self, results, query_hidden, images_dino, offset, image_sizes, box_threshold) -> None:
+    def _attach_boxes(self, results, query_hidden, images_dino, offset, image_sizes_hw, box_threshold) -> None:
         query_rows = [r for r, qs in enumerate(query_hidden) for _ in qs]
         if not query_rows:
             return
-        if images_dino is None or image_sizes is None:
-            raise ValueError("the prompt or reply has [VG] tokens: pass images_dino and image_sizes to get boxes")
+        if images_dino is None or image_sizes_hw is None:
+            raise ValueError("the prompt or reply has [VG] tokens: pass images_dino and image_sizes_hw to get boxes")
         row_to_image = self._row_to_image(offset, len(results), images_dino.shape[0])
         query_images = row_to_image[torch.tensor(query_rows)]
         used_images, query_image_index = torch.unique(query_images, return_inverse=True)
         features = self.image_features(images_dino.index_select(0, used_images.to(images_dino.device)))
-        sizes_hw = torch.as_tensor(image_sizes).reshape(-1, 2)[query_images]
+        sizes_hw = torch.as_tensor(image_sizes_hw).reshape(-1, 2)[query_images]
         best = self.boxes_for_queries(torch.stack([h for qs in query_hidden for h in qs]), features,
                                       query_image_index, sizes_hw.flip(-1), box_threshold)
         start = 0

@@ -41,7 +41,7 @@ def move_batch(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Tensors (also inside lists) to ``device``; floating-point images to the training dtype.
 
     Box tensors stay float32: they are coordinates, not activations. ``offset`` (rows -> images) and
-    ``grounding_targets`` stay on the host, where the model reads them (the grounding step packs the
+    ``grounding_targets_cxcywh_norm`` stay on the host, where the model reads them (the grounding step packs the
     targets into one transfer; reading device copies back would make the host wait for the forward).
     """
 
@@ -53,7 +53,7 @@ def move_batch(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
             return type(value)(move(v, cast) for v in value)
         return value
 
-    on_host = ("offset", "grounding_targets")
+    on_host = ("offset", "grounding_targets_cxcywh_norm")
     return {k: v if k in on_host else move(v, cast=k.startswith("images")) for k, v in batch.items()}
 
 

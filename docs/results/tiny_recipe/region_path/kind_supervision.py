@@ -45,7 +45,7 @@ def kind_labels(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 def region_vectors(model, batch) -> torch.Tensor:
     features = model.clip_tower(batch["images_clip"])
     rows = model._row_to_image(batch["offset"], batch["input_ids"].shape[0], batch["images_clip"].shape[0])
-    return model._region_vectors(features, batch["region_boxes"], rows)
+    return model._region_vectors(features, batch["region_boxes_xyxy_clip_norm"], rows)
 
 
 def main() -> None:

@@ -32,8 +32,8 @@ import trained_export  # noqa: E402
 from chatterbox.model.lora import apply_trainable_policy, parameter_group  # noqa: E402
 
 LR, LR_SCALE = 1e-3, {"lora": 3, "embed_tokens": 3, "lm_head": 3, "region_encoder": 0.1}
-FORWARD_KEYS = ("input_ids", "attention_mask", "labels", "images_clip", "images_dino", "offset", "image_sizes",
-                "region_boxes", "grounding_targets", "task", "sample_ids")
+FORWARD_KEYS = ("input_ids", "attention_mask", "labels", "images_clip", "images_dino", "offset", "image_sizes_hw",
+                "region_boxes_xyxy_clip_norm", "grounding_targets_cxcywh_norm", "task", "sample_ids")
 
 
 def region_names(tokenizer, batch) -> list[tuple[int, int] | None]:
@@ -69,7 +69,7 @@ def word_accuracy(model, batches, current: dict) -> dict[str, float]:
         for batch in batches:
             current["names"] = region_names(tokenizer, batch)
             embeds = model.build_inputs_embeds(batch["input_ids"], batch["images_clip"], batch["offset"],
-                                               batch["region_boxes"])
+                                               batch["region_boxes_xyxy_clip_norm"])
             hidden = model.causal_lm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                            use_cache=False).last_hidden_state
             predicted = model.causal_lm.lm_head(hidden).argmax(-1)
