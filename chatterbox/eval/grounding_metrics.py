@@ -472,7 +472,6 @@ def evaluate_query_swap(records: Sequence[GroundingRecord], *,
             "success_rate_query_swapped": float((swapped >= iou_threshold).double().mean())}
 
 
-
 def evaluate_shared_words(records: Sequence[GroundingRecord], names: Sequence[str], *,
                           iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> list[dict]:
     """Which words of a name the box follows: for each word position k of the (space-separated) names,
