@@ -19,6 +19,16 @@ torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def tiny_upstream_policy():
+    """The tiny preset's model (configs/tiny_stage1.yaml) under upstream's training policy: CLIP, the base LLM
+    and Swin frozen (the quickstart trains them, since its weights start random)."""
+    from chatterbox.model.presets import preset
+
+    cfg = preset("tiny")
+    cfg.clip.freeze = cfg.language.freeze_base = cfg.vision.freeze_backbone = True
+    return cfg
+
+
 def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``bench/<script>`` with this interpreter from the repository root; it must succeed (the
     assertion shows the end of its output)."""

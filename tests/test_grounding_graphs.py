@@ -10,7 +10,7 @@ import torch
 
 from chatterbox.model.grounding_graphs import GroundingLossGraphs, padded_size, target_slots
 from chatterbox.model.lora import parameter_group
-from tests.test_model_chatterbox import build_tiny, make_batch
+from tests.test_model_chatterbox import CLIP_SIZE, build_tiny, make_batch
 
 
 
@@ -45,7 +45,7 @@ def tokenizer(tiny_tokenizer_dir):
 def grounding_batch(tokenizer, rows=(0, 1, 2)) -> dict:
     batch = make_batch(tokenizer, texts=tuple(TEXTS[r] for r in rows))
     g = torch.Generator().manual_seed(3)
-    batch.update(images_clip=torch.randn(len(rows), 3, 224, 224, generator=g),
+    batch.update(images_clip=torch.randn(len(rows), 3, CLIP_SIZE, CLIP_SIZE, generator=g),
                  images_dino=torch.randn(len(rows), 3, 128, 128, generator=g),
                  offset=torch.arange(len(rows) + 1), image_sizes_hw=torch.tensor([[480, 640]] * len(rows)),
                  region_boxes_xyxy_clip_norm=[torch.zeros(0, 4)] * len(rows),

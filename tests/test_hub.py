@@ -21,9 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from chatterbox.model.chatterbox import ChatterBox
 from chatterbox.model.hub import HubId, parse_hub_id
-from chatterbox.model.presets import preset
 from chatterbox.model.weights import WeightsError
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, tiny_upstream_policy
 from tests.test_model_chatterbox import build_tiny
 from tests.test_model_weights import write_llava_folder
 
@@ -156,7 +155,7 @@ def test_base_weights_by_hub_id_build_what_their_local_paths_build(hub_cache, tm
 
     from chatterbox.model.clip_tower import clip_vision_config
 
-    cfg = preset("tiny")
+    cfg = tiny_upstream_policy()
     torch.manual_seed(5)  # other values than the model's own initialisation, so that loading shows
     llava, clip, gdino = tmp_path / "llava", tmp_path / "clip", tmp_path / "gdino"
     write_llava_folder(llava, cfg)
@@ -171,7 +170,7 @@ def test_base_weights_by_hub_id_build_what_their_local_paths_build(hub_cache, tm
     put_in_hub_cache(hub_cache, "ShilongLiu/GroundingDINO", gdino, MAIN_COMMIT, "main")
 
     def build(llm_path: str, clip_path: str, vision_weights: str) -> ChatterBox:
-        model_cfg = preset("tiny")
+        model_cfg = tiny_upstream_policy()
         model_cfg.language.llm_path, model_cfg.clip.clip_path, model_cfg.vision_weights = (
             llm_path, clip_path, vision_weights)
         torch.manual_seed(0)
@@ -191,7 +190,7 @@ def test_base_weights_by_hub_id_build_what_their_local_paths_build(hub_cache, tm
     ("language.llm_path", "/models/llava-llama-2-13b", "not a Hub id (owner/name[@revision][:path/in/repo])"),
 ])
 def test_a_weight_path_neither_local_nor_cached_is_one_line_naming_its_key(hub_cache, key, value, problem):
-    cfg = preset("tiny")
+    cfg = tiny_upstream_policy()
     section, name = key.split(".")
     setattr(getattr(cfg, section), name, value)
     with pytest.raises(WeightsError) as error:

@@ -8,15 +8,16 @@ from chatterbox.conversation import IGNORE_INDEX
 from chatterbox.model.chatterbox import ChatterBox
 from chatterbox.model.config import PARAMETER_GROUPS
 from chatterbox.model.lora import parameter_group
-from chatterbox.model.presets import preset
 from chatterbox.tokens import expand_image_placeholder
+from tests.conftest import tiny_upstream_policy
 
 REGION_TEXT = "<image>\n What is it <bbox>? It is a dog.</s>"
 GROUNDING_TEXT = "<image>\n Where is the dog?[VG] It is on the left.</s>"
+CLIP_SIZE = tiny_upstream_policy().clip.image_size
 
 
 def build_tiny(tokenizer, **overrides) -> ChatterBox:
-    cfg = preset("tiny")
+    cfg = tiny_upstream_policy()
     for key, value in overrides.items():
         setattr(cfg, key, value)
     torch.manual_seed(0)
@@ -31,7 +32,7 @@ def make_batch(tokenizer, texts=(REGION_TEXT, GROUNDING_TEXT)) -> dict:
     g = torch.Generator().manual_seed(1)
     return dict(
         input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels,
-        images_clip=torch.randn(2, 3, 224, 224, generator=g), images_dino=torch.randn(2, 3, 128, 128, generator=g),
+        images_clip=torch.randn(2, 3, CLIP_SIZE, CLIP_SIZE, generator=g), images_dino=torch.randn(2, 3, 128, 128, generator=g),
         offset=torch.tensor([0, 1, 2]), image_sizes_hw=torch.tensor([[480, 640], [300, 400]]),
         region_boxes_xyxy_clip_norm=[torch.tensor([[0.1, 0.2, 0.5, 0.6]]), torch.zeros(0, 4)],
         grounding_targets_cxcywh_norm=[[], [torch.tensor([[0.5, 0.5, 0.2, 0.3]])]],
@@ -54,7 +55,7 @@ def model(tokenizer):
 @pytest.mark.parametrize("pretrained_frozen", [True, False], ids=["upstream_policy", "random_init_unfrozen"])
 def test_forward_backward_gradient_policy(tokenizer, pretrained_frozen):
     """Upstream's policy (spec §1.8), and the tiny preset's: CLIP and the base LLM trained too."""
-    cfg = preset("tiny")
+    cfg = tiny_upstream_policy()
     cfg.zero_lm_loss_on_grounding = False
     cfg.clip.freeze = cfg.language.freeze_base = pretrained_frozen
     torch.manual_seed(0)

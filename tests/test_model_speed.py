@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from chatterbox.model.chatterbox import ChatterBox, causal_mask_suffices
 from bench.flops import llm_matmul_params, llm_step_flops
-from chatterbox.model.presets import preset
+from tests.conftest import tiny_upstream_policy
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def tokenizer(tiny_tokenizer_dir):
 
 
 def build(tokenizer, attn: str = "sdpa", dropout: float = 0.05) -> ChatterBox:
-    cfg = preset("tiny")
+    cfg = tiny_upstream_policy()
     cfg.language.attn_implementation = attn
     cfg.language.lora_dropout = dropout
     torch.manual_seed(0)
@@ -33,7 +33,7 @@ def build(tokenizer, attn: str = "sdpa", dropout: float = 0.05) -> ChatterBox:
 
 def test_matmul_parameter_count_by_hand(tokenizer):
     model = build(tokenizer)
-    lang = preset("tiny").language
+    lang = tiny_upstream_policy().language
     h, i, L, r = lang.hidden_size, lang.intermediate_size, lang.num_hidden_layers, lang.lora_r
     counts = llm_matmul_params(model.causal_lm)
     assert counts.frozen == L * (4 * h * h + 3 * h * i)
@@ -121,7 +121,7 @@ def test_partial_gradient_checkpointing_keeps_gradients(tokenizer):
 
 
 def test_config_sets_checkpointed_layers(tokenizer):
-    cfg = preset("tiny")
+    cfg = tiny_upstream_policy()
     cfg.language.gradient_checkpointing = True
     cfg.language.gradient_checkpointing_layers = 1
     model = ChatterBox.build(cfg, tokenizer=tokenizer, verbose=False)

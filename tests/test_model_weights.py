@@ -11,6 +11,7 @@ import torch
 from chatterbox.model.chatterbox import ChatterBox
 from chatterbox.model.presets import count_parameters, preset
 from chatterbox.model.weights import WeightsError, load_upstream_checkpoint, ours_to_upstream, upstream_to_ours
+from tests.conftest import tiny_upstream_policy
 from tests.test_model_chatterbox import build_tiny, make_batch
 
 MANIFEST = Path("/work/shared/spec/checkpoints/chatterbox_full_state_dict.json")
@@ -255,7 +256,7 @@ def test_llava_folder_and_clip_folder_load(tmp_path):
     from chatterbox.model.clip_tower import clip_vision_config
     from chatterbox.model.weights import load_clip_vision, load_llava_llama
 
-    cfg = preset("tiny")
+    cfg = tiny_upstream_policy()
     torch.manual_seed(0)
     folder = tmp_path / "llava"
     lm = write_llava_folder(folder, cfg)
@@ -279,7 +280,7 @@ def test_llava_folder_and_clip_folder_load(tmp_path):
 
 def test_a_trained_clip_is_exported_even_when_its_base_is_referenced(tokenizer, tmp_path):
     """model.clip.freeze=False: the tower's weights are trained, so the export must hold them."""
-    cfg = preset("tiny")
+    cfg = tiny_upstream_policy()
     cfg.clip.freeze = False
     torch.manual_seed(0)
     model = ChatterBox.build(cfg, tokenizer=tokenizer, verbose=False)

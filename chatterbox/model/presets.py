@@ -1,6 +1,7 @@
 """Model-size presets (language side + vision branch) and parameter counting on the meta device.
 
-* ``tiny``: random init, CPU forward+backward of a batch in seconds (tests, CI, quick start);
+* ``tiny``: the model of configs/tiny_stage1.yaml (random init, CPU forward+backward of a batch in
+  seconds: the quickstart, tests, CI);
 * ``7b``: LLaVA-LLaMA-2-7B + CLIP-L + Swin-B;
 * ``13b``: the paper — LLaVA-LLaMA-2-13B + CLIP-L/14 + GroundingDINO Swin-B (the ModelConfig defaults).
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from chatterbox.model.config import ClipConfig, LanguageConfig, ModelConfig, QueryHeadConfig, RegionEncoderConfig
+from chatterbox.model.config import LanguageConfig, ModelConfig
 
 PRESETS = ("tiny", "7b", "13b")
 
@@ -23,22 +24,9 @@ def preset(name: str) -> ModelConfig:
         return ModelConfig(language=LanguageConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                                    num_attention_heads=32, num_key_value_heads=32))
     if name == "tiny":
-        from model.GroundingDINO import load_vision_config
+        from chatterbox.config import load_config
 
-        vision = load_vision_config("tiny")
-        return ModelConfig(
-            language=LanguageConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=4, vocab_size=1000,
-                                    max_position_embeddings=2048, gradient_checkpointing=False,
-                                    lora_r=4, lora_alpha=4, lora_dropout=0.05),
-            # 12 layers so that the region taps -11/-8/-5/-2 exist; 224 px / 14 keeps the 256 image tokens.
-            clip=ClipConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=12, num_attention_heads=2,
-                            projection_dim=32),
-            region_encoder=RegionEncoderConfig(embed_dims=32, fuse_group_norm_groups=8, roi_feature_dims=32,
-                                               pos_embed_dims=16),
-            query_head=QueryHeadConfig(out_dim=vision.hidden_dim),
-            vision=vision,
-        )
+        return load_config("tiny_stage1").model  # the quickstart's tiny model
     raise ValueError(f"unknown model preset {name!r}; known: {list(PRESETS)}")
 
 
