@@ -23,6 +23,7 @@ from torch import nn
 from chatterbox.conversation import IGNORE_INDEX
 from chatterbox.model.clip_tower import ClipFeatures, ClipTower
 from chatterbox.model.decoding import KVDecoder, decode, make_kv_decoder
+from chatterbox.model.frozen_graphs import FrozenGraphRunner
 from chatterbox.model.config import ModelConfig
 from chatterbox.model.llava_llama import (LlavaLlamaForCausalLM, check_image_layout, inject_region_features,
                                           splice_image_features)
@@ -188,7 +189,9 @@ class ChatterBox(nn.Module):
         ``max_graphs`` each) when their inputs are on CUDA: the same outputs with a few launches instead
         of ~1,300 small kernels per training step (chatterbox.model.frozen_graphs)."""
         self.clip_tower.use_cuda_graphs(enabled, max_graphs)
-        self.vision_branch.use_backbone_cuda_graphs(enabled and self.vision_branch.cfg.freeze_backbone, max_graphs)
+        branch = self.vision_branch  # a trainable backbone always runs eagerly
+        branch.backbone_graphs = FrozenGraphRunner(branch.flat_backbone, branch.backbone, max_graphs) \
+            if enabled and branch.cfg.freeze_backbone else None
 
     def use_grounding_loss_graphs(self, enabled: bool = True, **options) -> None:
         """Run the grounding step's trainable vision part (encoder, decoder, heads, loss; forward and

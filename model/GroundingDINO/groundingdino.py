@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatterbox.model.frozen_graphs import FrozenGraphRunner
 from chatterbox.precision import at_least_float32
 
 from .backbone import BackboneFeatures, Joiner, SinePositionEncoding, SwinTransformer, downsample_mask
@@ -77,14 +76,12 @@ class VisionBranch(nn.Module):
         self.transformer.decoder.bbox_embed = self.bbox_embed
         self.transformer.enc_out_bbox_embed = box_head if cfg.two_stage_bbox_embed_share else copy.deepcopy(box_head)
         self.class_embed = ContrastiveEmbed(cfg.max_text_len, cfg.pad_logits_to_max_text_len)
-        self.backbone_graphs: FrozenGraphRunner | None = None
+        # Set from outside to run the frozen backbone another way (e.g. replayed from CUDA graphs): a callable
+        # with flat_backbone's signature and results. None: the backbone module itself.
+        self.backbone_graphs = None
 
-    def use_backbone_cuda_graphs(self, enabled: bool = True, max_graphs: int = 2) -> None:
-        """Replay the frozen backbone from CUDA graphs on CUDA inputs (chatterbox.model.frozen_graphs).
-        A trainable backbone (``freeze_backbone=False``) always runs eagerly."""
-        self.backbone_graphs = FrozenGraphRunner(self._flat_backbone, self.backbone, max_graphs) if enabled else None
-
-    def _flat_backbone(self, images: torch.Tensor, masks: torch.Tensor) -> list[torch.Tensor]:
+    def flat_backbone(self, images: torch.Tensor, masks: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's outputs as one flat list: feature maps, then masks, then positions."""
         features = self.backbone(images, masks)
         return [*features.feature_maps, *features.masks, *features.positions]
 
