@@ -56,14 +56,6 @@ def grounding_questions(count: int) -> list[tuple[str, str]]:
     return [(str(root / "MSCOCO2017" / "val2017" / r["filename"]), r["question"]) for r in records[:count]]
 
 
-def iou(a: list[float], b: list[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def run_mode(master, mode: str, device: torch.device, questions, answer_tokens: int) -> dict:
     from chatterbox.model.quantization import quantize_language_model
 
@@ -96,6 +88,8 @@ def run_mode(master, mode: str, device: torch.device, questions, answer_tokens: 
 def main(argv=None) -> int:
     from bench_chat import build_model
 
+    from chatterbox.eval.grounding_metrics import iou_per_item
+
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -110,7 +104,8 @@ def main(argv=None) -> int:
     if reference is not None:
         for r in results:
             pairs = list(zip(r["answers"], reference["answers"]))
-            r["box_agrees_with_bf16"] = sum(iou(a["box"], b["box"]) >= 0.5 for a, b in pairs) / len(pairs)
+            ious = iou_per_item([a["box"] for a, _ in pairs], [b["box"] for _, b in pairs])
+            r["box_agrees_with_bf16"] = float((ious >= 0.5).double().mean())
             r["first_token_agrees_with_bf16"] = sum(a["first_token"] == b["first_token"] for a, b in pairs) / len(pairs)
     import bitsandbytes
     import transformers
