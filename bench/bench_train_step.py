@@ -189,7 +189,8 @@ def build_batch(ids: SpecialTokenIds, shape: StreamShape, task: str, micro_batch
         images_dino=(torch.randn(micro_batch, 3, dino_size, dino_size, generator=generator)
                      if has_grounding and dino_size else None),
         offset=torch.arange(micro_batch + 1), image_sizes_hw=torch.tensor([[480, 640]] * micro_batch),
-        region_boxes_xyxy_clip_norm=region_boxes_xyxy_clip_norm, grounding_targets_cxcywh_norm=grounding_targets_cxcywh_norm, task=[task] * micro_batch,
+        region_boxes_xyxy_clip_norm=region_boxes_xyxy_clip_norm,
+        grounding_targets_cxcywh_norm=grounding_targets_cxcywh_norm, task=[task] * micro_batch,
         sample_ids=[f"bench/{task}#{b}" for b in range(micro_batch)],
     )
 
@@ -470,8 +471,8 @@ def run_mode(args) -> dict:
                 elapsed = time.perf_counter() - t0
                 if i >= args.gas:  # the first cycle warms up (and allocates the optimizer state)
                     (boundary_times if (i + 1) % args.gas == 0 else times).append(elapsed)
-                    flops.append(llm_step_flops(counts, row_lengths(batch),
-                                                lm_loss=not model.lm_loss_is_zeroed(batch["grounding_targets_cxcywh_norm"])))
+                    lm_loss = not model.lm_loss_is_zeroed(batch["grounding_targets_cxcywh_norm"])
+                    flops.append(llm_step_flops(counts, row_lengths(batch), lm_loss=lm_loss))
                     tokens_seen.append(sum(row_lengths(batch)))
         except torch.OutOfMemoryError as oom:
             error = f"out of memory: {str(oom).splitlines()[0]}"

@@ -351,15 +351,16 @@ def run(args) -> dict:
     batches = bench.stream_batches(model, cfg, args.stream, args.micro_batch, args.distinct_batches, generator,
                                    device, dtype)
     result["queries_per_batch"] = [sum(len(t) for t in b["grounding_targets_cxcywh_norm"]) for b in batches]
-    result["target_boxes_per_batch"] = [sum(len(x) for t in b["grounding_targets_cxcywh_norm"] for x in t) for b in batches]
+    result["target_boxes_per_batch"] = [sum(len(x) for t in b["grounding_targets_cxcywh_norm"] for x in t)
+                                        for b in batches]
 
     # 1. The vision branch alone (plain autograd, before the engine hooks the parameters).
     if args.stream == "grounding":
         hidden_inputs = []
         with torch.no_grad():
             for b in batches:
-                embeds = model.build_inputs_embeds(b["input_ids"], b["images_clip"], b["offset"], b["region_boxes_xyxy_clip_norm"],
-                                                   b["sample_ids"])
+                embeds = model.build_inputs_embeds(b["input_ids"], b["images_clip"], b["offset"],
+                                                   b["region_boxes_xyxy_clip_norm"], b["sample_ids"])
                 hidden = model.causal_lm.model(inputs_embeds=embeds, attention_mask=causal_mask_suffices(
                     b["attention_mask"]), use_cache=False).last_hidden_state
                 hidden_inputs.append(hidden.detach())

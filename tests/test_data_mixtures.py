@@ -86,7 +86,8 @@ def test_stream_with_workers_matches_single_process(tiny_tokenizer):
         a, b = next(plain), next(workers)
         assert a["sample_ids"] == b["sample_ids"]
         assert torch.equal(a["input_ids"], b["input_ids"])
-        assert all(torch.equal(x, y) for x, y in zip(a["region_boxes_xyxy_clip_norm"], b["region_boxes_xyxy_clip_norm"]))
+        assert all(torch.equal(x, y)
+                   for x, y in zip(a["region_boxes_xyxy_clip_norm"], b["region_boxes_xyxy_clip_norm"]))
     assert workers.state_dict()["position"] == 6  # samples handed out, not prefetched
 
 

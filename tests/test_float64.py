@@ -94,6 +94,7 @@ def test_float64_generation_predicts_boxes_in_float64(tokenizer):
     with probe:
         result = model.generate(enc.input_ids, enc.attention_mask, images_clip=batch["images_clip"][:1],
                                 images_dino=batch["images_dino"][:1], image_sizes_hw=batch["image_sizes_hw"][:1],
-                                region_boxes_xyxy_clip_norm=batch["region_boxes_xyxy_clip_norm"][:1], max_new_tokens=3)[0]
+                                region_boxes_xyxy_clip_norm=batch["region_boxes_xyxy_clip_norm"][:1],
+                                max_new_tokens=3)[0]
     assert_float64_only(probe)
     assert result.boxes_xyxy_abs.shape == (1, 4) and result.boxes_xyxy_abs.dtype == torch.float64

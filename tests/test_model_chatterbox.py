@@ -32,7 +32,8 @@ def make_batch(tokenizer, texts=(REGION_TEXT, GROUNDING_TEXT)) -> dict:
     g = torch.Generator().manual_seed(1)
     return dict(
         input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels,
-        images_clip=torch.randn(2, 3, CLIP_SIZE, CLIP_SIZE, generator=g), images_dino=torch.randn(2, 3, 128, 128, generator=g),
+        images_clip=torch.randn(2, 3, CLIP_SIZE, CLIP_SIZE, generator=g),
+        images_dino=torch.randn(2, 3, 128, 128, generator=g),
         offset=torch.tensor([0, 1, 2]), image_sizes_hw=torch.tensor([[480, 640], [300, 400]]),
         region_boxes_xyxy_clip_norm=[torch.tensor([[0.1, 0.2, 0.5, 0.6]]), torch.zeros(0, 4)],
         grounding_targets_cxcywh_norm=[[], [torch.tensor([[0.5, 0.5, 0.2, 0.3]])]],
@@ -195,8 +196,8 @@ def test_generation_with_cache_equals_without(tokenizer, model):
     batch = make_batch(tokenizer)
     enc = _prompt(tokenizer, "<image>\n What is it <bbox>? Where is it?[VG] ASSISTANT:")
     kwargs = dict(images_clip=batch["images_clip"][:1], images_dino=batch["images_dino"][:1],
-                  image_sizes_hw=batch["image_sizes_hw"][:1], region_boxes_xyxy_clip_norm=[torch.tensor([[0.1, 0.2, 0.5, 0.6]])],
-                  max_new_tokens=12)
+                  image_sizes_hw=batch["image_sizes_hw"][:1],
+                  region_boxes_xyxy_clip_norm=[torch.tensor([[0.1, 0.2, 0.5, 0.6]])], max_new_tokens=12)
     cached = model.generate(enc.input_ids, enc.attention_mask, use_cache=True, **kwargs)[0]
     uncached = model.generate(enc.input_ids, enc.attention_mask, use_cache=False, **kwargs)[0]
     assert len(cached.token_ids) > 0
@@ -204,8 +205,8 @@ def test_generation_with_cache_equals_without(tokenizer, model):
     assert cached.vg_in_prompt == 1 and cached.boxes_xyxy_abs.shape == (1, 4)
     torch.testing.assert_close(cached.boxes_xyxy_abs, uncached.boxes_xyxy_abs)
     # Regions are injected during generation: another box changes the prefill.
-    moved = model.generate(enc.input_ids, enc.attention_mask, **{**kwargs, "max_new_tokens": 1,
-                                                                 "region_boxes_xyxy_clip_norm": [torch.tensor([[0.6, 0.6, 0.9, 0.9]])]})
+    moved = model.generate(enc.input_ids, enc.attention_mask, **{
+        **kwargs, "max_new_tokens": 1, "region_boxes_xyxy_clip_norm": [torch.tensor([[0.6, 0.6, 0.9, 0.9]])]})
     same = model.generate(enc.input_ids, enc.attention_mask, **{**kwargs, "max_new_tokens": 1})
     assert not torch.equal(moved[0].boxes_cxcywh_norm, same[0].boxes_cxcywh_norm) or \
         moved[0].scores.item() != same[0].scores.item()

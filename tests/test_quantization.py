@@ -63,7 +63,8 @@ def test_the_decoder_layers_linears_are_quantised_and_the_logits_stay_close(tiny
 def test_a_quantised_model_answers_with_boxes_and_is_never_saved(tiny_model, tmp_path):
     model = copy.deepcopy(tiny_model)
     quantize_language_model(model, "8bit", "cpu")
-    reply = model.chat_session(Image.new("RGB", (300, 200), (128, 128, 128))).ask("Where is the red circle? [VG]", max_new_tokens=3)
+    chat = model.chat_session(Image.new("RGB", (300, 200), (128, 128, 128)))
+    reply = chat.ask("Where is the red circle? [VG]", max_new_tokens=3)
     assert reply.boxes_xyxy_abs.shape == (1, 4) and torch.isfinite(reply.boxes_xyxy_abs).all()
     with pytest.raises(WeightsError, match="quantised"):
         model.save_pretrained(tmp_path / "export")

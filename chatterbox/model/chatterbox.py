@@ -294,9 +294,11 @@ class ChatterBox(nn.Module):
         images_per_row = check_image_layout(host_ids, ids, self.clip_tower.num_patches, sample_ids)
         bbox_counts = (host_ids == ids.bbox).sum(dim=1).tolist()
         if region_boxes_xyxy_clip_norm is not None and len(region_boxes_xyxy_clip_norm) != input_ids.shape[0]:
-            raise ValueError(f"region_boxes_xyxy_clip_norm has {len(region_boxes_xyxy_clip_norm)} entries for {input_ids.shape[0]} rows")
+            raise ValueError(f"region_boxes_xyxy_clip_norm has {len(region_boxes_xyxy_clip_norm)} entries for "
+                             f"{input_ids.shape[0]} rows")
         for row, count in enumerate(bbox_counts):
-            given = 0 if region_boxes_xyxy_clip_norm is None or region_boxes_xyxy_clip_norm[row] is None else int(len(region_boxes_xyxy_clip_norm[row]))
+            boxes = None if region_boxes_xyxy_clip_norm is None else region_boxes_xyxy_clip_norm[row]
+            given = 0 if boxes is None else int(len(boxes))
             if count != given:
                 raise ValueError(f"{_where(sample_ids, row)}: {count} <bbox> tokens but {given} region boxes")
         if images_clip is None:
@@ -316,15 +318,14 @@ class ChatterBox(nn.Module):
             inputs_embeds = splice_image_features(inputs_embeds, input_ids, ids.im_patch, image_embeds,
                                                   int(images_per_row.sum()) * self.clip_tower.num_patches)
         if needs_regions:
-            inputs_embeds = inject_region_features(
-                inputs_embeds, input_ids, ids.bbox, self._region_vectors(features, region_boxes_xyxy_clip_norm, row_to_image),
-                sum(bbox_counts))
+            region_vectors = self._region_vectors(features, region_boxes_xyxy_clip_norm, row_to_image)
+            inputs_embeds = inject_region_features(inputs_embeds, input_ids, ids.bbox, region_vectors, sum(bbox_counts))
         return inputs_embeds
 
-    def _region_vectors(self, features: ClipFeatures, region_boxes_xyxy_clip_norm: Sequence, row_to_image: torch.Tensor):
-        rows = [r for r, boxes in enumerate(region_boxes_xyxy_clip_norm) if boxes is not None and len(boxes)]
-        boxes = torch.cat([torch.as_tensor(region_boxes_xyxy_clip_norm[r]).reshape(-1, 4) for r in rows])
-        box_rows = torch.cat([torch.full((len(region_boxes_xyxy_clip_norm[r]),), r) for r in rows])
+    def _region_vectors(self, features: ClipFeatures, regions_xyxy_clip_norm: Sequence, row_to_image: torch.Tensor):
+        rows = [r for r, boxes in enumerate(regions_xyxy_clip_norm) if boxes is not None and len(boxes)]
+        boxes = torch.cat([torch.as_tensor(regions_xyxy_clip_norm[r]).reshape(-1, 4) for r in rows])
+        box_rows = torch.cat([torch.full((len(regions_xyxy_clip_norm[r]),), r) for r in rows])
         box_images = row_to_image[box_rows]
         used_images, box_image_index = torch.unique(box_images, return_inverse=True)
         device = features.image_tokens.device
@@ -348,7 +349,8 @@ class ChatterBox(nn.Module):
         ``cfg.zero_lm_loss_on_grounding`` the LM loss of a batch with grounding targets is multiplied by 0.
         """
         host_ids = input_ids.cpu()  # the token layout is checked on the host, before anything is queued
-        inputs_embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes_xyxy_clip_norm, sample_ids, host_ids)
+        inputs_embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes_xyxy_clip_norm,
+                                                 sample_ids, host_ids)
         hidden = self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=causal_mask_suffices(attention_mask),
                                       use_cache=False).last_hidden_state
         result: dict[str, torch.Tensor] = {}
@@ -360,8 +362,8 @@ class ChatterBox(nn.Module):
         else:
             lm_loss = self._lm_loss(hidden, labels) if labels is not None else hidden.sum() * 0.0
 
-        grounding = self._grounding_losses(hidden, input_ids, host_ids, images_dino, offset, grounding_targets_cxcywh_norm,
-                                           sample_ids)
+        grounding = self._grounding_losses(hidden, input_ids, host_ids, images_dino, offset,
+                                           grounding_targets_cxcywh_norm, sample_ids)
         grounding_loss = grounding.pop("loss")
         result["lm_loss"] = lm_loss
         result["grounding_loss"] = grounding_loss
@@ -398,7 +400,8 @@ class ChatterBox(nn.Module):
         target_boxes, query_rows, query_slots, expected = [], [], [], {}
         if grounding_targets_cxcywh_norm is not None:
             if len(grounding_targets_cxcywh_norm) != num_rows:
-                raise ValueError(f"grounding_targets_cxcywh_norm has {len(grounding_targets_cxcywh_norm)} entries for {num_rows} rows")
+                raise ValueError(f"grounding_targets_cxcywh_norm has {len(grounding_targets_cxcywh_norm)} entries for "
+                                 f"{num_rows} rows")
             for row, targets in enumerate(grounding_targets_cxcywh_norm):
                 if not targets:
                     continue

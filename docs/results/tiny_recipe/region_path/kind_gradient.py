@@ -46,7 +46,8 @@ def main() -> None:
     for _ in range(args.batches):
         batch = next(batches)
         ids, labels = batch["input_ids"], batch["labels"]
-        embeds = model.build_inputs_embeds(ids, batch["images_clip"], batch["offset"], batch["region_boxes_xyxy_clip_norm"])
+        embeds = model.build_inputs_embeds(ids, batch["images_clip"], batch["offset"],
+                                           batch["region_boxes_xyxy_clip_norm"])
         embeds = embeds.detach().requires_grad_(True)
         out = model.causal_lm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                     output_attentions=True, use_cache=False)
