@@ -22,7 +22,7 @@ Modes (each in its own process when --compare):
   per token), vision-branch checkpointing off, the frozen CLIP and Swin replayed from CUDA graphs
   (train.cuda_graph_frozen_encoders), the grounding step's vision part and loss replayed from CUDA graphs
   (train.cuda_graph_grounding_loss), the LLM layers and the vision encoder, text, decoder and fusion layers
-  compiled (train.compile_layers=all, ChatterBox.compilable_blocks), ONE engine; ``ours-eager-grounding``:
+  compiled (train.compile_layers=all, chatterbox.accel.compilable_blocks), ONE engine; ``ours-eager-grounding``:
   the same with the grounding step's vision part run eagerly (as before session 6), hence its fusion layers
   not compiled; ``ours-uncompiled``: ``ours`` without compiling, ``ours-eager-encoders``: that with the
   encoders and the grounding step run eagerly too;
@@ -285,6 +285,7 @@ class StreamResult:
 
 
 def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
+    from chatterbox import accel
     from chatterbox.model.chatterbox import ChatterBox
     from chatterbox.model.presets import preset
     from chatterbox.model.weights import build_tokenizer
@@ -308,14 +309,15 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
     model.to(device=device, dtype=dtype)
     # As training does on a GPU (train.cuda_graph_frozen_encoders); upstream runs them eagerly.
-    model.use_frozen_encoder_graphs(mode.startswith("ours") and mode != "ours-eager-encoders")
+    accel.use_frozen_encoder_graphs(model, mode.startswith("ours") and mode != "ours-eager-encoders")
     # train.cuda_graph_grounding_loss (on for GPUs)
     eager_grounding = ("ours-eager-encoders", "ours-eager-grounding")
-    model.use_grounding_loss_graphs(device.type == "cuda" and mode.startswith("ours") and mode not in eager_grounding,
+    accel.use_grounding_loss_graphs(model, device.type == "cuda" and mode.startswith("ours")
+                                    and mode not in eager_grounding,
                                     query_multiple=getattr(args, "graph_query_multiple", 4))
     backend = getattr(args, "compile_backend", "inductor")
     if mode in COMPILED_MODES:  # train.compile_layers: all (the 13b/7b configs' setting)
-        model.compile_layers(backend=backend)
+        accel.compile_layers(model, backend=backend)
     return model, cfg
 
 

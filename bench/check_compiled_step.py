@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Does compiling change a training micro-step? Losses and gradients of one forward+backward, eager vs
-compiled blocks (as ``ChatterBox.compile_layers``, or one kind of vision block), on the benchmark's model
+compiled blocks (as ``chatterbox.accel.compile_layers``, or one kind of vision block), on the benchmark's model
 and batches.
 
     python bench/check_compiled_step.py --stream grounding --json out.json     # 13b preset, one GPU
@@ -25,16 +25,18 @@ import torch  # noqa: E402
 
 import bench_train_step as bench  # noqa: E402
 
+from chatterbox.accel import compilable_blocks, use_grounding_loss_graphs  # noqa: E402
+
 
 def blocks(model, variant: str) -> list:
-    """The blocks a variant compiles: ``language``/``vision``/``all`` as ChatterBox.compile_layers, or one
+    """The blocks a variant compiles: ``language``/``vision``/``all`` as chatterbox.accel.compile_layers, or one
     kind of vision block (``fusion``, ``text``, ``encoder``, ``decoder``) to find which one changes a step."""
     encoder, decoder = model.vision_branch.transformer.encoder, model.vision_branch.transformer.decoder
     kinds = {"fusion": encoder.fusion_layers, "text": encoder.text_layers, "encoder": encoder.layers,
              "decoder": decoder.layers, "region_encoder": [model.region_encoder]}
     if variant in kinds:
         return list(kinds[variant])
-    return model.compilable_blocks(language=variant in ("language", "all"), vision=variant in ("vision", "all"))
+    return compilable_blocks(model, language=variant in ("language", "all"), vision=variant in ("vision", "all"))
 
 
 def group_of(name: str) -> str:
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model, cfg = bench.build_model(args, "ours-uncompiled", device, dtype)
-    model.use_grounding_loss_graphs(False)  # the variants differ only in what is compiled
+    use_grounding_loss_graphs(model, False)  # the variants differ only in what is compiled
     model.train()
     for module in model.modules():  # no dropout or drop-path: the variants must compute the same function
         if isinstance(module, torch.nn.Dropout):

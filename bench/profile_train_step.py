@@ -64,8 +64,6 @@ STAGES = (
     ("vision.decoder", "vision_branch.transformer.decoder", "forward"),
     ("vision.criterion", "grounding_criterion", "forward"),
     ("vision.matcher", "grounding_criterion.matcher", "forward"),
-    ("vision.matcher", "grounding_criterion.matcher", "match_layers"),
-    ("vision.matcher", "grounding_criterion.matcher", "match_layers_host"),
 )
 # Every module of these classes gets a range (by class name, so older code versions profile too).
 MODULE_STAGES = {

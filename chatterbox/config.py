@@ -71,9 +71,9 @@ class TrainConfig:
     # On GPUs, replay the frozen image encoders (CLIP, Swin) from CUDA graphs: same outputs, fewer launches.
     cuda_graph_frozen_encoders: bool = True
     # On GPUs, replay the grounding step's trainable vision part (encoder, decoder, heads, loss; forward and
-    # backward) from CUDA graphs (ChatterBox.use_grounding_loss_graphs); needs vision checkpointing off.
+    # backward) from CUDA graphs (chatterbox.accel.use_grounding_loss_graphs); needs vision checkpointing off.
     cuda_graph_grounding_loss: bool = True
-    # torch.compile blocks of the model (ChatterBox.compile_layers): "none", "language" (LLM decoder
+    # torch.compile blocks of the model (chatterbox.accel.compile_layers): "none", "language" (LLM decoder
     # layers) or "all" (also the vision branch's encoder, text and decoder layers). Needs a C/CUDA toolchain.
     compile_layers: Literal["none", "language", "all"] = "none"
     streams: dict[str, StreamConfig] = field(

@@ -69,12 +69,12 @@ def assert_float64_only(probe: NarrowFloatProbe) -> None:
         f"  {site}  ({what})" for site, what in probe.sites.items())
 
 
-@pytest.mark.parametrize("matching", ["host", "device"])
-def test_a_float64_training_step_computes_nothing_in_float32(tokenizer, matching):
+@pytest.mark.parametrize("solver", ["scipy", "device"])
+def test_a_float64_training_step_computes_nothing_in_float32(tokenizer, solver):
     """Forward, every loss term and the backward; both assignment paths of the criterion (scipy on the host,
     the batched solver on the device)."""
     model = build_tiny(tokenizer).train().to(torch.float64)
-    model.grounding_criterion.matching = matching
+    model.grounding_criterion.matcher.solver = solver
     probe = NarrowFloatProbe()
     with probe:
         out = model(**float64_batch(tokenizer))

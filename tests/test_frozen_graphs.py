@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the frozen encoders (chatterbox.model.frozen_graphs): the CPU fallback here, the
+"""CUDA-graph replay of the frozen encoders (chatterbox.accel.frozen_graphs): the CPU fallback here, the
 graphs themselves on a GPU (skipped without one; run by bench/gpu_bench_train.sh)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from chatterbox.model.frozen_graphs import FrozenGraphRunner
+from chatterbox.accel import FrozenGraphRunner, use_frozen_encoder_graphs
 from tests.test_model_gpu import fresh_model, run, to_cuda
 from tests.test_model_chatterbox import make_batch
 
@@ -45,18 +45,18 @@ def test_the_model_switch_reaches_both_encoders_and_leaves_a_trainable_backbone_
     from tests.test_model_chatterbox import build_tiny
 
     model = build_tiny(tokenizer).eval()  # no dropout: two forwards must agree
-    model.use_frozen_encoder_graphs(max_graphs=3)
-    assert model.clip_tower.graphs.max_graphs == 3 and model.vision_branch.backbone_graphs.max_graphs == 3
+    use_frozen_encoder_graphs(model, max_graphs=3)
+    assert model.clip_tower.frozen_runner.max_graphs == 3 and model.vision_branch.backbone_runner.max_graphs == 3
     batch = make_batch(tokenizer)
     with torch.no_grad():  # on the CPU the runners fall back to the eager encoders
         with_runners = model(**batch)["loss"]
-    model.use_frozen_encoder_graphs(False)
-    assert model.clip_tower.graphs is None and model.vision_branch.backbone_graphs is None
+    use_frozen_encoder_graphs(model, False)
+    assert model.clip_tower.frozen_runner is None and model.vision_branch.backbone_runner is None
     with torch.no_grad():
         assert torch.equal(model(**batch)["loss"], with_runners)
     model.vision_branch.cfg.freeze_backbone = False
-    model.use_frozen_encoder_graphs()
-    assert model.vision_branch.backbone_graphs is None and model.clip_tower.graphs is not None
+    use_frozen_encoder_graphs(model)
+    assert model.vision_branch.backbone_runner is None and model.clip_tower.frozen_runner is not None
 
 
 @cuda
@@ -117,7 +117,7 @@ def test_a_training_step_with_graphed_encoders_equals_the_eager_one(tokenizer, d
     # 1e-6; gradients within a few times the spread of two eager steps, whose atomics differ, or one bf16
     # rounding step, hence gradients are compared in fp32 only).
     eager = [run(model, batch) for _ in range(2)]
-    model.use_frozen_encoder_graphs()
+    use_frozen_encoder_graphs(model)
     for _ in range(2):  # capture, then replay
         with torch.no_grad():
             clip = model.clip_tower(batch["images_clip"])
@@ -137,4 +137,4 @@ def test_a_training_step_with_graphed_encoders_equals_the_eager_one(tokenizer, d
                 error = (grad - eager[0][1][name]).abs().max().item()
                 assert error <= 4 * spread + 1e-4 * eager[0][1][name].abs().max().item(), (name, error, spread)
     # CLIP sees both images; the backbone all of them here and only the grounding row's in the step.
-    assert model.clip_tower.graphs.captures == 1 and model.vision_branch.backbone_graphs.captures == 2
+    assert model.clip_tower.frozen_runner.captures == 1 and model.vision_branch.backbone_runner.captures == 2

@@ -1,4 +1,4 @@
-"""The grounding step's vision part replayed from CUDA graphs (chatterbox.model.grounding_graphs).
+"""The grounding step's vision part replayed from CUDA graphs (chatterbox.accel.grounding_graphs).
 
 On the CPU its padded computation runs eagerly (``graphs=False``) and must give the eager path's losses
 and gradients; on a GPU (skipped without one; run by bench/gpu_bench_train.sh) the captured graphs must
@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatterbox.model.grounding_graphs import GroundingLossGraphs, padded_size, target_slots
+from chatterbox.accel import compile_layers, use_grounding_loss_graphs
+from chatterbox.accel.grounding_graphs import GroundingLossGraphs, padded_size, target_slots
 from chatterbox.model.lora import parameter_group
 from tests.test_model_chatterbox import CLIP_SIZE, build_tiny, make_batch
 
@@ -102,16 +103,16 @@ def test_padded_step_gives_the_eager_losses_and_gradients(tokenizer, query_multi
     model = fresh_model(tokenizer)
     batch = grounding_batch(tokenizer)
     want = step(model, batch, accumulate=2)
-    model.use_grounding_loss_graphs(query_multiple=query_multiple, graphs=False)
+    use_grounding_loss_graphs(model, query_multiple=query_multiple, graphs=False)
     got = step(model, batch, accumulate=2)  # gradients accumulate into .grad as the eager ones do
-    assert len(model.grounding_graphs) == 1
+    assert len(model.grounding_loss_runner) == 1
     assert_same_step(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_shapes_that_pad_alike_share_one_step(tokenizer):
     model = fresh_model(tokenizer)
-    model.use_grounding_loss_graphs(query_multiple=4, max_graphs=2, graphs=False)
-    runner = model.grounding_graphs
+    use_grounding_loss_graphs(model, query_multiple=4, max_graphs=2, graphs=False)
+    runner = model.grounding_loss_runner
     # (queries, most boxes of one query): (4, 3), (4, 3), (3, 2), (3, 1) -> padded (4, 4), (4, 4), (4, 2), (4, 1)
     for rows in [(0, 1, 2), (0, 2, 2), (1, 2, 2), (2, 2, 2)]:
         step(model, grounding_batch(tokenizer, rows))
@@ -120,7 +121,7 @@ def test_shapes_that_pad_alike_share_one_step(tokenizer):
 
 def test_each_forward_needs_its_backward_before_the_next(tokenizer):
     model = fresh_model(tokenizer)
-    model.use_grounding_loss_graphs(graphs=False)
+    use_grounding_loss_graphs(model, graphs=False)
     batch = grounding_batch(tokenizer)
     first = model(**batch)["loss"]
     second = model(**batch)["loss"]
@@ -131,16 +132,16 @@ def test_each_forward_needs_its_backward_before_the_next(tokenizer):
 
 def test_where_the_runner_declines_the_eager_path_runs(tokenizer):
     model = fresh_model(tokenizer)
-    model.use_grounding_loss_graphs(graphs=False)
-    runner = model.grounding_graphs
+    use_grounding_loss_graphs(model, graphs=False)
+    runner = model.grounding_loss_runner
     queries = torch.zeros(2, model.vision_branch.cfg.hidden_dim)
     assert runner.accepts(queries, [1, 3])
     assert not runner.accepts(queries, [1, 9])  # more boxes than the device matcher takes
     with torch.no_grad():
         assert not runner.accepts(queries, [1, 3])
-    model.grounding_criterion.matching = "host"
+    model.grounding_criterion.matcher.solver = "scipy"
     assert not runner.accepts(queries, [1, 3])
-    model.grounding_criterion.matching = "auto"
+    model.grounding_criterion.matcher.solver = "auto"
     model.vision_branch.train()
     model.vision_branch.cfg.use_transformer_ckpt = True
     assert not runner.accepts(queries, [1, 3])
@@ -163,12 +164,14 @@ def test_bad_inputs_name_what_is_wrong(tokenizer):
         runner(features, queries, torch.tensor([0.0, 1.0]), boxes)
     with pytest.raises(ValueError, match="1 target sets for 2 queries"):
         runner(features, queries, torch.tensor([0, 1]), boxes[:1])
-    with pytest.raises(ValueError, match=r"target_boxes\[1\] must be a host tensor \[k,4\]"):
+    with pytest.raises(ValueError, match=r"target_boxes\[1\] must be \[k,4\]"):
         runner(features, queries, torch.tensor([0, 1]), [boxes[0], torch.zeros(4)])
     with pytest.raises(ValueError, match="queries must be"):
         runner(features, queries[:, :3], torch.tensor([0, 1]), boxes)
     losses = runner(features, queries, torch.tensor([1, 1]), boxes)
     assert torch.isfinite(losses["loss"]) and "loss_giou_interm" in losses
+    with torch.no_grad():  # declined: the model runs its eager path
+        assert runner(features, queries, torch.tensor([1, 1]), boxes) is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,10 +180,10 @@ def test_graphs_replay_the_eager_step_on_the_gpu(tokenizer):
     model = fresh_model(tokenizer, "cuda")
     batches = {rows: to_device(grounding_batch(tokenizer, rows), "cuda") for rows in [(0, 1, 2), (1, 2), (0,)]}
     eager = {rows: step(model, batch, accumulate=2) for rows, batch in batches.items()}
-    model.use_grounding_loss_graphs(query_multiple=4, graphs=False)
+    use_grounding_loss_graphs(model, query_multiple=4, graphs=False)
     padded = {rows: step(model, batch, accumulate=2) for rows, batch in batches.items()}
-    model.use_grounding_loss_graphs(query_multiple=4)
-    runner = model.grounding_graphs
+    use_grounding_loss_graphs(model, query_multiple=4)
+    runner = model.grounding_loss_runner
     for _ in range(2):  # captured on the first round, replayed on the second
         for rows, batch in batches.items():
             got = step(model, batch, accumulate=2)
@@ -193,11 +196,11 @@ def test_graphs_replay_the_eager_step_on_the_gpu(tokenizer):
 def test_graphs_under_torch_compile_and_bf16(tokenizer):
     """The training configuration: compiled vision layers inside the captured graphs, bf16 weights."""
     model = fresh_model(tokenizer, "cuda", torch.bfloat16)
-    model.compile_layers(language=False)
+    compile_layers(model, language=False)
     batch = to_device(grounding_batch(tokenizer), "cuda")
     batch = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
     want_losses, want_grads = step(model, batch)
-    model.use_grounding_loss_graphs()
+    use_grounding_loss_graphs(model)
     for _ in range(3):
         losses, grads = step(model, batch)
         assert torch.isfinite(losses["loss"])
@@ -213,4 +216,4 @@ def test_graphs_under_torch_compile_and_bf16(tokenizer):
         assert {"vision_branch", "query_head", "lora"} <= set(diff)
         for group in diff:
             assert diff[group] ** 0.5 <= 5e-2 * norm[group] ** 0.5 + 1e-8, group
-    assert model.grounding_graphs.captures == 1
+    assert model.grounding_loss_runner.captures == 1

@@ -1,4 +1,4 @@
-"""The batched matcher/criterion (all layers and queries at once, one host round trip) against a
+"""The batched matcher/criterion (all layers and queries at once, one host round trip or none) against a
 straightforward per-query, per-layer reference: identical assignments, the same losses and gradients."""
 from __future__ import annotations
 
@@ -12,10 +12,25 @@ from scipy.optimize import linear_sum_assignment
 from chatterbox.boxes import cxcywh_to_xyxy, elementwise_giou, pairwise_giou
 from model.GroundingDINO import GroundingCriterion, HungarianMatcher, VisionBranchConfig
 from model.GroundingDINO.criterion import sigmoid_focal_loss
-from model.GroundingDINO.matcher import (batched_min_cost_assignment, focal_match_cost, pad_target_boxes,
-                                         real_target_mask)
+from model.GroundingDINO.matcher import (as_index_pairs, batched_min_cost_assignment, focal_match_cost,
+                                         pad_target_boxes, real_target_mask)
 
 ALPHA, GAMMA = 0.25, 2.0
+
+
+def match_layers(matcher, layers, token_mask, target_boxes, solver="scipy"):
+    """(logits [Q,Nq,T], boxes [Q,Nq,4]) per layer -> per layer, per query (decoder queries, targets)."""
+    matcher.solver = solver
+    padded = pad_target_boxes(target_boxes)
+    counts = [len(t) for t in target_boxes]
+    matched = matcher(torch.stack([lg for lg, _ in layers]), torch.stack([bx for _, bx in layers]), token_mask,
+                      padded, real_target_mask(counts, padded.shape[1]))
+    return as_index_pairs(matched, counts)
+
+
+def match_layer(logits, boxes, token_mask, target_boxes, solver="scipy"):
+    """One layer's matches: per query (decoder-query indices, target indices)."""
+    return match_layers(HungarianMatcher(), [(logits, boxes)], token_mask, target_boxes, solver)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,8 +129,8 @@ def test_batched_matching_equals_per_query_matching_on_every_layer(seed):
     outputs = random_outputs(seed)
     targets = random_targets(100 + seed, [1, 3, 0, 2, 4])
     layers = [outputs] + outputs["aux_outputs"] + [outputs["interm_outputs"]]
-    matched = HungarianMatcher().match_layers([(lay["pred_logits"], lay["pred_boxes"]) for lay in layers],
-                                              outputs["text_token_mask"], targets)
+    matched = match_layers(HungarianMatcher(), [(lay["pred_logits"], lay["pred_boxes"]) for lay in layers],
+                           outputs["text_token_mask"], targets)
     assert len(matched) == 7
     for layer, got in zip(layers, matched):
         want = reference_match(layer["pred_logits"], layer["pred_boxes"], outputs["text_token_mask"], targets)
@@ -143,20 +158,24 @@ def test_batched_criterion_equals_the_per_layer_reference(seed, ce_normalization
         torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_layers_with_different_query_counts_and_a_single_host_copy(monkeypatch):
-    """An encoder selection of another size than the decoder still matches correctly, with one copy."""
-    outputs = random_outputs(7, nq=12, interm_nq=20)
+def test_one_host_copy_each_way_with_scipy_and_layers_of_other_shapes_refused(monkeypatch):
+    """The scipy solver reads every layer's costs in one device->host copy; output layers whose shapes
+    differ (never the case in GroundingDINO, whose encoder selects as many queries as the decoder has)
+    are refused."""
+    outputs = random_outputs(7, nq=12)
     theirs = clone_outputs(outputs)
     targets = random_targets(8, [2, 1, 0, 3, 1])
     copies = []
     real_cpu = torch.Tensor.cpu
     monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self.shape) or real_cpu(self, *a, **k))
-    got = GroundingCriterion()(outputs, targets)
+    got = GroundingCriterion(solver="scipy")(outputs, targets)
     monkeypatch.undo()
-    assert len(copies) == 1
+    assert copies == [(7, 5, 12, 3)]  # every layer's costs at once
     want, _ = reference_losses(theirs, targets, VisionBranchConfig().loss_weights)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=2e-6, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="same prediction shapes"):
+        GroundingCriterion()(random_outputs(7, nq=12, interm_nq=20), targets)
 
 
 def test_half_precision_logits_match_like_their_float32_values():
@@ -164,7 +183,7 @@ def test_half_precision_logits_match_like_their_float32_values():
     targets = random_targets(4, [1, 2, 2, 1, 3])
     layer = outputs["aux_outputs"][2]
     logits, boxes = layer["pred_logits"].detach().bfloat16(), layer["pred_boxes"].detach().bfloat16()
-    got = HungarianMatcher()(logits, boxes, outputs["text_token_mask"], targets)
+    got = match_layer(logits, boxes, outputs["text_token_mask"], targets)
     want = reference_match(logits.float(), boxes.float(), outputs["text_token_mask"], targets)
     assert [(r.tolist(), c.tolist()) for r, c in got] == want
 
@@ -211,12 +230,11 @@ def test_device_matching_finds_the_host_matches_of_every_layer(seed):
     targets = random_targets(300 + seed, counts)
     layers = [outputs] + outputs["aux_outputs"] + [outputs["interm_outputs"]]
     predictions = [(lay["pred_logits"], lay["pred_boxes"]) for lay in layers]
-    matcher = HungarianMatcher()
-    host = matcher.match_layers(predictions, outputs["text_token_mask"], targets)
+    host = match_layers(HungarianMatcher(), predictions, outputs["text_token_mask"], targets)
     padded = pad_target_boxes(targets)
     logits, boxes = torch.stack([lg for lg, _ in predictions]), torch.stack([bx for _, bx in predictions])
-    device = matcher.match_padded(logits, boxes, outputs["text_token_mask"], padded,
-                                  real_target_mask(counts, padded.shape[1]))
+    device = HungarianMatcher(solver="device")(logits, boxes, outputs["text_token_mask"], padded,
+                                               real_target_mask(counts, padded.shape[1]))
     assert device.shape == (7, len(counts), max(counts))
     for layer, (on_device, on_host) in enumerate(zip(device, host)):
         for q, (rows, cols) in enumerate(on_host):
@@ -243,8 +261,7 @@ def test_padding_queries_and_target_slots_changes_neither_losses_nor_gradients(c
     """What the CUDA-graphed step relies on: padding queries (query_mask False) and padding target slots
     (target_mask False) add nothing, so fixed shapes give the unpadded losses and gradients."""
     cfg = dataclasses.replace(VisionBranchConfig(), ce_normalization=ce_normalization)
-    criterion = GroundingCriterion(cfg)
-    criterion.matching = "device"
+    criterion = GroundingCriterion(cfg, solver="device")
     counts = [2, 1, 3, 0, 1]
     targets = random_targets(21, counts)
     ours = random_outputs(22, padded_to=6)
@@ -275,8 +292,7 @@ def test_criterion_with_device_matching_equals_the_reference(ce_normalization):
     ours = random_outputs(11, padded_to=6)
     theirs = clone_outputs(ours)
     targets = random_targets(12, [2, 1, 3, 0, 1])
-    criterion = GroundingCriterion(cfg)
-    criterion.matching = "device"
+    criterion = GroundingCriterion(cfg, solver="device")
     got = criterion(ours, targets)
     want, _ = reference_losses(theirs, targets, cfg.loss_weights, ce_normalization)
     assert list(got) == list(want)
@@ -286,19 +302,18 @@ def test_criterion_with_device_matching_equals_the_reference(ce_normalization):
     want["loss"].backward()
     for mine, ref in zip(leaves(ours), leaves(theirs)):
         torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-5, atol=1e-7)
-    criterion.matching = "fast"
-    with pytest.raises(ValueError, match="auto, device or host"):
+    criterion.matcher.solver = "fast"
+    with pytest.raises(ValueError, match="solver must be auto, scipy or device"):
         criterion(clone_outputs(ours), targets)
 
 
-@pytest.mark.parametrize("matching", ["host", "device"])
-def test_return_indices_gives_every_layers_matches_in_upstreams_order(matching):
+@pytest.mark.parametrize("solver", ["scipy", "device"])
+def test_return_indices_gives_every_layers_matches_in_upstreams_order(solver):
     """Upstream's ``return_indices``: decoder layers 0..L-2, the encoder output, then the last layer; per
     query (decoder queries, targets) sorted by decoder query; the losses are those returned without it."""
     ours = random_outputs(31)
     targets = random_targets(32, [2, 1, 3, 0, 1])
-    criterion = GroundingCriterion()
-    criterion.matching = matching
+    criterion = GroundingCriterion(solver=solver)
     losses, indices = criterion(ours, targets, return_indices=True)
     _, matches = reference_losses(clone_outputs(ours), targets, VisionBranchConfig().loss_weights)
     order = [f"_{i}" for i in range(len(ours["aux_outputs"]))] + ["_interm", ""]

@@ -273,6 +273,8 @@ def test_clip_tower_is_registered_frozen_and_moves(tokenizer):
 
 
 def test_compiled_blocks_give_the_eager_losses_and_gradients(tokenizer):
+    from chatterbox import accel
+
     torch._dynamo.reset()
     batch = make_batch(tokenizer)
     results = []
@@ -282,12 +284,12 @@ def test_compiled_blocks_give_the_eager_losses_and_gradients(tokenizer):
             vision_blocks = (len(model.vision_branch.transformer.encoder.layers) * 2
                              + len(model.vision_branch.transformer.decoder.layers))
             # Fusion layers are compiled only where the grounding step runs from CUDA graphs.
-            model.use_grounding_loss_graphs()
-            assert len(model.compilable_blocks(language=False)) == vision_blocks + len(
+            accel.use_grounding_loss_graphs(model)
+            assert len(accel.compilable_blocks(model, language=False)) == vision_blocks + len(
                 model.vision_branch.transformer.encoder.fusion_layers)
-            model.use_grounding_loss_graphs(False)
+            accel.use_grounding_loss_graphs(model, False)
             # aot_eager traces forward and backward as inductor would, without needing a C++ compiler.
-            assert model.compile_layers(backend="aot_eager") == len(model.causal_lm.model.layers) + vision_blocks
+            assert accel.compile_layers(model, backend="aot_eager") == len(model.causal_lm.model.layers) + vision_blocks
         out = model(**batch)
         out["loss"].backward()
         results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.GroundingDINO import GroundingCriterion, HungarianMatcher, VisionBranchConfig
+from model.GroundingDINO import GroundingCriterion, VisionBranchConfig
+from tests.test_matcher_batched import match_layer
 from model.GroundingDINO.criterion import sigmoid_focal_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,17 +48,15 @@ def test_perfect_prediction_has_zero_box_losses_on_every_layer():
     assert losses["loss_ce"].item() < 1e-3
 
 
-@pytest.mark.parametrize("matching", ["host", "device"])
-def test_centre_and_size_l1_are_logged_per_layer_and_not_trained_on(matching):
+@pytest.mark.parametrize("solver", ["scipy", "device"])
+def test_centre_and_size_l1_are_logged_per_layer_and_not_trained_on(solver):
     """Upstream's loss_xy / loss_hw: the L1 of the matched centres and of the sizes over the box count, for
     every layer (suffixes as the weighted terms), detached and outside the weighted loss."""
     targets = [torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.7, 0.6, 0.3, 0.5]]), torch.tensor([[0.5, 0.5, 0.4, 0.4]])]
     boxes = torch.tensor([[[0.32, 0.37, 0.25, 0.2], [0.9, 0.1, 0.1, 0.1], [0.66, 0.6, 0.3, 0.45]],
                           [[0.1, 0.9, 0.1, 0.1], [0.55, 0.5, 0.4, 0.3], [0.9, 0.9, 0.1, 0.1]]], requires_grad=True)
     logits = torch.tensor([[[4.0], [-4.0], [4.0]], [[-4.0], [4.0], [-4.0]]])
-    criterion = GroundingCriterion()
-    criterion.matching = matching
-    losses = criterion(_outputs(logits, boxes), targets)
+    losses = GroundingCriterion(solver=solver)(_outputs(logits, boxes), targets)
     matched = {(0, 0): (0, 0), (0, 1): (0, 2), (1, 0): (1, 1)}  # (query, target) -> (query, decoder query)
     xy = sum((boxes[q, d, :2] - targets[q][t, :2]).abs().sum().item() for (q, t), (_, d) in matched.items()) / 3
     hw = sum((boxes[q, d, 2:] - targets[q][t, 2:]).abs().sum().item() for (q, t), (_, d) in matched.items()) / 3
@@ -77,7 +76,7 @@ def test_a_permutation_of_queries_is_matched_back():
     permutation = torch.tensor([2, 0, 3, 1])
     boxes = targets[permutation][None]
     logits = torch.zeros(1, 4, 1)
-    (pred_idx, tgt_idx), = HungarianMatcher()(logits, boxes, torch.ones(1, 1, dtype=torch.bool), [targets])
+    (pred_idx, tgt_idx), = match_layer(logits, boxes, torch.ones(1, 1, dtype=torch.bool), [targets])
     assert pred_idx.tolist() == [0, 1, 2, 3]
     assert tgt_idx.tolist() == permutation.tolist()
 
@@ -100,7 +99,7 @@ def test_several_targets_per_query_and_a_query_without_targets():
     boxes = torch.rand(2, 6, 4, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
     logits = torch.randn(2, 6, 1, generator=torch.Generator().manual_seed(1))
     criterion = GroundingCriterion()
-    matched = criterion.matcher(logits, boxes, torch.ones(2, 1, dtype=torch.bool), targets)
+    matched = match_layer(logits, boxes, torch.ones(2, 1, dtype=torch.bool), targets)
     assert sorted(matched[0][1].tolist()) == [0, 1, 2] and matched[1][0].numel() == 0
     losses = criterion(_outputs(logits, boxes), targets)
     assert all(torch.isfinite(v) for v in losses.values())
@@ -122,13 +121,17 @@ def test_upstream_ce_normalisation_switch():
     upstream = GroundingCriterion(dataclasses.replace(VisionBranchConfig(), ce_normalization="local_matches"))(
         _outputs(logits, boxes), targets)["loss_ce"]
     assert upstream.item() == pytest.approx(2 * ours.item(), rel=1e-6)
+    # More boxes than predictions: the one prediction takes its nearest box, the other box stays unmatched.
+    losses, indices = GroundingCriterion()(_outputs(logits, boxes), targets, return_indices=True)
+    assert all([(r.tolist(), c.tolist()) for r, c in layer] == [([0], [0])] for layer in indices)
+    assert losses["loss_bbox"].item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_matcher_tolerates_nan_and_inf_costs():
     boxes = torch.tensor([[[float("nan"), 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]]])
     logits = torch.tensor([[[float("inf")], [0.0]]])
-    (pred_idx, tgt_idx), = HungarianMatcher()(logits, boxes, torch.ones(1, 1, dtype=torch.bool),
-                                               [torch.tensor([[0.5, 0.5, 0.2, 0.2]])])
+    (pred_idx, tgt_idx), = match_layer(logits, boxes, torch.ones(1, 1, dtype=torch.bool),
+                                       [torch.tensor([[0.5, 0.5, 0.2, 0.2]])])
     assert pred_idx.numel() == 1 and tgt_idx.tolist() == [0]
 
 

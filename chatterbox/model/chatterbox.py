@@ -23,7 +23,6 @@ from torch import nn
 from chatterbox.conversation import IGNORE_INDEX
 from chatterbox.model.clip_tower import ClipFeatures, ClipTower
 from chatterbox.model.decoding import KVDecoder, decode, make_kv_decoder
-from chatterbox.model.frozen_graphs import FrozenGraphRunner
 from chatterbox.model.config import ModelConfig
 from chatterbox.model.llava_llama import (LlavaLlamaForCausalLM, check_image_layout, inject_region_features,
                                           splice_image_features)
@@ -90,7 +89,9 @@ class ChatterBox(nn.Module):
         self.query_head = QueryHead(cfg.query_head, hidden)
         self.vision_branch = vision_branch
         self.grounding_criterion = GroundingCriterion(vision_branch.cfg)
-        self.grounding_graphs = None  # see use_grounding_loss_graphs
+        # Computes the grounding loss from the backbone features in place of the eager vision branch + criterion
+        # when set, or declines (None) (chatterbox.accel: replayed from CUDA graphs).
+        self.grounding_loss_runner = None
         if cfg.keep_unused_upstream_heads:
             # Dead in upstream too (spec §1.4); present only so its checkpoints round-trip.
             self.tgt_align = nn.Linear(cfg.query_head.out_dim, cfg.query_head.out_dim)
@@ -164,7 +165,7 @@ class ChatterBox(nn.Module):
         return parameter_table(self)
 
     # ------------------------------------------------------------------------------------------------
-    # speed / precision knobs
+    # memory / precision
     def set_gradient_checkpointing(self, num_layers: int = -1) -> int:
         """Recompute the activations of the first ``num_layers`` LLM decoder layers in backward.
 
@@ -183,52 +184,6 @@ class ChatterBox(nn.Module):
         for index, layer in enumerate(layers):
             layer.gradient_checkpointing = index < count
         return count
-
-    def use_frozen_encoder_graphs(self, enabled: bool = True, max_graphs: int = 2) -> None:
-        """Replay the frozen CLIP tower and Swin backbone from CUDA graphs (one per input shape, at most
-        ``max_graphs`` each) when their inputs are on CUDA: the same outputs with a few launches instead
-        of ~1,300 small kernels per training step (chatterbox.model.frozen_graphs)."""
-        self.clip_tower.use_cuda_graphs(enabled, max_graphs)
-        branch = self.vision_branch  # a trainable backbone always runs eagerly
-        branch.backbone_graphs = FrozenGraphRunner(branch.flat_backbone, branch.backbone, max_graphs) \
-            if enabled and branch.cfg.freeze_backbone else None
-
-    def use_grounding_loss_graphs(self, enabled: bool = True, **options) -> None:
-        """Run the grounding step's trainable vision part (encoder, decoder, heads, loss; forward and
-        backward) from CUDA graphs where it can (chatterbox.model.grounding_graphs: CUDA, grad enabled, no
-        vision activation checkpointing, at most 8 boxes per query); the eager path elsewhere. Options go
-        to GroundingLossGraphs (``query_multiple``, ``max_graphs``, ``graphs=False`` for its eager form)."""
-        from chatterbox.model.grounding_graphs import GroundingLossGraphs
-
-        self.grounding_graphs = GroundingLossGraphs(self.vision_branch, self.grounding_criterion, **options) \
-            if enabled else None
-
-    def compilable_blocks(self, language: bool = True, vision: bool = True) -> list[nn.Module]:
-        """The blocks :meth:`compile_layers` compiles: the LLM decoder layers (``language``); the vision
-        branch's deformable encoder, text and decoder layers (``vision``), and its image-text fusion layers
-        when the grounding step runs from CUDA graphs (:meth:`use_grounding_loss_graphs`, so call that first).
-
-        Compiled fusion layers pay only inside the graphs (eagerly their host time outweighs the gain); the
-        region encoder stays eager: its time is in cuDNN's convolutions (docs/BENCHMARKS.md)."""
-        blocks: list[nn.Module] = []
-        if language:
-            blocks += list(self.causal_lm.model.layers)
-        if vision:
-            encoder, decoder = self.vision_branch.transformer.encoder, self.vision_branch.transformer.decoder
-            blocks += [*encoder.layers, *encoder.text_layers, *decoder.layers]
-            if self.grounding_graphs is not None and self.grounding_graphs.graphs:
-                blocks += list(encoder.fusion_layers)
-        return blocks
-
-    def compile_layers(self, language: bool = True, vision: bool = True, **compile_options) -> int:
-        """``torch.compile`` the model's repeated blocks in place (:meth:`compilable_blocks`). Fusing their
-        elementwise work cuts the kernels the host launches per step by a large factor; parameter names,
-        state dicts and checkpoints are unchanged. ``compile_options`` go to ``nn.Module.compile`` (e.g.
-        ``backend``). Returns the number of compiled blocks."""
-        blocks = self.compilable_blocks(language, vision)
-        for block in blocks:
-            block.compile(**compile_options)
-        return len(blocks)
 
     @property
     def gradient_checkpointing_layers(self) -> int:
@@ -436,14 +391,13 @@ class ChatterBox(nn.Module):
             if used_images.tolist() != list(range(images_dino.shape[0])):  # host tensors: no sync
                 images_dino = images_dino.index_select(0, used_images.to(images_dino.device, non_blocking=True))
             features = self.vision_branch.forward_backbone(images_dino.to(vision_dtype))
-            graphs = self.grounding_graphs
-            if graphs is not None and graphs.accepts(queries, [len(b) for b in target_boxes]):
-                # Targets on the device would cost one wait for the forward pass each (move_batch keeps them
-                # on the host).
-                host_boxes = [b.to("cpu", torch.float32) for b in target_boxes]
-                return graphs(features, queries.to(vision_dtype), query_image_index, host_boxes)
+            queries = queries.to(vision_dtype)
+            runner = self.grounding_loss_runner
+            losses = runner(features, queries, query_image_index, target_boxes) if runner is not None else None
+            if losses is not None:
+                return losses
             # query_image_index stays on the host: the vision branch validates it there.
-            outputs = self.vision_branch.forward_enc_dec(features, queries.to(vision_dtype), query_image_index)
+            outputs = self.vision_branch.forward_enc_dec(features, queries, query_image_index)
         box_dtype = at_least_float32(hidden.dtype)
         target_boxes = [b.to(hidden.device, box_dtype, non_blocking=True) for b in target_boxes]
         # Called on every batch so that its cross-rank collective never desynchronises (spec §5.2.23).

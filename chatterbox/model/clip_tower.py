@@ -21,7 +21,6 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from chatterbox.model.config import ClipConfig
-from chatterbox.model.frozen_graphs import FrozenGraphRunner
 
 
 @dataclass
@@ -54,12 +53,9 @@ class ClipTower(nn.Module):
         self.vision_model = vision_model if vision_model is not None else CLIPVisionModel(clip_vision_config(cfg))
         self.vision_model.requires_grad_(not cfg.freeze)
         self.vision_model.train(not cfg.freeze)
-        self.graphs: FrozenGraphRunner | None = None
-
-    def use_cuda_graphs(self, enabled: bool = True, max_graphs: int = 2) -> None:
-        """Replay the frozen tower from CUDA graphs on CUDA inputs (chatterbox.model.frozen_graphs); a
-        trainable tower always runs eagerly."""
-        self.graphs = FrozenGraphRunner(self._tapped_states, self, max_graphs) if enabled and self.cfg.freeze else None
+        # Computes tapped_states in its place when set (a frozen tower only; chatterbox.accel replays it from
+        # CUDA graphs).
+        self.frozen_runner = None
 
     @property
     def num_patches(self) -> int:
@@ -83,11 +79,11 @@ class ClipTower(nn.Module):
         dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
         images = images.to(dtype)
         with torch.no_grad() if self.cfg.freeze else contextlib.nullcontext():
-            taps = self.graphs(images) if self.graphs is not None else self._tapped_states(images)
+            taps = self.frozen_runner(images) if self.frozen_runner is not None else self.tapped_states(images)
         return ClipFeatures(image_tokens=taps[0], region_levels=list(taps[1:]))
 
-    def _tapped_states(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """[image tokens, *region levels], CLS dropped; contiguous, so the eager and the graphed tower hand
-        the same layout to the layers after them (whose kernels may depend on it)."""
+    def tapped_states(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[image tokens, *region levels], CLS dropped; contiguous, so that whatever runs the tower hands the
+        same layout to the layers after it (whose kernels may depend on it)."""
         states = self.vision_model(pixel_values=images, output_hidden_states=True).hidden_states
         return [states[i][:, 1:].contiguous() for i in (self.cfg.image_feature_layer, *self.cfg.region_feature_layers)]

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chatterbox.accel import accelerate_training
 from chatterbox.config import ChatterBoxConfig, add_config_arguments, config_from_args
 from chatterbox.distributed import DistContext
 from chatterbox.train.distributed import barrier, gather_objects, init_distributed, shutdown_distributed
@@ -135,12 +136,7 @@ def _train(cfg: ChatterBoxConfig, dist: DistContext, max_steps: int | None) -> d
 
     seed_everything(cfg.train.seed, dist.rank)
     model = build_model(cfg, dist.device, PRECISION_DTYPES[cfg.train.precision])
-    if dist.device.type == "cuda" and cfg.train.cuda_graph_frozen_encoders:
-        model.use_frozen_encoder_graphs()
-    if dist.device.type == "cuda" and cfg.train.cuda_graph_grounding_loss:
-        model.use_grounding_loss_graphs()
-    if cfg.train.compile_layers != "none":
-        model.compile_layers(vision=cfg.train.compile_layers == "all")
+    accelerate_training(model, cfg.train, dist.device)
     if dist.is_main:
         print(model.parameter_table(), flush=True)
     streams = build_streams(cfg, model.tokenizer, dist)

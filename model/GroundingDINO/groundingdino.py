@@ -78,7 +78,7 @@ class VisionBranch(nn.Module):
         self.class_embed = ContrastiveEmbed(cfg.max_text_len, cfg.pad_logits_to_max_text_len)
         # Set from outside to run the frozen backbone another way (e.g. replayed from CUDA graphs): a callable
         # with flat_backbone's signature and results. None: the backbone module itself.
-        self.backbone_graphs = None
+        self.backbone_runner = None
 
     def flat_backbone(self, images: torch.Tensor, masks: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's outputs as one flat list: feature maps, then masks, then positions."""
@@ -110,9 +110,9 @@ class VisionBranch(nn.Module):
                              f"got {masks.dtype} {tuple(masks.shape)}")
         if self.cfg.freeze_backbone:
             with torch.no_grad():
-                if self.backbone_graphs is None:
+                if self.backbone_runner is None:
                     return self.backbone(images, masks)
-                flat = self.backbone_graphs(images, masks)
+                flat = self.backbone_runner(images, masks)
             levels = len(flat) // 3
             return BackboneFeatures(flat[:levels], flat[levels:2 * levels], flat[2 * levels:], masks)
         return self.backbone(images, masks)

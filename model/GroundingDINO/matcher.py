@@ -8,8 +8,8 @@ NaN/Inf costs are replaced by 0, so the solver always has a finite problem.
 
 All cost matrices of a training step (every decoder layer, the encoder output, every query) are built
 on the device in one batch and either copied to the host once, where scipy solves each matrix
-(``match_layers``), or solved in one batch on the device (``match_padded``, for the GPU: the host then
-never waits). Upstream copies one matrix per sample per layer, which stalls the GPU each time.
+(``solve_with_scipy``), or solved in one batch on the device (``solve_on_device``: the host then never
+waits). Upstream copies one matrix per sample per layer, which stalls the GPU each time.
 """
 from __future__ import annotations
 
@@ -23,9 +23,7 @@ from torch import nn
 from chatterbox.boxes import cxcywh_to_xyxy, elementwise_giou
 from chatterbox.precision import at_least_float32
 
-__all__ = ["HungarianMatcher", "focal_match_cost", "pad_target_boxes", "real_target_mask"]
-
-Indices = list[tuple[torch.Tensor, torch.Tensor]]  # per query: (decoder-query indices, target indices)
+__all__ = ["HungarianMatcher", "SOLVERS", "as_index_pairs", "focal_match_cost", "pad_target_boxes", "real_target_mask"]
 
 
 def focal_match_cost(prob: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
@@ -50,13 +48,20 @@ def pad_target_boxes(target_boxes: Sequence[torch.Tensor], device=None, dtype: t
 
 
 class HungarianMatcher(nn.Module):
+    """Minimum-cost assignment of each query's target boxes to its decoder predictions, every layer at once.
+
+    ``solver``: "scipy" (on the host), "device" (batched on the costs' device) or "auto" (see
+    :meth:`resolve_solver`); a strategy that changes where the assignment is solved, not its result.
+    """
+
     def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, solver: str = "auto"):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matching costs are 0")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.solver = solver
 
     def cost_matrices(self, logits: torch.Tensor, boxes_cxcywh_norm: torch.Tensor, token_mask: torch.Tensor,
                       target_boxes_cxcywh_norm: torch.Tensor) -> torch.Tensor:
@@ -77,87 +82,88 @@ class HungarianMatcher(nn.Module):
         return torch.nan_to_num(cost, nan=0.0, posinf=0.0, neginf=0.0)
 
     @torch.no_grad()
-    def match_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], token_mask: torch.Tensor,
-                     target_boxes: Sequence[torch.Tensor],
-                     padded_targets: torch.Tensor | None = None) -> list[Indices]:
-        """Match every layer's predictions with ONE device->host copy.
-
-        layers: (pred_logits [Q,Nq,T], pred_boxes [Q,Nq,4] cxcywh norm) per layer; token_mask [Q,T];
-        target_boxes: Q tensors [k_q,4] cxcywh norm (``padded_targets``: their pad_target_boxes form, if
-        already built). Returns per layer, per query (decoder-query indices, target indices), int64 on
-        the CPU, sorted by decoder-query index.
-        """
-        return [[(torch.from_numpy(rows), torch.from_numpy(cols)) for rows, cols in layer]
-                for layer in self.match_layers_host(layers, token_mask, target_boxes, padded_targets)]
-
-    @torch.no_grad()
-    def match_layers_host(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], token_mask: torch.Tensor,
-                          target_boxes: Sequence[torch.Tensor], padded_targets: torch.Tensor | None = None
-                          ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-        """match_layers with int64 numpy arrays (what the criterion consumes, without tensor wrapping)."""
-        num_q = len(target_boxes)
-        for i, (logits, boxes) in enumerate(layers):
-            if logits.shape[0] != num_q or boxes.shape[0] != num_q:
-                raise ValueError(f"layer {i}: {len(target_boxes)} target sets for {logits.shape[0]} queries")
-        if not layers:
-            return []
-        counts = [int(t.shape[0]) for t in target_boxes]
-        if padded_targets is None:
-            boxes = layers[0][1]
-            padded_targets = pad_target_boxes(target_boxes, boxes.device, at_least_float32(boxes.dtype))
-        if all(lg.shape == layers[0][0].shape and bx.shape == layers[0][1].shape for lg, bx in layers):
-            costs = self.cost_matrices(torch.stack([lg for lg, _ in layers]), torch.stack([bx for _, bx in layers]),
-                                       token_mask, padded_targets)
-            host = list(costs.cpu().numpy())
-        else:  # layers of different query counts: one matrix each, still one copy
-            flat = [self.cost_matrices(lg, bx, token_mask, padded_targets) for lg, bx in layers]
-            joined = torch.cat([c.reshape(-1) for c in flat]).cpu().numpy()
-            host, start = [], 0
-            for c in flat:
-                host.append(joined[start:start + c.numel()].reshape(c.shape))
-                start += c.numel()
-        empty = np.zeros(0, dtype=np.int64)
-        matched = []
-        for layer_costs in host:
-            indices = []
-            for q, k in enumerate(counts):
-                if k == 0:
-                    indices.append((empty, empty))
-                    continue
-                rows, cols = linear_sum_assignment(layer_costs[q, :, :k])
-                indices.append((rows.astype(np.int64), cols.astype(np.int64)))
-            matched.append(indices)
-        return matched
-
-    @torch.no_grad()
-    def match_padded(self, logits: torch.Tensor, boxes: torch.Tensor, token_mask: torch.Tensor,
-                     padded_targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-        """Every layer's matches without leaving the device (batched_min_cost_assignment) and with fixed
-        shapes, so the host never waits for the forward pass and the step can be captured in a CUDA graph.
+    def forward(self, logits: torch.Tensor, boxes: torch.Tensor, token_mask: torch.Tensor,
+                padded_targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """Every layer's matches at once.
 
         logits [layers,Q,Nq,T], boxes [layers,Q,Nq,4] cxcywh norm, token_mask [Q,T], padded_targets [Q,K,4]
-        (pad_target_boxes), target_mask [Q,K] True = real target. Returns [layers,Q,K] long: the decoder
-        query matched to each target slot; the slots of one query get distinct decoder queries, padding
-        slots whichever are left (callers mask them out).
+        (pad_target_boxes), target_mask [Q,K] True = real target. Returns [layers,Q,K] long on the boxes'
+        device: the decoder query matched to each target slot; the slots of one query get distinct decoder
+        queries, padding slots whichever are left (callers mask them out), -1 where none is left (a query
+        with more target boxes than predictions: scipy matches as many as there are).
         """
-        num_preds, max_targets = boxes.shape[2], padded_targets.shape[1]
-        if max_targets > num_preds:
-            raise ValueError(f"{max_targets} target boxes for one query but only {num_preds} predictions")
+        if logits.dim() != 4 or boxes.dim() != 4 or boxes.shape[:3] != logits.shape[:3]:
+            raise ValueError(f"matcher expects [layers,Q,Nq,T] logits and [layers,Q,Nq,4] boxes, got "
+                             f"{tuple(logits.shape)} and {tuple(boxes.shape)}")
         costs = self.cost_matrices(logits, boxes, token_mask, padded_targets)  # [layers, Q, Nq, K]
-        # Padding targets get a constant cost, which leaves the real targets' optimum unchanged.
-        costs = costs.masked_fill(~target_mask[None, :, None, :], 0.0)
-        columns = batched_min_cost_assignment(costs.transpose(-1, -2).reshape(-1, max_targets, num_preds))
-        return columns.view(*boxes.shape[:2], max_targets)
+        solve = SOLVERS[self.resolve_solver(boxes.device, target_mask)]
+        return solve(costs, target_mask)
 
-    @torch.no_grad()
-    def forward(self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, token_mask: torch.Tensor,
-                target_boxes: Sequence[torch.Tensor]) -> Indices:
-        """One layer: pred_logits [Q,Nq,T], pred_boxes [Q,Nq,4] cxcywh norm, token_mask [Q,T], target_boxes:
-        Q tensors [k_q,4] cxcywh norm. Returns per query (decoder-query indices, target indices), int64 on
-        CPU, sorted by decoder-query index."""
-        if len(target_boxes) != pred_logits.shape[0]:
-            raise ValueError(f"{len(target_boxes)} target sets for {pred_logits.shape[0]} queries")
-        return self.match_layers([(pred_logits, pred_boxes)], token_mask, target_boxes)[0]
+    def resolve_solver(self, device: torch.device, target_mask: torch.Tensor) -> str:
+        """The solver ``self.solver`` names; "auto" is "device" on a GPU for at most DEVICE_MAX_TARGETS
+        boxes per query (the host then never waits for the forward pass), else "scipy"."""
+        if self.solver not in ("auto", *SOLVERS):
+            raise ValueError(f"matcher solver must be auto, {' or '.join(SOLVERS)}, got {self.solver!r}")
+        if self.solver != "auto":
+            return self.solver
+        return "device" if device.type == "cuda" and target_mask.shape[1] <= DEVICE_MAX_TARGETS else "scipy"
+
+
+def solve_with_scipy(costs: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """costs [layers,Q,Nq,K], target_mask [Q,K] -> [layers,Q,K]: scipy's linear_sum_assignment on each
+    query's real targets, with one device->host copy of the costs and one copy of the result back
+    (``target_mask`` is best given on the host: on a device, reading it is one more copy)."""
+    num_layers, num_q, num_preds, max_targets = costs.shape
+    counts = target_mask.sum(dim=1).tolist()
+    host = costs.cpu().numpy()
+    matched = np.full((num_layers, num_q, max_targets), -1, dtype=np.int64)
+    for layer in range(num_layers):
+        for q, k in enumerate(counts):
+            taken = np.zeros(num_preds, dtype=bool)
+            if k:
+                rows, cols = linear_sum_assignment(host[layer, q, :, :k])
+                matched[layer, q, cols] = rows
+                taken[rows] = True
+            left = np.flatnonzero(~taken)[:max_targets - k]
+            matched[layer, q, k:k + len(left)] = left
+    return torch.from_numpy(matched).to(costs.device, non_blocking=True)
+
+
+def solve_on_device(costs: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """costs [layers,Q,Nq,K], target_mask [Q,K] -> [layers,Q,K] by batched_min_cost_assignment: no host
+    synchronisation and fixed shapes, so it can run inside a CUDA graph."""
+    num_layers, num_q, num_preds, max_targets = costs.shape
+    if max_targets > num_preds:
+        raise ValueError(f"{max_targets} target boxes for one query but only {num_preds} predictions: "
+                         f"use the scipy solver")
+    # Padding targets get a constant cost, which leaves the real targets' optimum unchanged.
+    target_mask = target_mask.to(costs.device, non_blocking=True)
+    costs = costs.masked_fill(~target_mask[None, :, None, :], 0.0)
+    columns = batched_min_cost_assignment(costs.transpose(-1, -2).reshape(-1, max_targets, num_preds))
+    return columns.view(num_layers, num_q, max_targets)
+
+
+#: The assignment solvers a HungarianMatcher can use (its ``solver``; "auto" picks one per call).
+SOLVERS = {"scipy": solve_with_scipy, "device": solve_on_device}
+
+#: Most target boxes per query that "auto" solves on the device (the solver's loops grow with it).
+DEVICE_MAX_TARGETS = 8
+
+
+def as_index_pairs(matched: torch.Tensor, counts: Sequence[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """[layers,Q,K] matches -> per layer, per query (decoder-query indices, target indices), int64 on the
+    CPU, sorted by decoder-query index (upstream's form; padding slots dropped)."""
+    host = matched.cpu().numpy()
+    out = []
+    for layer in host:
+        per_query = []
+        for q, k in enumerate(counts):
+            targets = np.flatnonzero(layer[q, :k] >= 0)
+            order = np.argsort(layer[q, targets], kind="stable")
+            per_query.append((torch.from_numpy(layer[q, targets[order]].astype(np.int64)),
+                              torch.from_numpy(targets[order].astype(np.int64))))
+        out.append(per_query)
+    return out
 
 
 def batched_min_cost_assignment(cost: torch.Tensor) -> torch.Tensor:

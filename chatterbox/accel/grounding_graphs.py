@@ -15,8 +15,8 @@ of the weights). All pairs share one memory pool; that is safe because each pair
 then backward, one at a time, which ``_Order`` enforces.
 
 The graphs are used where :meth:`GroundingLossGraphs.accepts` holds (CUDA with the deformable-attention
-kernel, grad enabled, frozen backbone, no activation checkpointing, at most ``DEVICE_MATCH_MAX_TARGETS``
-boxes per query); elsewhere the caller runs the eager path. ``graphs=False`` runs the same padded
+kernel, grad enabled, frozen backbone, no activation checkpointing, at most ``DEVICE_MAX_TARGETS``
+boxes per query); elsewhere the runner declines (returns None) and the model runs its eager path. ``graphs=False`` runs the same padded
 computation eagerly (no capture): the CPU tests check it against the eager path, the GPU tests the graphs
 against both.
 """
@@ -34,9 +34,10 @@ from torch import nn
 
 from model.GroundingDINO import BackboneFeatures, GroundingCriterion, VisionBranch
 from model.GroundingDINO.criterion import global_num_boxes
+from model.GroundingDINO.matcher import DEVICE_MAX_TARGETS
 from model.GroundingDINO.ms_deform_attn import uses_cuda_kernel
 
-__all__ = ["GroundingLossGraphs"]
+__all__ = ["GroundingLossGraphs", "use_grounding_loss_graphs"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,8 @@ class _ReplayStep(torch.autograd.Function):
 
 class GroundingLossGraphs:
     """``runner(features, queries, query_image_index, target_boxes)`` -> the criterion's loss dict, computed
-    from CUDA graphs (or, with ``graphs=False``, by the same padded computation run eagerly).
+    from CUDA graphs (or, with ``graphs=False``, by the same padded computation run eagerly), or None where
+    it does not :meth:`accepts` the call. ``ChatterBox.grounding_loss_runner`` takes it.
 
     ``max_graphs`` padded shapes are kept (least recently used dropped first); ``warmup_runs`` eager
     forward+backward passes precede a capture (lazy initialisation and compilation must not be captured).
@@ -186,15 +188,15 @@ class GroundingLossGraphs:
                      and uses_cuda_kernel(queries.device)) if self.graphs else True
         return (on_device and torch.is_grad_enabled() and not torch.is_autocast_enabled(queries.device.type)
                 and cfg.freeze_backbone and not checkpointed and len(counts) > 0
-                and self.criterion.matching != "host"
-                and max(counts) <= self.criterion.DEVICE_MATCH_MAX_TARGETS)
+                and self.criterion.matcher.solver != "scipy" and max(counts) <= DEVICE_MAX_TARGETS)
 
     # ------------------------------------------------------------------------------------------------
     def __call__(self, features: BackboneFeatures, queries: torch.Tensor, query_image_index,
-                 target_boxes: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+                 target_boxes: Sequence[torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """features: the frozen backbone's output for the batch's images; queries [Q,C] (in the vision
         branch's dtype); query_image_index: [Q] host integers, the image of each query; target_boxes: Q
-        host tensors [k_q,4] normalised cxcywh (k_q >= 0)."""
+        tensors [k_q,4] normalised cxcywh (k_q >= 0), best on the host: each one on a device costs a wait for
+        the forward pass."""
         num_q, width = queries.shape[0], self.vision_branch.cfg.hidden_dim
         if queries.dim() != 2 or queries.shape[1] != width or num_q == 0:
             raise ValueError(f"queries must be [Q>=1,{width}], got shape {tuple(queries.shape)}")
@@ -206,12 +208,13 @@ class GroundingLossGraphs:
             raise ValueError(f"query_image_index {index.tolist()} out of range for {features.batch_size} images")
         if len(target_boxes) != num_q:
             raise ValueError(f"{len(target_boxes)} target sets for {num_q} queries")
-        boxes = [torch.as_tensor(b, dtype=torch.float32) for b in target_boxes]
+        boxes = [torch.as_tensor(b).to("cpu", torch.float32) for b in target_boxes]
         for q, b in enumerate(boxes):
-            if b.dim() != 2 or b.shape[-1] != 4 or b.device.type != "cpu":
-                raise ValueError(f"target_boxes[{q}] must be a host tensor [k,4] normalised cxcywh, got "
-                                 f"{tuple(b.shape)} on {b.device}")
+            if b.dim() != 2 or b.shape[-1] != 4:
+                raise ValueError(f"target_boxes[{q}] must be [k,4] normalised cxcywh, got {tuple(b.shape)}")
         counts = [int(b.shape[0]) for b in boxes]
+        if not self.accepts(queries, counts):
+            return None
         # On every call: its collective keeps the ranks in step (as the eager criterion).
         num_boxes = global_num_boxes(sum(counts), queries.device)
 
@@ -350,3 +353,11 @@ class GroundingLossGraphs:
             return
         self._gradients(step, step.loss)
         step.loss = None  # the eager graph is freed by the backward
+
+
+def use_grounding_loss_graphs(model, enabled: bool = True, **options) -> None:
+    """Run ``model``'s grounding step (trainable vision part and loss, forward and backward) from CUDA graphs
+    where it can; ``options`` go to GroundingLossGraphs (``query_multiple``, ``max_graphs``, ``graphs=False``
+    for its eager form)."""
+    model.grounding_loss_runner = GroundingLossGraphs(model.vision_branch, model.grounding_criterion, **options) \
+        if enabled else None
