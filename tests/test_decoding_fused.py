@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from chatterbox.model.decoding import FusedStaticKVDecoder, StaticKVDecoder, attention_buckets, make_kv_decoder
 from chatterbox.model.fast_decode import fuse_projection_weights, unsupported_reason
+from bench.bench_chat import reencoding_session_class
 from chatterbox.serve.session import ChatSession
 
 # Left padding in row 0; 14 steps from 7 columns cross the buckets (4, 8, 12, 16, 20, 24) of width 4.
@@ -142,7 +143,7 @@ def test_generate_and_chat_equal_transformers_step(model, module_tokenizer):
     assert all(r.token_ids for r in fused)
     assert_same_results(fused, reference)
     chats = [ChatSession(model, sample_image()), ChatSession(model, sample_image(), fused_step=False),
-             ChatSession(model, sample_image(), reuse_cache=False)]
+             reencoding_session_class()(model, sample_image())]
     for question, boxes, max_new in ROUNDS:
         replies = [chat.ask(question, boxes, max_new_tokens=max_new) for chat in chats]
         for reply in replies[1:]:

@@ -278,24 +278,21 @@ class FusedStaticKVDecoder(StaticKVDecoder):
     The prefill is transformers' (images and regions in the embeddings, any length); the step writes
     its keys/values at column ``length`` and attends over the smallest of :attr:`attention_buckets`
     that holds length + 1 (one CUDA graph per bucket), so a step reads about the keys/values in use
-    rather than the whole capacity. ``compile_step`` compiles the fused step's two per-layer halves.
+    rather than the whole capacity. ``compile_step`` compiles the fused step's two per-layer halves
+    (``compile_options``: inductor options for it, see FusedLlamaStep).
     """
 
     #: Bucket width: at 13b the 8 graphs of a 2048-column session take well under a second to capture,
     #: and a step reads < 256 unused columns (at most 0.2 GB of keys/values at 13b, <1% of its weights).
     BUCKET_WIDTH = 256
 
-    #: Compiled one-row matmuls as tuned Triton reductions instead of cuBLAS (see fast_decode._compiled).
-    #: Off: barely faster for a much longer first compilation (docs/BENCHMARKS.md, chat latency).
-    TRITON_GEMV = False
-
     def __init__(self, causal_lm: nn.Module, batch_size: int, capacity: int, device: torch.device,
                  dtype: torch.dtype, cuda_graph: bool | None = None, compile_step: bool = False,
-                 bucket_width: int = BUCKET_WIDTH, triton_gemv: bool = TRITON_GEMV):
+                 bucket_width: int = BUCKET_WIDTH, compile_options: dict | None = None):
         self._buckets = attention_buckets(capacity, bucket_width)
         super().__init__(causal_lm, batch_size, capacity, device, dtype, cuda_graph, compile_step=False)
         self.compile_step = compile_step
-        self.fused = FusedLlamaStep(causal_lm, self.cache, compile=compile_step, triton_gemv=triton_gemv)
+        self.fused = FusedLlamaStep(causal_lm, self.cache, compile=compile_step, compile_options=compile_options)
         self.column = torch.zeros(1, dtype=torch.long, device=self.device)
 
     @property
@@ -452,7 +449,6 @@ class DecodeResult:
     vg_hidden: list[list[torch.Tensor]]
     ended_by_eos: list[bool]
     steps: int                                   # decode positions the device ran (incl. run-ahead)
-    first_token_s: float | None = None           # perf_counter() when the first token was known on the device
     extra: dict = field(default_factory=dict)
 
     def fed_tokens(self, row: int = 0) -> int:
@@ -470,7 +466,8 @@ def decode(model, decoder: KVDecoder, first_hidden: torch.Tensor, *, max_new_tok
 
     ``model`` gives ``_next_token_logits`` (lm_head with placeholder tokens banned), ``_pick`` and
     ``token_ids``. End-of-sequence is suppressed for the first ``min_new_tokens`` tokens. The host syncs
-    after the first token (``on_first_token``, for latency measurements) and every ``check_every`` steps.
+    every ``check_every`` steps; ``on_first_token`` is called once the first token's pick is queued (a
+    caller may record the time there).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -480,7 +477,6 @@ def decode(model, decoder: KVDecoder, first_hidden: torch.Tensor, *, max_new_tok
     picked_from = first_hidden.new_empty((max_new_tokens, *first_hidden.shape))
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     hidden = first_hidden
-    first_token_s = None
     steps = 0
     for step in range(max_new_tokens):
         logits = model._next_token_logits(hidden)
@@ -492,16 +488,14 @@ def decode(model, decoder: KVDecoder, first_hidden: torch.Tensor, *, max_new_tok
         picked_from[step] = hidden  # a copy: a graph step reuses its output buffer
         finished |= picked == ids.eos
         steps = step + 1
-        if step == 0:
-            if on_first_token is not None:
-                on_first_token()
-            first_token_s = time.perf_counter()
+        if step == 0 and on_first_token is not None:
+            on_first_token()
         if steps == max_new_tokens or (steps % check_every == 0 and bool(finished.all())):
             break
         hidden = decoder.step(picked)
 
     token_rows = tokens[:steps].t().tolist()
-    result = DecodeResult(token_ids=[], vg_hidden=[], ended_by_eos=[], steps=steps, first_token_s=first_token_s)
+    result = DecodeResult(token_ids=[], vg_hidden=[], ended_by_eos=[], steps=steps)
     for row, row_tokens in enumerate(token_rows):
         end = row_tokens.index(ids.eos) if ids.eos in row_tokens else len(row_tokens)
         kept = row_tokens[:end]

@@ -13,8 +13,9 @@ it. Per layer this step runs
 
 and, with ``compile=True``, the two halves around the attention are ``torch.compile``d so inductor fuses
 the element-wise work into a few kernels per half (compiled once per process: every layer calls the
-same two functions with its own weights as arguments). The GEMVs are cuBLAS calls, or with
-``triton_gemv=True`` Triton reductions tuned by inductor (gpt-fast's recipe).
+same two functions with its own weights as arguments). The GEMVs are cuBLAS calls (inductor's
+``coordinate_descent_tuning`` option writes them as tuned Triton reductions instead, gpt-fast's recipe:
+barely faster for a much longer first compilation, docs/BENCHMARKS.md, chat latency).
 
 Weights: :func:`fuse_projection_weights` makes the q/k/v (and gate/up) parameters views into one
 contiguous tensor per layer, so one GEMV reads them while parameter names, values, ``state_dict`` and
@@ -213,13 +214,9 @@ def attention_output_and_mlp(residual, attn, o_weight, o_adapters, norm_weight, 
 
 
 @functools.cache
-def _compiled(fn, triton_gemv: bool):
-    """One compiled version per function, option and process (it serves every layer and decoder).
-
-    ``triton_gemv``: inductor's coordinate-descent tuning, under which it also writes one-row matmuls
-    as Triton reductions (tuned per shape, fused with their element-wise neighbours) instead of
-    calling cuBLAS; it applies to batch 1 only and costs extra compilation time."""
-    return torch.compile(fn, fullgraph=True, options={"coordinate_descent_tuning": True} if triton_gemv else None)
+def _compiled(fn, options: tuple[tuple[str, object], ...]):
+    """One compiled version per function, inductor options and process (it serves every layer and decoder)."""
+    return torch.compile(fn, fullgraph=True, options=dict(options) or None)
 
 
 @dataclass
@@ -248,7 +245,7 @@ class FusedLlamaStep:
     moved, cast) needs a new step, like a captured CUDA graph does.
     """
 
-    def __init__(self, causal_lm: nn.Module, cache, compile: bool = False, triton_gemv: bool = False):
+    def __init__(self, causal_lm: nn.Module, cache, compile: bool = False, compile_options: dict | None = None):
         reason = unsupported_reason(causal_lm)
         if reason:
             raise ValueError(f"the fused decode step does not support this LLM: {reason}")
@@ -273,9 +270,9 @@ class FusedLlamaStep:
                 down=_base_linear(p["down"]).weight.detach(), down_adapters=lora_adapters(p["down"]),
                 keys=cache_layer.keys, values=cache_layer.values))
         self.compiled = compile
-        self.triton_gemv = compile and triton_gemv
-        self._attention_input = _compiled(attention_input, self.triton_gemv) if compile else attention_input
-        self._attention_output_and_mlp = (_compiled(attention_output_and_mlp, self.triton_gemv) if compile
+        options = tuple(sorted((compile_options or {}).items()))
+        self._attention_input = _compiled(attention_input, options) if compile else attention_input
+        self._attention_output_and_mlp = (_compiled(attention_output_and_mlp, options) if compile
                                           else attention_output_and_mlp)
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

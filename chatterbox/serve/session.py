@@ -107,7 +107,8 @@ def _check_pixels(width: int, height: int, limit: int | None, what: str) -> None
 # results
 @dataclass
 class RoundStats:
-    """Where the time of one round went (seconds; a CUDA device is synchronised at each boundary)."""
+    """Where the time of one round went (seconds; on a GPU, between CUDA events recorded at each boundary,
+    read when the round's tokens have reached the host: timing makes no extra synchronisation)."""
 
     round_index: int
     prompt_tokens: int          # tokens encoded in this round's prefill (only the new ones with the cache)
@@ -170,21 +171,41 @@ class PromptOptions:
 _FORBIDDEN_IN_QUESTIONS = (IMAGE_PLACEHOLDER, IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_PATCH_TOKEN)
 
 
+class _RoundClock:
+    """Named moments of a round, without making the host wait for the device: CUDA events on a GPU (read
+    after the round's results were copied to the host, so they are complete), the host clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: dict = {}
+        self.mark("start")
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            self.marks[name] = torch.cuda.Event(enable_timing=True)
+            self.marks[name].record()
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def seconds(self, since: str, until: str) -> float:
+        if self.cuda:
+            self.marks[until].synchronize()
+            return self.marks[since].elapsed_time(self.marks[until]) / 1000
+        return self.marks[until] - self.marks[since]
+
+
 # ---------------------------------------------------------------------------------------------------
 class ChatSession:
     """A dialogue about one image. Not thread-safe: one ``ask`` at a time per session."""
 
     def __init__(self, model, image, *, options: PromptOptions | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, box_threshold: float | None = None,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, reuse_cache: bool = True,
-                 cache: str = "static", cuda_graph: bool | None = None, compile_step: bool | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, cache: str = "static", cuda_graph: bool | None = None, compile_step: bool | None = None,
                  fused_step: bool | None = None):
         self.model = model.eval()
         self.options = options or PromptOptions()
         self.max_new_tokens = max_new_tokens
         self.box_threshold = box_threshold
-        #: False re-encodes the whole dialogue every round (a baseline for benchmarks; same results).
-        self.reuse_cache = reuse_cache
         #: KV cache kind (chatterbox.model.decoding): "static" (sized to ``max_context``; on CUDA its decode
         #: step is a CUDA graph, captured here once per session unless ``cuda_graph=False``) or "dynamic".
         if cache not in ("static", "dynamic"):
@@ -256,7 +277,7 @@ class ChatSession:
         """One round: ``question`` may contain `<bbox>` (one box of ``boxes`` each, original-image pixels
         xyxy) and `[VG]` (a box is predicted for it); ``ground=True`` appends `[VG]` when absent.
         ``min_new_tokens`` suppresses end-of-sequence before that many tokens (benchmarks)."""
-        t_start = time.perf_counter()
+        clock = _RoundClock(self.device)
         question = self._check_question(question, ground)
         region_boxes_xyxy_abs, region_clip_norm = self._check_regions(question, boxes)
         first_round = not self.history
@@ -273,7 +294,7 @@ class ChatSession:
         max_new_tokens = min(max_new_tokens, room)
         # Columns the decoder may hold by the end of the round (the last picked token is never fed).
         decoder = self._decoder_for(context_before + len(segment) + max_new_tokens - 1)
-        reuse = self.reuse_cache and decoder.length == len(self._cached_ids)
+        reuse = decoder.length == len(self._cached_ids)
         if reuse:
             chunk = self._pending_ids + segment
             regions = region_clip_norm
@@ -286,7 +307,7 @@ class ChatSession:
 
         try:
             reply = self._run_round(decoder, chunk, regions, segment_start, max_new_tokens, min_new_tokens,
-                                    do_sample, temperature, top_p, generator, t_start)
+                                    do_sample, temperature, top_p, generator, clock)
         except BaseException:
             # Keep the cache in step with the dialogue (a failed first encode leaves it empty).
             decoder.truncate(min(decoder.length, len(self._cached_ids)) if reuse else 0)
@@ -358,10 +379,6 @@ class ChatSession:
         return segment
 
     # ------------------------------------------------------------------------------------------------
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _decoder_for(self, columns: int):
         """The session's KV decoder, (re)built when it cannot hold ``columns`` (``max_context`` raised)."""
         if self._decoder is None or getattr(self._decoder, "capacity", columns) < columns:
@@ -372,15 +389,14 @@ class ChatSession:
         return self._decoder
 
     def _run_round(self, decoder, chunk, regions, segment_start, max_new_tokens, min_new_tokens,
-                   do_sample, temperature, top_p, generator, t_start) -> ChatReply:
+                   do_sample, temperature, top_p, generator, clock: "_RoundClock") -> ChatReply:
         model, ids = self.model, self.token_ids
         cached_before = decoder.length
         chunk_ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         embeds = model.build_inputs_embeds(chunk_ids, self._images_clip, None, [regions.to(self.device)],
                                            sample_ids=[f"chat round {len(self.history) + 1}"])
         hidden = decoder.prefill(embeds)
-        self._sync()
-        t_prefill = time.perf_counter()
+        clock.mark("prefilled")
 
         # Queries of this question's [VG]s: the hidden state of the token before each.
         _, vg_cols = positions_before_token(chunk_ids, ids.vg)
@@ -389,25 +405,24 @@ class ChatSession:
 
         decoded = decode(model, decoder, hidden[:, -1], max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                          do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator,
-                         on_first_token=self._sync)
+                         on_first_token=lambda: clock.mark("first_token"))
         generated = decoded.token_ids[0]
         query_hidden.extend(decoded.vg_hidden[0])
         # Drop what the device ran past the end (it stops only at its periodic end-of-sequence checks).
         fed = chunk + generated[:decoded.fed_tokens(0)]
         decoder.truncate(cached_before + len(fed))
-        self._sync()
-        t_decoded = time.perf_counter()
-        t_first = decoded.first_token_s or t_decoded
-
+        clock.mark("decoded")
         boxes_xyxy_abs, boxes_cxcywh_norm, scores, found = self._boxes(query_hidden)
-        t_end = time.perf_counter()
+        clock.mark("end")
 
         self._cached_ids = (self._cached_ids + fed) if cached_before else fed
         self._pending_ids = generated[decoded.fed_tokens(0):]
         stats = RoundStats(round_index=len(self.history) + 1, prompt_tokens=len(chunk),
                            context_tokens=len(self.dialogue_token_ids), generated_tokens=len(generated),
-                           prefill_s=t_prefill - t_start, first_token_s=t_first - t_start,
-                           decode_s=t_decoded - t_first, boxes_s=t_end - t_decoded, total_s=t_end - t_start)
+                           prefill_s=clock.seconds("start", "prefilled"),
+                           first_token_s=clock.seconds("start", "first_token"),
+                           decode_s=clock.seconds("first_token", "decoded"), boxes_s=clock.seconds("decoded", "end"),
+                           total_s=clock.seconds("start", "end"))
         return ChatReply(text=self.tokenizer.decode(generated), token_ids=generated, boxes_xyxy_abs=boxes_xyxy_abs,
                          boxes_cxcywh_norm=boxes_cxcywh_norm, scores=scores, vg_in_question=vg_in_question,
                          found=found, stats=stats)
