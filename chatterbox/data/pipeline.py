@@ -1,4 +1,5 @@
-"""From a built `Sample` to model-ready tensors: image transforms, tokenisation, truncation, checks.
+"""From a built `Sample` to model-ready tensors: the processor's tokenisation and image preparation, then
+truncation, grounding targets and checks.
 
 `SampleEncoder.encode` returns an `EncodedSample`; `collate.collate_samples` stacks them into the batch
 of the batch contract. Over-long dialogues are cut at a round boundary (never between a `<bbox>` /
@@ -10,14 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from chatterbox.conversation import ASSISTANT, USER, Message, tokenize_conversation
+from chatterbox.conversation import ASSISTANT, USER, Message
 from chatterbox.data.errors import DataError
+from chatterbox.data.processor import Processor
 from chatterbox.data.records import Sample
-from chatterbox.data.transforms import (
-    ImageShapeError, SquashAugment, check_boxes_in_image, clip_image, clip_resize_mode, dino_image,
-    grounding_targets_for_model, load_image, region_boxes_from_pixels,
-)
-from chatterbox.tokens import NUM_IMAGE_PATCHES, special_token_ids
+from chatterbox.data.transforms import (ImageShapeError, SquashAugment, check_boxes_in_image,
+                                        grounding_targets_for_model, load_image)
+from chatterbox.tokens import NUM_IMAGE_PATCHES
 
 
 @dataclass
@@ -46,14 +46,11 @@ class SampleEncoder:
     def __init__(self, tokenizer, max_length: int = 2048, clip_image_size: int = 224, dino_image_size: int = 512,
                  region_box_normalisation: str = "crop", dino_for_all: bool = False,
                  num_image_patches: int = NUM_IMAGE_PATCHES, clip_resize: str = "per_source"):
+        self.processor = Processor(tokenizer, clip_image_size, dino_image_size, region_box_normalisation,
+                                   num_image_patches, clip_resize)
         self.tokenizer = tokenizer
-        self.clip_resize = clip_resize
-        self.num_image_patches = num_image_patches
-        self.ids = special_token_ids(tokenizer)
+        self.ids = self.processor.ids
         self.max_length = max_length
-        self.clip_image_size = clip_image_size
-        self.dino_image_size = dino_image_size
-        self.region_box_normalisation = region_box_normalisation
         self.dino_for_all = dino_for_all
 
     @classmethod
@@ -67,8 +64,7 @@ class SampleEncoder:
         messages = []
         for turn in sample.turns:
             messages += [Message(USER, turn.user), Message(ASSISTANT, turn.assistant)]
-        tok = tokenize_conversation(self.tokenizer, messages, where=sample.sample_id,
-                                    num_image_patches=self.num_image_patches)
+        tok = self.processor.dialogue(messages, sample.sample_id)
         n_rounds = len(sample.turns)
         input_ids, labels = tok.input_ids, tok.labels
         if len(input_ids) > self.max_length:
@@ -92,22 +88,21 @@ class SampleEncoder:
 
         image = load_image(sample.image_path, sample.sample_id, sample.image_size)
         width, height = image.size
-        resize = clip_resize_mode(self.clip_resize, sample.clip_resize)
         try:
-            image_clip, geometry = clip_image(image, self.clip_image_size, resize)
+            clip = self.processor.clip_input(image, sample.clip_resize)
         except ImageShapeError as e:
             raise DataError(str(e), file, record, "image") from None
+        image_clip = clip.image_clip
         augment = SquashAugment(*sample.clip_augment) if sample.clip_augment else None
         if augment is not None:
-            if resize != "squash":
+            if clip.geometry.mode != "squash":
                 raise ValueError(f"{sample.sample_id}: clip_augment is only defined for squash-resized images")
             image_clip = augment.apply_to_image(image_clip)
 
         region_rows = [b for t in kept for b in t.region_boxes_xyxy_abs]
-        region_boxes = region_boxes_from_pixels(region_rows, width, height, geometry, self.region_box_normalisation,
-                                                sample.sample_id)
+        region_boxes = self.processor.region_boxes(region_rows, clip, sample.sample_id)
         if augment is not None:
-            region_boxes = augment.apply_to_boxes(region_boxes, self.clip_image_size)
+            region_boxes = augment.apply_to_boxes(region_boxes, self.processor.clip_image_size)
         targets = []
         for t in kept:
             if t.grounding_boxes_xyxy_abs is not None:
@@ -123,6 +118,6 @@ class SampleEncoder:
                             file, record, "conversation")
         image_dino = None
         if targets or self.dino_for_all:
-            image_dino = dino_image(image, self.dino_image_size)
+            image_dino = self.processor.dino_input(image)
         return EncodedSample(input_ids, labels, image_clip, image_dino, region_boxes, targets, (height, width),
                              sample.task, sample.sample_id, n_rounds, len(sample.turns) - n_rounds)

@@ -24,12 +24,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from chatterbox.conversation import USER, Message, generation_prompt
+from chatterbox.conversation import USER, Message
 from chatterbox.data.errors import DataError, parse_sample_id
-from chatterbox.data.transforms import (ImageShapeError, clip_image, clip_resize_mode, dino_image, load_image,
-                                        region_boxes_from_pixels)
+from chatterbox.data.processor import Processor
+from chatterbox.data.transforms import ImageShapeError, load_image
 from chatterbox.distributed import DTYPES, DistContext, join_torchrun, resolve_device, resolve_dtype
-from chatterbox.tokens import NUM_IMAGE_PATCHES, expand_image_placeholder, special_token_ids
+from chatterbox.tokens import NUM_IMAGE_PATCHES
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +77,10 @@ class RequestEncoder:
     def __init__(self, tokenizer, clip_image_size: int = 224, dino_image_size: int = 512,
                  region_box_normalisation: str = "crop", max_length: int = 2048,
                  num_image_patches: int = NUM_IMAGE_PATCHES, clip_resize: str = "per_source"):
+        self.processor = Processor(tokenizer, clip_image_size, dino_image_size, region_box_normalisation,
+                                   num_image_patches, clip_resize)
         self.tokenizer = tokenizer
-        self.clip_resize = clip_resize  # "squash": overrides every request's own mode
-        self.num_image_patches = num_image_patches
-        self.ids = special_token_ids(tokenizer)
-        self.clip_image_size = clip_image_size
-        self.dino_image_size = dino_image_size
-        self.region_box_normalisation = region_box_normalisation
+        self.ids = self.processor.ids
         self.max_length = max_length
 
     @classmethod
@@ -94,8 +91,7 @@ class RequestEncoder:
                    cfg.data.clip_resize)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        text = expand_image_placeholder(generation_prompt(request.messages), self.num_image_patches)
-        return [self.ids.bos] + list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.processor.prompt_ids(request.messages)
 
     def encode(self, request: GenerationRequest) -> EncodedRequest:
         file, record = parse_sample_id(request.request_id)
@@ -109,17 +105,14 @@ class RequestEncoder:
             raise DataError(f"prompt is {len(input_ids)} tokens, more than max_length={self.max_length}", file,
                             record, "prompt")
         image = load_image(request.image_path, request.request_id, request.image_size)
-        width, height = image.size
-        resize = clip_resize_mode(self.clip_resize, request.clip_resize)
         try:
-            image_clip, geometry = clip_image(image, self.clip_image_size, resize)
+            clip = self.processor.clip_input(image, request.clip_resize)
         except ImageShapeError as e:
             raise DataError(f"{request.image_path}: {e}", file, record, "image") from None
-        regions = region_boxes_from_pixels(request.region_boxes_xyxy_abs, width, height, geometry,
-                                           self.region_box_normalisation, request.request_id)
+        regions = self.processor.region_boxes(request.region_boxes_xyxy_abs, clip, request.request_id)
         # Always prepared: the model may also generate a [VG] in its reply, which needs the DINO image.
-        return EncodedRequest(request.request_id, input_ids, image_clip, dino_image(image, self.dino_image_size),
-                              regions, (height, width))
+        return EncodedRequest(request.request_id, input_ids, clip.image_clip, self.processor.dino_input(image),
+                              regions, clip.size_hw)
 
 
 def collate_requests(encoded: Sequence[EncodedRequest], pad_token_id: int) -> dict:

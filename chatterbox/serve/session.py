@@ -38,14 +38,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from chatterbox.boxes import BoxError, as_box_tensor, validate_xyxy
-from chatterbox.conversation import (ASSISTANT, USER, VICUNA_V1_1, ConversationError, Message, generation_prompt,
-                                     render)
-from chatterbox.data.transforms import (ImageShapeError, clip_image, clip_resize_mode, dino_image,
-                                        region_boxes_for_model, to_rgb)
+from chatterbox.conversation import ASSISTANT, USER, ConversationError, Message
+from chatterbox.data.processor import Processor
+from chatterbox.data.transforms import ImageShapeError, region_boxes_for_model, to_rgb
 from chatterbox.model.decoding import decode
 from chatterbox.model.query_head import positions_before_token
 from chatterbox.tokens import (BBOX_TOKEN, IMAGE_END_TOKEN, IMAGE_PATCH_TOKEN, IMAGE_PLACEHOLDER, IMAGE_START_TOKEN,
-                               VG_TOKEN, expand_image_placeholder)
+                               VG_TOKEN)
 
 #: Defaults of chatterbox.config.ChatConfig (kept in step by tests/test_chat_session.py).
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
@@ -223,13 +222,17 @@ class ChatSession:
         self.width, self.height = self.image.size
         cfg = model.cfg
         self.device = next(model.parameters()).device
-        resize = self.options.clip_resize or clip_resize_mode(cfg.clip.resize, "crop")
+        # The model's own sizes; images in the model's CLIP mode unless the options name one.
+        self.processor = Processor(model.tokenizer, cfg.clip.image_size, cfg.vision.image_size,
+                                   self.options.region_box_normalisation, model.clip_tower.num_patches,
+                                   clip_resize="per_source" if self.options.clip_resize else cfg.clip.resize)
         try:
-            images_clip, self.clip_geometry = clip_image(self.image, cfg.clip.image_size, resize)
+            clip = self.processor.clip_input(self.image, self.options.clip_resize or "crop")
         except ImageShapeError as e:
             raise ChatInputError(str(e)) from None
-        self._images_clip = images_clip[None].to(self.device)
-        self._images_dino = dino_image(self.image, cfg.vision.image_size)[None]
+        self.clip_geometry = clip.geometry
+        self._images_clip = clip.image_clip[None].to(self.device)
+        self._images_dino = self.processor.dino_input(self.image)[None]
         self._vision_features = None  # backbone features of the image, computed on the first [VG]
         lm_config = model.causal_lm.config
         self.max_context = min(lm_config.max_position_embeddings, cfg.language.model_max_length)
@@ -350,33 +353,17 @@ class ChatSession:
         limit = torch.tensor([self.width, self.height, self.width, self.height], dtype=boxes_xyxy_abs.dtype)
         boxes_xyxy_abs = torch.minimum(boxes_xyxy_abs.clamp(min=0), limit)
         region_clip_norm = region_boxes_for_model(boxes_xyxy_abs, self.clip_geometry,
-                                                  self.options.region_box_normalisation)
+                                                  self.processor.region_box_normalisation)
         return boxes_xyxy_abs.float(), region_clip_norm
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _segment_ids(self, question: str, first_round: bool) -> list[int]:
         """Token ids of the new round up to "ASSISTANT:" (BOS + system + image in the first round)."""
         try:
             if first_round:
-                text = generation_prompt([Message(USER, self.options.image_prefix + question)])
-                num_patches = self.model.clip_tower.num_patches
-                return [self.token_ids.bos] + self._encode(expand_image_placeholder(text, num_patches))
-            # The text after a closed assistant turn does not depend on the history: render it after a
-            # placeholder exchange. It starts with the "</s>" that closes the previous reply.
-            placeholder = [Message(USER, "q"), Message(ASSISTANT, "a")]
-            closed = render(placeholder).text
-            opened = generation_prompt(placeholder + [Message(USER, question)])
+                return self.processor.prompt_ids([Message(USER, self.options.image_prefix + question)])
+            return self.processor.next_round_ids(question)
         except ConversationError as e:
             raise ChatInputError(str(e)) from e
-        sep2 = VICUNA_V1_1.sep2
-        assert closed.endswith(sep2) and opened.startswith(closed)
-        segment = self._encode(sep2 + opened[len(closed):])
-        if not segment or segment[0] != self.token_ids.eos:
-            raise RuntimeError(f"the tokenizer does not encode {sep2!r} as its end-of-sequence token "
-                               f"{self.token_ids.eos}: {segment[:3]}")
-        return segment
 
     # ------------------------------------------------------------------------------------------------
     def _decoder_for(self, columns: int):
