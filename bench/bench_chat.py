@@ -18,7 +18,7 @@ adds the fused step without torch.compile, ``--compile-step`` transformers' step
 CUDA-graph replays at ``--profile-context`` cached columns): time per step by kernel class (GEMV/GEMM,
 attention, inductor-fused, cache writes, other), the bandwidth the matmul kernels reach over the
 weights, and the idle time between kernels; also for the fused step with its matmuls as Triton
-reductions tuned by inductor (``FusedStaticKVDecoder(compile_options={"coordinate_descent_tuning": True})``,
+reductions tuned by inductor (``DecodeOptions(compile_options={"coordinate_descent_tuning": True})``,
 gpt-fast's recipe).
 
 Bound: one decode step reads every weight of the LLM once (embedding rows aside), so
@@ -143,9 +143,50 @@ def measured_copy_bandwidth(device: torch.device, gib: float = 2.0) -> float | N
 #: Inductor options that write the one-row matmuls as tuned Triton reductions (gpt-fast's recipe).
 TRITON_GEMV = {"coordinate_descent_tuning": True}
 
-#: Session options of each step kind measured.
+#: Decode options (chatterbox.model.decoding.DecodeOptions) of each step kind measured.
 FUSED = {"fused_step": True}
 TRANSFORMERS = {"fused_step": False}
+
+
+class DynamicCacheDecoder:
+    """transformers' growing ``DynamicCache`` with one eager step per token, for one row without padding:
+    the decoding of transformers' default ``generate`` (the baseline of the static cache)."""
+
+    def __init__(self, causal_lm, device: torch.device):
+        from transformers import DynamicCache
+
+        self.inner, self.embed = causal_lm.model, causal_lm.get_input_embeddings()
+        self.cache = DynamicCache(config=causal_lm.config)
+        self.device, self.length, self.capacity = device, 0, float("inf")
+        self.uses_cuda_graph, self.attention_buckets, self.capture_s = False, (), 0.0
+
+    def _run(self, embeds: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(self.length, self.length + embeds.shape[1], device=self.device)[None]
+        self.length += embeds.shape[1]
+        return self.inner(inputs_embeds=embeds, position_ids=positions, past_key_values=self.cache,
+                          use_cache=True).last_hidden_state
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, padding_mask=None) -> torch.Tensor:
+        return self._run(embeds)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._run(self.embed(tokens[:, None]))[:, -1]
+
+    @torch.no_grad()
+    def truncate(self, length: int) -> None:
+        for layer in self.cache.layers:
+            extra = layer.get_seq_length() - length
+            if extra > 0:
+                layer.crop(-extra)  # a negative count removes that many positions
+        self.length = length
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def capture(self) -> bool:
+        return False
 
 
 def reencoding_session_class():
@@ -162,17 +203,32 @@ def reencoding_session_class():
     return ReencodingChatSession
 
 
-def run_dialogue(model, image, args, reuse_cache: bool, **session_options) -> list[dict]:
+def dynamic_cache_session_class():
+    """A ChatSession decoding with transformers' DynamicCache (DynamicCacheDecoder)."""
     from chatterbox.serve.session import ChatSession
 
-    session = ChatSession if reuse_cache else reencoding_session_class()
-    chat = session(model, image, max_new_tokens=args.answer_tokens, max_image_pixels=None,
-                   cuda_graph=False if args.no_cuda_graph else None, **session_options)
+    class DynamicCacheChatSession(ChatSession):
+        def _decoder_for(self, columns: int):
+            if self._decoder is None:
+                self._decoder = DynamicCacheDecoder(self.model.causal_lm, self.device)
+            return self._decoder
+
+    return DynamicCacheChatSession
+
+
+def run_dialogue(model, image, args, reuse_cache: bool, dynamic_cache: bool = False, **decode_options) -> list[dict]:
+    from chatterbox.model.decoding import DecodeOptions
+    from chatterbox.serve.session import ChatSession
+
+    model.decode_options = DecodeOptions(cuda_graph=False if args.no_cuda_graph else None, **decode_options)
+    session = (dynamic_cache_session_class() if dynamic_cache else ChatSession) if reuse_cache \
+        else reencoding_session_class()
+    chat = session(model, image, max_new_tokens=args.answer_tokens, max_image_pixels=None)
     decoder = chat._decoder_for(chat.max_context)
-    decoder_info = {"decoder": type(decoder).__name__, "cuda_graph": bool(decoder.uses_cuda_graph),
-                    "compiled_step": bool(getattr(decoder, "compile_step", False)),
-                    "attention_buckets": len(getattr(decoder, "attention_buckets", ())),
-                    "graph_capture_s": getattr(decoder, "capture_s", 0.0)}
+    step_kind = getattr(decoder, "step_kind", decoder)
+    decoder_info = {"decoder": type(step_kind).__name__, "cuda_graph": bool(decoder.uses_cuda_graph),
+                    "compiled_step": bool(getattr(step_kind, "compiled", False)),
+                    "attention_buckets": len(decoder.attention_buckets), "graph_capture_s": decoder.capture_s}
     width, height = image.size
     rows = []
     for r in range(args.rounds):
@@ -202,13 +258,13 @@ def median_rows(runs: list[list[dict]]) -> list[dict]:
     return out
 
 
-def measure_variant(model, image, args, reuse_cache: bool, **session_options) -> list[dict]:
+def measure_variant(model, image, args, reuse_cache: bool, **options) -> list[dict]:
     warm_up = argparse.Namespace(**{**vars(args), "rounds": 2})
-    run_dialogue(model, image, warm_up, reuse_cache, **session_options)  # compilation, first launches
-    rows = median_rows([run_dialogue(model, image, args, reuse_cache, **session_options)
+    run_dialogue(model, image, warm_up, reuse_cache, **options)  # compilation, first launches
+    rows = median_rows([run_dialogue(model, image, args, reuse_cache, **options)
                         for _ in range(args.repeats)])
     decode = statistics.median(r["decode_tokens_per_s"] for r in rows)
-    print(f"measured {rows[0]['decoder']} reuse_cache={reuse_cache} {session_options}: {decode:.1f} tokens/s",
+    print(f"measured {rows[0]['decoder']} reuse_cache={reuse_cache} {options}: {decode:.1f} tokens/s",
           flush=True)  # progress of a long run
     return rows
 
@@ -241,20 +297,16 @@ def _profile_steps(decoder, tokens: torch.Tensor, steps: int, context: int):
 
 
 @torch.no_grad()
-def profile_step(model, args, weight_bytes: int, fused_options: dict | None = None, **decoder_options) -> dict:
-    """Kernel times of one CUDA-graph decode step at ``args.profile_context`` cached columns
-    (``fused_options``: a compiled FusedStaticKVDecoder with these options, e.g. ``compile_options``)."""
-    from chatterbox.model.decoding import FusedStaticKVDecoder
+def profile_step(model, args, weight_bytes: int, **decode_options) -> dict:
+    """Kernel times of one CUDA-graph decode step at ``args.profile_context`` cached columns, with these
+    DecodeOptions (e.g. a compiled fused step with inductor ``compile_options``)."""
+    from chatterbox.model.decoding import DecodeOptions, make_kv_decoder
 
     lm = model.causal_lm
     embed_weight = lm.get_input_embeddings().weight
     device = embed_weight.device
     capacity = min(lm.config.max_position_embeddings, model.cfg.language.model_max_length)
-    if fused_options:
-        decoder = FusedStaticKVDecoder(lm, 1, capacity, device, embed_weight.dtype, compile_step=True,
-                                       **fused_options)
-    else:
-        decoder = model.make_decoder(1, capacity, **decoder_options)
+    decoder = make_kv_decoder(lm, 1, capacity, device, embed_weight.dtype, DecodeOptions(**decode_options))
     embeds = torch.randn(1, args.profile_context, lm.config.hidden_size, device=device, dtype=embed_weight.dtype) * 0.02
     decoder.prefill(embeds)
     tokens = torch.tensor([5], device=device)
@@ -292,8 +344,8 @@ def profile_step(model, args, weight_bytes: int, fused_options: dict | None = No
     busy_us = sum(classes.values())
     matmul_us = classes.get("matmul (GEMV/GEMM)", 0.0)
     top = sorted(kernels.items(), key=lambda item: -item[1][0])[:15]
-    return {"decoder": type(decoder).__name__, "compiled_step": bool(decoder.compile_step),
-            "fused_options": fused_options or {}, "profiled": traced,
+    return {"decoder": type(decoder.step_kind).__name__, "compiled_step": decoder.step_kind.compiled,
+            "decode_options": {k: v for k, v in decode_options.items() if v is not None}, "profiled": traced,
             "context_columns": args.profile_context,
             "step_ms": step_ms, "kernels_per_step": sum(count for _, count in kernels.values()),
             "kernel_busy_ms": busy_us / 1e3, "idle_between_kernels_ms": step_ms - busy_us / 1e3,
@@ -307,6 +359,8 @@ def profile_step(model, args, weight_bytes: int, fused_options: dict | None = No
 def compare_steps(model, args, steps: int = 16) -> dict:
     """The fused and transformers' CUDA-graph steps on the same random prompt: how far their hidden
     states are apart and whether lm_head picks the same tokens (a check at the real shapes and dtype)."""
+    from chatterbox.model.decoding import DecodeOptions, make_kv_decoder
+
     lm = model.causal_lm
     embed_weight = lm.get_input_embeddings().weight
     capacity = min(lm.config.max_position_embeddings, model.cfg.language.model_max_length)
@@ -316,7 +370,8 @@ def compare_steps(model, args, steps: int = 16) -> dict:
     tokens = torch.randint(0, embed_weight.shape[0], (steps, 1), device=embed_weight.device, generator=generator)
     hidden = {}
     for name, fused_step in (("fused", True), ("transformers", False)):
-        decoder = model.make_decoder(1, capacity, fused_step=fused_step)
+        decoder = make_kv_decoder(lm, 1, capacity, embed_weight.device, embed_weight.dtype,
+                                  DecodeOptions(fused_step=fused_step))
         decoder.prefill(embeds)
         hidden[name] = torch.stack([decoder.step(t).clone() for t in tokens]).float()
         del decoder
@@ -428,7 +483,7 @@ def main(argv=None) -> int:
     if args.compile_step:
         measure("cache_reuse_transformers_step_compiled", reuse_cache=True, compile_step=True, **TRANSFORMERS)
     if args.compare_dynamic:
-        measure("cache_reuse_dynamic_cache", reuse_cache=True, cache="dynamic")
+        measure("cache_reuse_dynamic_cache", reuse_cache=True, dynamic_cache=True)
     lora = ""
     if args.merge_lora and hasattr(model.language_model, "merge_adapter"):
         model.language_model.merge_adapter()
@@ -438,7 +493,7 @@ def main(argv=None) -> int:
         if profiling:
             profile("fused_step_merged_lora", **FUSED)
     if profiling:  # last: its compilation (coordinate-descent tuning) is the longest
-        profile("fused_step_triton_gemv" + lora, fused_options={"compile_options": TRITON_GEMV})
+        profile("fused_step_triton_gemv" + lora, fused_step=True, compile_step=True, compile_options=TRITON_GEMV)
 
     print(f"{result['device']}: decode reads {weight_bytes / 1e9:.2f} GB per token; bound "
           + (f"{bound:.1f} tokens/s ({bandwidth_source})" if bound else "unknown")

@@ -1,4 +1,5 @@
-"""The shared decode path (chatterbox.model.decoding): static KV cache == dynamic cache == recompute.
+"""The shared decode path (chatterbox.model.decoding): static KV cache == recompute (== transformers'
+DynamicCache, bench_chat's baseline).
 
 Runs on the tiny model; on a CUDA machine the last test also checks that the CUDA-graph decode steps
 (fused and transformers', compiled or not) give the same tokens and boxes as the eager one.
@@ -9,7 +10,8 @@ import pytest
 import torch
 from chat_support import build_tiny_chat_model, sample_image
 
-from chatterbox.model.decoding import DynamicKVDecoder, FusedStaticKVDecoder, StaticKVDecoder, decode
+from bench.bench_chat import DynamicCacheDecoder, dynamic_cache_session_class
+from chatterbox.model.decoding import DecodeOptions, FusedStep, KVDecoder, RecomputeDecoder, decode
 from chatterbox.serve.session import ChatSession
 from chatterbox.tokens import expand_image_placeholder
 
@@ -45,29 +47,27 @@ def assert_same_results(a, b):
         torch.testing.assert_close(x.scores, y.scores, atol=1e-4, rtol=1e-4)
 
 
-def test_static_dynamic_and_recompute_generate_the_same(model, tokenizer):
+def test_static_cache_and_recompute_generate_the_same(model, tokenizer):
     inputs = batch_inputs(tokenizer)
-    static = model.generate(**inputs, max_new_tokens=10, cache="static")
-    dynamic = model.generate(**inputs, max_new_tokens=10, cache="dynamic")
+    static = model.generate(**inputs, max_new_tokens=10)
     recompute = model.generate(**inputs, max_new_tokens=10, use_cache=False)
     assert all(r.token_ids for r in static)
     assert sum(len(r.boxes_xyxy_abs) for r in static) >= 1  # the prompt [VG] at least
-    assert_same_results(static, dynamic)
     assert_same_results(static, recompute)
 
 
-def test_sampling_is_the_same_with_either_cache(model, tokenizer):
+def test_sampling_is_the_same_with_and_without_the_cache(model, tokenizer):
     inputs = batch_inputs(tokenizer)
-    runs = [model.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, cache=kind,
-                           generator=torch.Generator().manual_seed(7)) for kind in ("static", "dynamic")]
+    runs = [model.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, use_cache=cached,
+                           generator=torch.Generator().manual_seed(7)) for cached in (True, False)]
     assert [r.token_ids for r in runs[0]] == [r.token_ids for r in runs[1]]
     greedy = model.generate(**inputs, max_new_tokens=8)
     assert [r.token_ids for r in runs[0]] != [r.token_ids for r in greedy]  # sampling options are applied
 
 
 def test_chat_rounds_with_static_and_dynamic_cache_agree(model):
-    static = ChatSession(model, sample_image(), cache="static")
-    dynamic = ChatSession(model, sample_image(), cache="dynamic")
+    static = ChatSession(model, sample_image())
+    dynamic = dynamic_cache_session_class()(model, sample_image())
     ended_by_eos = cut_by_limit = 0
     for question, boxes, max_new in ROUNDS:
         a = static.ask(question, boxes, max_new_tokens=max_new)
@@ -80,7 +80,7 @@ def test_chat_rounds_with_static_and_dynamic_cache_agree(model):
         # The decoder holds exactly the dialogue fed so far, whatever the device ran ahead.
         assert static._decoder.length == len(static._cached_ids) == dynamic._decoder.length
     assert ended_by_eos and cut_by_limit
-    assert isinstance(static._decoder, StaticKVDecoder) and isinstance(dynamic._decoder, DynamicKVDecoder)
+    assert isinstance(static._decoder, KVDecoder) and isinstance(dynamic._decoder, DynamicCacheDecoder)
     assert not static._decoder.uses_cuda_graph  # CPU: the static cache runs eagerly
 
 
@@ -88,14 +88,14 @@ def test_static_truncate_forgets_run_ahead_steps(model, tokenizer):
     """Steps fed past the end and then truncated leave no trace in later steps."""
     ids = tokenizer("USER: hello there ASSISTANT:", return_tensors="pt").input_ids
     embeds = model.causal_lm.get_input_embeddings()(ids)
-    decoder = model.make_decoder(1, 32, cache="static")
+    decoder = model.make_decoder(1, 32)
     hidden = decoder.prefill(embeds)
     junk = decoder.step(torch.tensor([5]))
     decoder.step(torch.tensor([6]))
     decoder.truncate(ids.shape[1])
     assert decoder.length == ids.shape[1] and int(decoder.next_position) == ids.shape[1]
     again = decoder.step(torch.tensor([9])).clone()
-    reference = model.make_decoder(1, 32, cache="none")
+    reference = RecomputeDecoder(model.causal_lm, 1, "cpu")
     reference.prefill(embeds)
     torch.testing.assert_close(again, reference.step(torch.tensor([9])), atol=1e-5, rtol=1e-4)
     assert hidden.shape[1] == ids.shape[1] and not torch.allclose(junk, again)
@@ -131,15 +131,15 @@ def test_min_new_tokens_and_eos_checks(model, tokenizer):
 
 
 def test_bad_arguments_are_refused(model):
-    with pytest.raises(ValueError, match="unknown KV cache kind 'paged'"):
-        model.make_decoder(1, 8, cache="paged")
-    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
-        model.make_decoder(1, 8, cache="static", cuda_graph=True)
+    model.decode_options = DecodeOptions(cuda_graph=True)
+    try:
+        with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+            model.make_decoder(1, 8)
+    finally:
+        model.decode_options = DecodeOptions()
     decoder = model.make_decoder(1, 4)
     with pytest.raises(ValueError, match="more than the static KV cache's capacity of 4"):
         decoder.prefill(torch.zeros(1, 5, model.causal_lm.config.hidden_size))
-    with pytest.raises(ValueError, match="cache must be 'static' or 'dynamic'"):
-        ChatSession(model, sample_image(), cache="paged")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -149,19 +149,19 @@ def test_cuda_graph_decoding_equals_eager(tokenizer):
     model = build_tiny_chat_model(tokenizer).cuda()
     inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else [t.cuda() for t in v])
               for k, v in batch_inputs(tokenizer).items()}
-    fused = model.generate(**inputs, max_new_tokens=12)
-    eager = model.generate(**inputs, max_new_tokens=12, cuda_graph=False, fused_step=False)
-    graph = model.generate(**inputs, max_new_tokens=12, cuda_graph=True, fused_step=False)
-    dynamic = model.generate(**inputs, max_new_tokens=12, cache="dynamic")
-    for other in (eager, graph, dynamic):
-        assert_same_results(fused, other)
-    chats = [ChatSession(model, sample_image(), cuda_graph=False, fused_step=False),
-             ChatSession(model, sample_image(), fused_step=False),
-             ChatSession(model, sample_image(), fused_step=False, compile_step=True),
-             ChatSession(model, sample_image()),
-             ChatSession(model, sample_image(), compile_step=False)]
-    assert chats[0]._decoder is None and all(chat._decoder.uses_cuda_graph for chat in chats[1:])
-    assert isinstance(chats[3]._decoder, FusedStaticKVDecoder) and chats[3]._decoder.compile_step
+    eager_options = DecodeOptions(cuda_graph=False, fused_step=False)
+    variants = [eager_options, DecodeOptions(fused_step=False), DecodeOptions(fused_step=False, compile_step=True),
+                DecodeOptions(), DecodeOptions(compile_step=False)]
+    results, chats = [], []
+    for options in variants:
+        model.decode_options = options
+        results.append(model.generate(**inputs, max_new_tokens=12))
+        chats.append(ChatSession(model, sample_image()))
+    model.decode_options = DecodeOptions()
+    for other in results[1:]:
+        assert_same_results(results[0], other)
+    assert not chats[0]._decoder.uses_cuda_graph and all(chat._decoder.uses_cuda_graph for chat in chats[1:])
+    assert isinstance(chats[3]._decoder.step_kind, FusedStep) and chats[3]._decoder.step_kind.compiled
     for question, boxes, max_new in ROUNDS:
         eager, *fast = (chat.ask(question, boxes, max_new_tokens=max_new) for chat in chats)
         for reply in fast:

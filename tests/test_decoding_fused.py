@@ -11,7 +11,8 @@ import torch
 from chat_support import build_tiny_chat_model, sample_image
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from chatterbox.model.decoding import FusedStaticKVDecoder, StaticKVDecoder, attention_buckets, make_kv_decoder
+from chatterbox.model.decoding import (DecodeOptions, FusedStep, KVDecoder, TransformersStep, attention_buckets,
+                                       make_kv_decoder)
 from chatterbox.model.fast_decode import fuse_projection_weights, unsupported_reason
 from bench.bench_chat import reencoding_session_class
 from chatterbox.serve.session import ChatSession
@@ -41,10 +42,15 @@ def run_steps(decoder, embeds, padding_mask, steps=STEPS, tokens_from=5):
     return hidden
 
 
+def fused_decoder(lm, capacity, device, dtype, compile=False, cuda_graph=None):
+    return KVDecoder(lm, 2, capacity, device, dtype, cuda_graph,
+                     lambda decoder: FusedStep(decoder, compile=compile, bucket_width=4))
+
+
 def both_decoders(lm, dtype=torch.float32, capacity=24):
-    fused = FusedStaticKVDecoder(lm, 2, capacity, torch.device("cpu"), dtype, bucket_width=4)
-    reference = make_kv_decoder(lm, "static", 2, capacity, "cpu", dtype, fused_step=False)
-    assert type(reference) is StaticKVDecoder
+    fused = fused_decoder(lm, capacity, torch.device("cpu"), dtype)
+    reference = make_kv_decoder(lm, 2, capacity, "cpu", dtype, DecodeOptions(fused_step=False))
+    assert type(reference.step_kind) is TransformersStep
     return fused, reference
 
 
@@ -90,7 +96,8 @@ def test_fused_steps_equal_transformers_steps(model, lora):
         model.language_model.merge_adapter()
     try:
         fused, reference = both_decoders(lm)
-        assert fused.fused.layers[0].q_adapters if lora == "unmerged" else not fused.fused.layers[0].q_adapters
+        layer = fused.step_kind.fused.layers[0]
+        assert layer.q_adapters if lora == "unmerged" else not layer.q_adapters
         embeds = random_embeds(lm)
         got, want = run_steps(fused, embeds, PADDING_MASK), run_steps(reference, embeds, PADDING_MASK)
         for a, b in zip(got, want):
@@ -139,17 +146,22 @@ def test_generate_and_chat_equal_transformers_step(model, module_tokenizer):
 
     inputs = batch_inputs(module_tokenizer)
     fused = model.generate(**inputs, max_new_tokens=10)
-    reference = model.generate(**inputs, max_new_tokens=10, fused_step=False)
+    chats = [ChatSession(model, sample_image()), reencoding_session_class()(model, sample_image())]
+    model.decode_options = DecodeOptions(fused_step=False)
+    try:
+        reference = model.generate(**inputs, max_new_tokens=10)
+        chats.append(ChatSession(model, sample_image()))
+        chats[-1]._decoder_for(chats[-1].max_context)  # built now, with these options
+    finally:
+        model.decode_options = DecodeOptions()
     assert all(r.token_ids for r in fused)
     assert_same_results(fused, reference)
-    chats = [ChatSession(model, sample_image()), ChatSession(model, sample_image(), fused_step=False),
-             reencoding_session_class()(model, sample_image())]
     for question, boxes, max_new in ROUNDS:
         replies = [chat.ask(question, boxes, max_new_tokens=max_new) for chat in chats]
         for reply in replies[1:]:
             assert reply.token_ids == replies[0].token_ids
             torch.testing.assert_close(reply.boxes_xyxy_abs, replies[0].boxes_xyxy_abs, atol=1e-3, rtol=1e-4)
-    assert [type(chat._decoder) for chat in chats] == [FusedStaticKVDecoder, StaticKVDecoder, FusedStaticKVDecoder]
+    assert [type(chat._decoder.step_kind) for chat in chats] == [FusedStep, FusedStep, TransformersStep]
 
 
 def test_unsupported_llm_falls_back_to_transformers_step():
@@ -157,11 +169,9 @@ def test_unsupported_llm_falls_back_to_transformers_step():
                          num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
     lm = LlamaForCausalLM(config).eval()
     assert "biases" in unsupported_reason(lm)
-    assert type(make_kv_decoder(lm, "static", 1, 16, "cpu")) is StaticKVDecoder
+    assert type(make_kv_decoder(lm, 1, 16, "cpu").step_kind) is TransformersStep
     with pytest.raises(ValueError, match="fused_step=True, but the fused decode step does not support this LLM"):
-        make_kv_decoder(lm, "static", 1, 16, "cpu", fused_step=True)
-    with pytest.raises(ValueError, match="need the static KV cache, not cache='dynamic'"):
-        make_kv_decoder(lm, "dynamic", 1, 16, "cpu", fused_step=True)
+        make_kv_decoder(lm, 1, 16, "cpu", options=DecodeOptions(fused_step=True))
 
 
 def test_grouped_query_attention_matches():
@@ -188,8 +198,8 @@ def test_cuda_fused_graphs_equal_transformers_steps(module_tokenizer, dtype):
             if ".lora_B." in name:
                 param.normal_(0, 0.05)
     device = torch.device("cuda")
-    fused = FusedStaticKVDecoder(lm, 2, 24, device, dtype, compile_step=True, bucket_width=4)
-    reference = make_kv_decoder(lm, "static", 2, 24, device, dtype, cuda_graph=False, fused_step=False)
+    fused = fused_decoder(lm, 24, device, dtype, compile=True)
+    reference = make_kv_decoder(lm, 2, 24, device, dtype, DecodeOptions(cuda_graph=False, fused_step=False))
     embeds = random_embeds(lm, dtype).cuda()
     got, want = run_steps(fused, embeds, PADDING_MASK.cuda()), run_steps(reference, embeds, PADDING_MASK.cuda())
     assert fused.uses_cuda_graph and sorted(fused._graphs) == [8, 12, 16, 20, 24]  # steps at 7..20 columns

@@ -11,6 +11,7 @@ and ``grounding_criterion``. The batch layout is the collate's (docs/model.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 
 from chatterbox.conversation import IGNORE_INDEX
 from chatterbox.model.clip_tower import ClipFeatures, ClipTower
-from chatterbox.model.decoding import KVDecoder, decode, make_kv_decoder
+from chatterbox.model.decoding import DecodeOptions, KVDecoder, RecomputeDecoder, decode, make_kv_decoder
 from chatterbox.model.config import ModelConfig
 from chatterbox.model.llava_llama import (LlavaLlamaForCausalLM, check_image_layout, inject_region_features,
                                           splice_image_features)
@@ -75,6 +76,8 @@ class ChatterBox(nn.Module):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.quantization = "none"  # "8bit" / "4bit" after chatterbox.model.quantization (inference only)
+        #: How generate and chat sessions run their decode steps (speed only: every choice gives the same tokens).
+        self.decode_options = DecodeOptions()
         self.token_ids: SpecialTokenIds = special_token_ids(tokenizer)
         self.clip_tower = clip_tower
         self.language_model = language_model
@@ -434,19 +437,16 @@ class ChatterBox(nn.Module):
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-    def make_decoder(self, batch_size: int, capacity: int, cache: str = "static",
-                     cuda_graph: bool | None = None, compile_step: bool | None = None,
-                     fused_step: bool | None = None) -> "KVDecoder":
-        """A KV decoder over this model's LLM (chatterbox.model.decoding): ``cache`` "static" (fixed
-        ``capacity`` columns, decode steps replayed from CUDA graphs on CUDA unless ``cuda_graph=False``),
-        "dynamic" (growing DynamicCache, eager) or "none" (recompute everything each step). For
-        "static", ``fused_step=False`` runs transformers' step instead of the fused one and
-        ``compile_step`` overrides whether the step is compiled (default: the fused step on CUDA)."""
+    def make_decoder(self, batch_size: int, capacity: int) -> KVDecoder:
+        """A KV decoder of ``capacity`` columns over this model's LLM (chatterbox.model.decoding), its decode
+        steps run as :attr:`decode_options` say (by default the fused step, compiled and replayed from CUDA
+        graphs on CUDA)."""
         param = self.causal_lm.get_input_embeddings().weight
-        if self.quantization != "none" and cuda_graph is None:
-            cuda_graph = False  # bitsandbytes' int8 matmul picks its outlier columns on the host: not capturable
-        return make_kv_decoder(self.causal_lm, cache, batch_size, capacity, param.device, param.dtype, cuda_graph,
-                               compile_step, fused_step)
+        options = self.decode_options
+        if self.quantization != "none" and options.cuda_graph is None:
+            # bitsandbytes' int8 matmul picks its outlier columns on the host: not capturable
+            options = dataclasses.replace(options, cuda_graph=False)
+        return make_kv_decoder(self.causal_lm, batch_size, capacity, param.device, param.dtype, options)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -455,16 +455,14 @@ class ChatterBox(nn.Module):
                  region_boxes_xyxy_clip_norm: Sequence | None = None, sample_ids: Sequence[str] | None = None,
                  max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, use_cache: bool = True, box_threshold: float | None = None,
-                 generator: torch.Generator | None = None, cache: str = "static",
-                 cuda_graph: bool | None = None, fused_step: bool | None = None) -> list[GenerationResult]:
+                 generator: torch.Generator | None = None) -> list[GenerationResult]:
         """Generate replies for right-padded prompts; boxes for every `[VG]` in prompt or reply.
 
         Regions are injected in the prefill; the query of a prompt `[VG]` is read from the prefill hidden
         states, that of a generated `[VG]` from the hidden state of the step that produced it. Decoding
-        runs through chatterbox.model.decoding: by default a static KV cache of prompt + ``max_new_tokens``
-        columns whose fused decode step is a CUDA graph on CUDA (``cuda_graph=False`` keeps it eager;
-        ``fused_step=False`` runs transformers' step; ``cache="dynamic"`` uses transformers' growing
-        cache). ``use_cache=False`` re-runs the whole sequence every step (for testing equivalence).
+        runs through chatterbox.model.decoding: a static KV cache of prompt + ``max_new_tokens`` columns
+        (:meth:`make_decoder`); ``use_cache=False`` re-runs the whole sequence every step (for testing
+        equivalence).
         ``image_sizes_hw`` [I,2] (height, width) of the original images map boxes to pixels.
         """
         self.eval()
@@ -483,9 +481,8 @@ class ChatterBox(nn.Module):
         mask = attention_mask.gather(1, source).to(device)
 
         # The last picked token is never fed back: prompt + max_new_tokens - 1 columns at most.
-        decoder = self.make_decoder(batch, length + max_new_tokens, cache if use_cache else "none",
-                                    cuda_graph if use_cache else False,
-                                    fused_step=fused_step if use_cache and cache == "static" else None)
+        decoder = self.make_decoder(batch, length + max_new_tokens) if use_cache \
+            else RecomputeDecoder(self.causal_lm, batch, device)
         hidden = decoder.prefill(embeds, mask)
 
         # Queries of the prompt's [VG] tokens: hidden state of the preceding token (left-padded column).

@@ -2,20 +2,20 @@
 
 Two parts:
 
-* a *KV decoder* owns the LLM's key/value state and runs the transformer: ``prefill(embeds)`` encodes a
-  chunk of embeddings (images and regions already injected), ``step(tokens)`` feeds one token per row
-  and returns the final hidden state, ``truncate(length)`` forgets cached positions beyond ``length``.
-  :class:`StaticKVDecoder` preallocates a transformers ``StaticCache`` of a fixed capacity, so every
-  decode step has fixed shapes and, on CUDA, is replayed from a captured CUDA graph (the prefill stays
-  eager); by default (:class:`FusedStaticKVDecoder`) the step is chatterbox.model.fast_decode's fused
-  one, compiled on CUDA, attending over a few length buckets with one graph each.
-  :class:`DynamicKVDecoder` grows a ``DynamicCache``; :class:`RecomputeDecoder` keeps no cache and
-  re-runs the whole sequence at every step (the reference for equivalence tests).
+* the *KV decoder* (:class:`KVDecoder`) owns the LLM's key/value state in a preallocated transformers
+  ``StaticCache`` and runs the transformer: ``prefill(embeds)`` encodes a chunk of embeddings (images and
+  regions already injected), ``step(tokens)`` feeds one token per row and returns the final hidden
+  state, ``truncate(length)`` forgets cached positions beyond ``length``. Every decode step has fixed
+  shapes, so on CUDA it is replayed from a captured CUDA graph (the prefill stays eager). The step itself
+  is pluggable: transformers' own (:class:`TransformersStep`) or, by default where the LLM allows it,
+  chatterbox.model.fast_decode's fused one (:class:`FusedStep`), compiled on CUDA and attending over a
+  few length buckets with one graph each; :class:`DecodeOptions` chooses. :class:`RecomputeDecoder`
+  keeps no cache and re-runs the whole sequence at every step (the reference for equivalence tests).
 * :func:`decode` picks tokens: lm_head, placeholder tokens banned, greedy or sampled pick, all on the
   device. The generated ids and the hidden state each token was picked from stay on the GPU; the host
   looks at them only every ``check_every`` steps to stop once every row has produced end-of-sequence.
-  A row that has finished is fed padding, exactly as before; the steps run past the end of every row
-  (fewer than ``check_every``) are discarded by the caller with ``truncate``.
+  A row that has finished is fed padding; the steps run past the end of every row (fewer than
+  ``check_every``) are discarded by the caller with ``truncate``.
 
 The query of a generated `[VG]` is the hidden state the `[VG]` was picked from (the state of the token
 before it), the same as for a `[VG]` in the prompt; :class:`DecodeResult` carries those states.
@@ -34,78 +34,115 @@ from chatterbox.model.fast_decode import FusedLlamaStep, fuse_projection_weights
 
 logger = logging.getLogger(__name__)
 
-#: Decoder kinds accepted by :func:`make_kv_decoder`.
-CACHE_KINDS = ("static", "dynamic", "none")
-
 
 # ---------------------------------------------------------------------------------------------------
 # KV decoders
-class KVDecoder:
-    """Runs the LLM over a growing sequence of ``batch_size`` rows; ``length`` columns are encoded.
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How a KV decoder runs its decode steps. Speed only: every choice gives the same tokens.
 
-    Every row advances by one column per prefill column / decode step. A row's rotary position advances
-    only over columns its padding mask marks real (left padding in batched generation).
+    ``fused_step``: chatterbox.model.fast_decode's fused step (None: where the LLM allows it, else
+    transformers' step with an info message; True: an error where it does not). ``compile_step``:
+    ``torch.compile`` the step (None: the fused step on CUDA, never transformers' step);
+    ``compile_options``: inductor options for it. ``cuda_graph``: replay the steps from CUDA graphs
+    (None: on CUDA).
     """
 
-    def __init__(self, causal_lm: nn.Module, batch_size: int, device: torch.device):
-        self.causal_lm = causal_lm
-        self.inner = causal_lm.model
-        self.embed = causal_lm.get_input_embeddings()
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.length = 0
-        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-
-    uses_cuda_graph = False
-
-    def _chunk_positions(self, embeds: torch.Tensor, padding_mask: torch.Tensor | None):
-        if embeds.shape[0] != self.batch_size:
-            raise ValueError(f"prefill of {embeds.shape[0]} rows into a decoder of batch size {self.batch_size}")
-        if padding_mask is None:
-            padding_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
-        padding_mask = padding_mask.to(self.device)
-        positions = self.next_position[:, None] + (padding_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        return padding_mask, positions
-
-    def prefill(self, embeds: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Encode ``embeds`` [B,T,H] after what is cached; returns final hidden states [B,T,H].
-
-        ``padding_mask`` [B,T] marks real columns (1) and left padding (0); None = all real."""
-        raise NotImplementedError
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row ([B] ids on the device); returns the final hidden state [B,H]."""
-        raise NotImplementedError
-
-    def truncate(self, length: int) -> None:
-        """Forget every column from ``length`` on (positions move back by the same count)."""
-        raise NotImplementedError
-
-    def _check_truncate(self, length: int) -> int:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a decoder of {self.length} columns to {length}")
-        removed = self.length - length
-        if removed:
-            self.next_position -= removed
-        self.length = length
-        return removed
-
-    def reset(self) -> None:
-        self.truncate(0)
-        self.next_position.zero_()
+    fused_step: bool | None = None
+    compile_step: bool | None = None
+    cuda_graph: bool | None = None
+    compile_options: dict | None = None
 
 
-class StaticKVDecoder(KVDecoder):
-    """A preallocated ``StaticCache`` of ``capacity`` columns; decode steps replayed from CUDA graphs.
+class TransformersStep:
+    """transformers' LLaMA forward over the static cache: reads every one of its ``capacity`` columns
+    (masked beyond the current length), so it has one attention bucket, the capacity."""
 
-    This class runs transformers' own step, which reads keys/values of all ``capacity`` columns every
-    step (masked beyond the current length), so it has one attention bucket: the capacity.
-    :class:`FusedStaticKVDecoder` (the default where the LLM allows it) runs a fused step that reads only
-    the smallest bucket >= length + 1. On CUDA each bucket's step is captured as a CUDA graph on its
-    first use (or by :meth:`capture`) and replayed afterwards; a graph holds the model's weights by
-    address, so changing the model afterwards (merging LoRA, moving it) needs a new decoder.
-    ``compile_step=True`` first compiles the step with ``torch.compile`` (inductor fuses the small
-    element-wise kernels); the first decoder of a process pays the compilation.
+    compiled = False
+
+    def buckets(self, capacity: int) -> tuple[int, ...]:
+        return (capacity,)
+
+    def before_prefill(self, decoder: "KVDecoder") -> None:
+        """Host-side set-up a prefill needs after steps of this kind (none)."""
+
+    def before_step(self, decoder: "KVDecoder") -> None:
+        """Host-side set-up of a step that a CUDA graph cannot do (none)."""
+
+    def __call__(self, decoder: "KVDecoder", bucket: int) -> torch.Tensor:
+        embeds = decoder.embed(decoder.tokens[:, None])
+        return decoder.inner(inputs_embeds=embeds, attention_mask=decoder.mask,
+                             position_ids=decoder.next_position[:, None], past_key_values=decoder.cache,
+                             use_cache=True).last_hidden_state[:, -1]
+
+    def uncompiled(self, decoder: "KVDecoder") -> "TransformersStep":
+        return self
+
+
+class CompiledTransformersStep(TransformersStep):
+    """transformers' step under ``torch.compile`` (inductor fuses its small element-wise kernels)."""
+
+    compiled = True
+
+    def __init__(self):
+        self._compiled = torch.compile(super().__call__, dynamic=False)
+
+    def __call__(self, decoder: "KVDecoder", bucket: int) -> torch.Tensor:
+        return self._compiled(decoder, bucket)
+
+    def uncompiled(self, decoder: "KVDecoder") -> TransformersStep:
+        return TransformersStep()
+
+
+class FusedStep(TransformersStep):
+    """chatterbox.model.fast_decode's fused step over the same cache buffers: it writes its keys/values
+    at column ``length`` and attends over the smallest of its buckets that holds length + 1 (one CUDA
+    graph per bucket), so a step reads about the keys/values in use rather than the whole capacity.
+    ``compile`` compiles its two per-layer halves (``compile_options``: inductor options)."""
+
+    #: Bucket width: at 13b the 8 graphs of a 2048-column session take well under a second to capture,
+    #: and a step reads < 256 unused columns (at most 0.2 GB of keys/values at 13b, <1% of its weights).
+    BUCKET_WIDTH = 256
+
+    def __init__(self, decoder: "KVDecoder", compile: bool = False, compile_options: dict | None = None,
+                 bucket_width: int = BUCKET_WIDTH):
+        self.fused = FusedLlamaStep(decoder.causal_lm, decoder.cache, compile=compile, compile_options=compile_options)
+        self.compiled = compile
+        self.bucket_width = bucket_width
+        self.column = torch.zeros(1, dtype=torch.long, device=decoder.device)
+
+    def buckets(self, capacity: int) -> tuple[int, ...]:
+        return attention_buckets(capacity, self.bucket_width)
+
+    def before_prefill(self, decoder: "KVDecoder") -> None:
+        decoder.set_cache_length(decoder.length)  # fused steps do not advance transformers' cache lengths
+
+    def before_step(self, decoder: "KVDecoder") -> None:
+        self.column.fill_(decoder.length)
+
+    def __call__(self, decoder: "KVDecoder", bucket: int) -> torch.Tensor:
+        return self.fused(decoder.tokens, decoder.next_position, self.column, decoder.mask, bucket)
+
+    def uncompiled(self, decoder: "KVDecoder") -> "FusedStep":
+        return FusedStep(decoder, compile=False, bucket_width=self.bucket_width)
+
+
+def attention_buckets(capacity: int, width: int) -> tuple[int, ...]:
+    """Multiples of ``width`` below ``capacity``, then ``capacity``: a step reads < ``width`` unused columns."""
+    return (*range(width, capacity, width), capacity)
+
+
+class KVDecoder:
+    """Runs the LLM over a growing sequence of ``batch_size`` rows in a preallocated ``StaticCache`` of
+    ``capacity`` columns; ``length`` columns are encoded.
+
+    Every row advances by one column per prefill column / decode step. A row's rotary position advances
+    only over columns its padding mask marks real (left padding in batched generation). The prefill is
+    transformers' (images and regions in the embeddings, any length); a decode step is ``step_kind``'s
+    (:class:`TransformersStep` by default, :class:`FusedStep`), on fixed-shape buffers. With
+    ``cuda_graph`` each attention bucket's step is captured as a CUDA graph on its first use (or by
+    :meth:`capture`) and replayed afterwards; a graph holds the model's weights by address, so changing the
+    model afterwards (merging LoRA, moving it) needs a new decoder.
     """
 
     #: torch.compile's first call compiles, the second is the compiled kernels' first launch: both
@@ -113,10 +150,17 @@ class StaticKVDecoder(KVDecoder):
     _COMPILED_WARM_UP_STEPS = 2
 
     def __init__(self, causal_lm: nn.Module, batch_size: int, capacity: int, device: torch.device,
-                 dtype: torch.dtype, cuda_graph: bool | None = None, compile_step: bool = False):
+                 dtype: torch.dtype, cuda_graph: bool | None = None,
+                 step_kind: Callable[["KVDecoder"], TransformersStep] | None = None):
         from transformers import StaticCache
 
-        super().__init__(causal_lm, batch_size, device)
+        self.causal_lm = causal_lm
+        self.inner = causal_lm.model
+        self.embed = causal_lm.get_input_embeddings()
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.length = 0
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         config = causal_lm.config
         self.capacity = capacity
         self.cache = StaticCache(config=config, max_cache_len=capacity)
@@ -131,17 +175,16 @@ class StaticKVDecoder(KVDecoder):
             raise ValueError(f"cuda_graph=True needs a CUDA device, the decoder is on {self.device}")
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, output)
         self.capture_s = 0.0
-        self.compile_step = compile_step
-        self._body = torch.compile(self._step_body, dynamic=False) if compile_step else self._step_body
         if self.want_cuda_graph and unsupported_reason(causal_lm) is None:
-            # A fused decoder made later re-points the q/k/v and gate/up weights into fused storage (and
-            # frees the old); fusing them before this decoder's graphs record their addresses keeps those valid.
+            # A fused step made later re-points the q/k/v and gate/up weights into fused storage (and frees
+            # the old); fusing them before this decoder's graphs record their addresses keeps those valid.
             fuse_projection_weights(causal_lm)
+        self.step_kind = step_kind(self) if step_kind is not None else TransformersStep()
 
     @property
     def attention_buckets(self) -> tuple[int, ...]:
         """Cache columns a step may read, ascending; a step uses the smallest that holds length + 1."""
-        return (self.capacity,)
+        return self.step_kind.buckets(self.capacity)
 
     def _bucket(self, columns: int) -> int:
         return next(bucket for bucket in self.attention_buckets if bucket >= columns)
@@ -150,16 +193,29 @@ class StaticKVDecoder(KVDecoder):
     def uses_cuda_graph(self) -> bool:
         return bool(self._graphs)
 
-    def _set_cache_length(self, length: int) -> None:
+    def set_cache_length(self, length: int) -> None:
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(length)
 
+    def _chunk_positions(self, embeds: torch.Tensor, padding_mask: torch.Tensor | None):
+        if embeds.shape[0] != self.batch_size:
+            raise ValueError(f"prefill of {embeds.shape[0]} rows into a decoder of batch size {self.batch_size}")
+        if padding_mask is None:
+            padding_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        padding_mask = padding_mask.to(self.device)
+        positions = self.next_position[:, None] + (padding_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        return padding_mask, positions
+
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode ``embeds`` [B,T,H] after what is cached; returns final hidden states [B,T,H].
+
+        ``padding_mask`` [B,T] marks real columns (1) and left padding (0); None = all real."""
         columns = embeds.shape[1]
         if self.length + columns > self.capacity:
             raise ValueError(f"the sequence would be {self.length + columns} columns, more than the static KV "
                              f"cache's capacity of {self.capacity}")
+        self.step_kind.before_prefill(self)
         padding_mask, positions = self._chunk_positions(embeds, padding_mask)
         self.mask[:, self.length:self.length + columns] = padding_mask.bool()
         self.mask[:, self.length + columns:] = True
@@ -171,17 +227,12 @@ class StaticKVDecoder(KVDecoder):
 
     def _step_body(self, bucket: int) -> torch.Tensor:
         """One decode step on the static buffers only (what a CUDA graph records)."""
-        embeds = self.embed(self.tokens[:, None])
-        hidden = self.inner(inputs_embeds=embeds, attention_mask=self.mask, position_ids=self.next_position[:, None],
-                            past_key_values=self.cache, use_cache=True).last_hidden_state[:, -1]
+        hidden = self.step_kind(self, bucket)
         self.next_position.add_(1)
         return hidden
 
-    def _before_step(self) -> None:
-        """Host-side set-up of a step that the graph cannot do (transformers' step needs none)."""
-
     def _restore(self, position: torch.Tensor) -> None:
-        self._set_cache_length(self.length)
+        self.set_cache_length(self.length)
         self.next_position.copy_(position)
 
     @torch.no_grad()
@@ -192,7 +243,7 @@ class StaticKVDecoder(KVDecoder):
         uncompiled step, one that cannot be captured to eager steps, each with a warning."""
         if not self.want_cuda_graph:
             return False
-        warm_up_steps = self._COMPILED_WARM_UP_STEPS if self.compile_step else 1
+        warm_up_steps = self._COMPILED_WARM_UP_STEPS if self.step_kind.compiled else 1
         if self.length >= self.capacity or self.length + warm_up_steps > self.capacity:
             return self.uses_cuda_graph
         start = time.perf_counter()
@@ -203,9 +254,10 @@ class StaticKVDecoder(KVDecoder):
                 self._graphs[bucket] = self._capture_bucket(bucket, warm_up_steps)
             except RuntimeError as e:  # an op that cannot be compiled or captured: say so, then degrade
                 torch.cuda.synchronize(self.device)
-                if self.compile_step:
+                if self.step_kind.compiled:
                     logger.warning("compiling the decode step failed, using the uncompiled step: %s", e)
-                    self._disable_compile()
+                    self.step_kind = self.step_kind.uncompiled(self)
+                    self._graphs.clear()
                     return self.capture(buckets)
                 logger.warning("CUDA-graph capture of the decode step failed, decoding eagerly: %s", e)
                 self.want_cuda_graph = False
@@ -215,28 +267,23 @@ class StaticKVDecoder(KVDecoder):
         self.capture_s += time.perf_counter() - start
         return True
 
-    def _disable_compile(self) -> None:
-        self.compile_step = False
-        self._body = self._step_body
-        self._graphs.clear()
-
     def _capture_bucket(self, bucket: int, warm_up_steps: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         saved_position = self.next_position.clone()
         saved_tokens = self.tokens.clone()
         try:
             # Warm-up on a side stream (lazy library initialisation must not happen during capture). It
             # writes keys/values into the column ``length``, which the next real step overwrites.
-            self._before_step()
+            self.step_kind.before_step(self)
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(warm_up_steps):
-                    self._body(bucket)
+                    self._step_body(bucket)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             self._restore(saved_position)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                hidden = self._body(bucket)
+                hidden = self._step_body(bucket)
             # Capture records kernels without running them: the cache lengths and positions are unchanged.
             return graph, hidden
         finally:
@@ -245,135 +292,60 @@ class StaticKVDecoder(KVDecoder):
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ([B] ids on the device); returns the final hidden state [B,H]."""
         if self.length >= self.capacity:
             raise ValueError(f"the static KV cache is full ({self.capacity} columns)")
         bucket = self._bucket(self.length + 1)
         if self.want_cuda_graph and bucket not in self._graphs:
             self.capture((bucket,))
         self.tokens.copy_(tokens)
-        self._before_step()
+        self.step_kind.before_step(self)
         if bucket in self._graphs:
             graph, hidden = self._graphs[bucket]
             graph.replay()
         else:
-            hidden = self._body(bucket)
+            hidden = self._step_body(bucket)
         self.length += 1
         return hidden
 
+    def _check_truncate(self, length: int) -> int:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a decoder of {self.length} columns to {length}")
+        removed = self.length - length
+        if removed:
+            self.next_position -= removed
+        self.length = length
+        return removed
+
     @torch.no_grad()
     def truncate(self, length: int) -> None:
+        """Forget every column from ``length`` on (positions move back by the same count)."""
         self._check_truncate(length)
-        self._set_cache_length(length)
+        self.set_cache_length(length)
         self.mask[:, length:] = True
 
-
-def attention_buckets(capacity: int, width: int) -> tuple[int, ...]:
-    """Multiples of ``width`` below ``capacity``, then ``capacity``: a step reads < ``width`` unused columns."""
-    return (*range(width, capacity, width), capacity)
-
-
-class FusedStaticKVDecoder(StaticKVDecoder):
-    """The static decoder with chatterbox.model.fast_decode's fused step over the same cache buffers.
-
-    The prefill is transformers' (images and regions in the embeddings, any length); the step writes
-    its keys/values at column ``length`` and attends over the smallest of :attr:`attention_buckets`
-    that holds length + 1 (one CUDA graph per bucket), so a step reads about the keys/values in use
-    rather than the whole capacity. ``compile_step`` compiles the fused step's two per-layer halves
-    (``compile_options``: inductor options for it, see FusedLlamaStep).
-    """
-
-    #: Bucket width: at 13b the 8 graphs of a 2048-column session take well under a second to capture,
-    #: and a step reads < 256 unused columns (at most 0.2 GB of keys/values at 13b, <1% of its weights).
-    BUCKET_WIDTH = 256
-
-    def __init__(self, causal_lm: nn.Module, batch_size: int, capacity: int, device: torch.device,
-                 dtype: torch.dtype, cuda_graph: bool | None = None, compile_step: bool = False,
-                 bucket_width: int = BUCKET_WIDTH, compile_options: dict | None = None):
-        self._buckets = attention_buckets(capacity, bucket_width)
-        super().__init__(causal_lm, batch_size, capacity, device, dtype, cuda_graph, compile_step=False)
-        self.compile_step = compile_step
-        self.fused = FusedLlamaStep(causal_lm, self.cache, compile=compile_step, compile_options=compile_options)
-        self.column = torch.zeros(1, dtype=torch.long, device=self.device)
-
-    @property
-    def attention_buckets(self) -> tuple[int, ...]:
-        return self._buckets
-
-    def _disable_compile(self) -> None:
-        self.fused = FusedLlamaStep(self.causal_lm, self.cache, compile=False)
-        super()._disable_compile()
-
-    @torch.no_grad()
-    def prefill(self, embeds: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._set_cache_length(self.length)  # fused steps do not advance transformers' cache lengths
-        return super().prefill(embeds, padding_mask)
-
-    def _before_step(self) -> None:
-        self.column.fill_(self.length)
-
-    def _step_body(self, bucket: int) -> torch.Tensor:
-        hidden = self.fused(self.tokens, self.next_position, self.column, self.mask, bucket)
-        self.next_position.add_(1)
-        return hidden
+    def reset(self) -> None:
+        self.truncate(0)
+        self.next_position.zero_()
 
 
-class DynamicKVDecoder(KVDecoder):
-    """transformers' ``DynamicCache``: no preallocation, one eager step per token (the pre-static path)."""
+class RecomputeDecoder:
+    """No cache: every prefill and step re-runs the whole sequence (slow; the equivalence reference that
+    ``generate(use_cache=False)`` runs). Same interface as :class:`KVDecoder`."""
 
     def __init__(self, causal_lm: nn.Module, batch_size: int, device: torch.device):
-        from transformers import DynamicCache
-
-        super().__init__(causal_lm, batch_size, device)
-        self.cache = DynamicCache(config=causal_lm.config)
-        self.mask: torch.Tensor | None = None  # kept only once some column is padding
-
-    def _extend_mask(self, padding_mask: torch.Tensor) -> None:
-        if self.mask is None and bool(padding_mask.all()):
-            return
-        if self.mask is None:
-            self.mask = torch.ones(self.batch_size, self.length, dtype=torch.long, device=self.device)
-        self.mask = torch.cat([self.mask, padding_mask.long()], dim=1)
-
-    @torch.no_grad()
-    def prefill(self, embeds: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        padding_mask, positions = self._chunk_positions(embeds, padding_mask)
-        self._extend_mask(padding_mask)
-        hidden = self.inner(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions,
-                            past_key_values=self.cache, use_cache=True).last_hidden_state
-        self.next_position += padding_mask.long().sum(dim=1)
-        self.length += embeds.shape[1]
-        return hidden
-
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        embeds = self.embed(tokens[:, None])
-        if self.mask is not None:
-            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        hidden = self.inner(inputs_embeds=embeds, attention_mask=self.mask, position_ids=self.next_position[:, None],
-                            past_key_values=self.cache, use_cache=True).last_hidden_state[:, -1]
-        self.next_position += 1
-        self.length += 1
-        return hidden
-
-    @torch.no_grad()
-    def truncate(self, length: int) -> None:
-        self._check_truncate(length)
-        for layer in self.cache.layers:
-            extra = layer.get_seq_length() - length
-            if extra > 0:
-                layer.crop(-extra)  # a negative count removes that many positions
-        if self.mask is not None:
-            self.mask = self.mask[:, :length]
-
-
-class RecomputeDecoder(KVDecoder):
-    """No cache: every prefill and step re-runs the whole sequence (slow; the equivalence reference)."""
-
-    def __init__(self, causal_lm: nn.Module, batch_size: int, device: torch.device):
-        super().__init__(causal_lm, batch_size, device)
+        self.inner = causal_lm.model
+        self.embed = causal_lm.get_input_embeddings()
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.length = 0
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.embeds: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
+
+    _chunk_positions = KVDecoder._chunk_positions
+    _check_truncate = KVDecoder._check_truncate
 
     def _append(self, embeds, padding_mask, positions) -> torch.Tensor:
         def cat(old, new):
@@ -406,37 +378,27 @@ class RecomputeDecoder(KVDecoder):
         if self.embeds is not None:
             self.embeds, self.mask, self.positions = (t[:, :length] for t in (self.embeds, self.mask, self.positions))
 
+    def reset(self) -> None:
+        self.truncate(0)
+        self.next_position.zero_()
 
-def make_kv_decoder(causal_lm: nn.Module, kind: str, batch_size: int, capacity: int,
-                    device: torch.device | str, dtype: torch.dtype | None = None,
-                    cuda_graph: bool | None = None, compile_step: bool | None = None,
-                    fused_step: bool | None = None) -> KVDecoder:
-    """``kind``: "static" (preallocated; CUDA graphs on CUDA unless ``cuda_graph=False``), "dynamic" or "none".
 
-    For "static", ``fused_step`` picks the step: None = the fused step of chatterbox.model.fast_decode
-    where the LLM allows it (else transformers' step, with an info message), True = fused (an error
-    if the LLM does not allow it), False = transformers' step. ``compile_step``: torch.compile the
-    step; None = compile the fused step on CUDA, never transformers' step.
-    """
+def make_kv_decoder(causal_lm: nn.Module, batch_size: int, capacity: int, device: torch.device | str,
+                    dtype: torch.dtype | None = None, options: DecodeOptions = DecodeOptions()) -> KVDecoder:
+    """A KV decoder of ``capacity`` columns whose steps run as ``options`` say (see DecodeOptions)."""
     device = torch.device(device)
-    if kind == "static":
-        dtype = dtype or causal_lm.get_input_embeddings().weight.dtype
-        reason = unsupported_reason(causal_lm) if fused_step is not False else None
-        if reason and fused_step:
-            raise ValueError(f"fused_step=True, but the fused decode step does not support this LLM: {reason}")
-        if reason:
-            logger.info("decoding with transformers' step: the fused step does not support this LLM (%s)", reason)
-        if fused_step is False or reason:
-            return StaticKVDecoder(causal_lm, batch_size, capacity, device, dtype, cuda_graph, bool(compile_step))
-        compile_step = device.type == "cuda" if compile_step is None else compile_step
-        return FusedStaticKVDecoder(causal_lm, batch_size, capacity, device, dtype, cuda_graph, compile_step)
-    if cuda_graph or compile_step or fused_step:
-        raise ValueError(f"cuda_graph / compile_step / fused_step need the static KV cache, not cache={kind!r}")
-    if kind == "dynamic":
-        return DynamicKVDecoder(causal_lm, batch_size, device)
-    if kind == "none":
-        return RecomputeDecoder(causal_lm, batch_size, device)
-    raise ValueError(f"unknown KV cache kind {kind!r}; expected one of {CACHE_KINDS}")
+    dtype = dtype or causal_lm.get_input_embeddings().weight.dtype
+    reason = unsupported_reason(causal_lm) if options.fused_step is not False else None
+    if reason and options.fused_step:
+        raise ValueError(f"fused_step=True, but the fused decode step does not support this LLM: {reason}")
+    if reason:
+        logger.info("decoding with transformers' step: the fused step does not support this LLM (%s)", reason)
+    if options.fused_step is False or reason:
+        step_kind = CompiledTransformersStep if options.compile_step else TransformersStep
+        return KVDecoder(causal_lm, batch_size, capacity, device, dtype, options.cuda_graph, lambda _: step_kind())
+    compile_step = device.type == "cuda" if options.compile_step is None else options.compile_step
+    return KVDecoder(causal_lm, batch_size, capacity, device, dtype, options.cuda_graph,
+                     lambda decoder: FusedStep(decoder, compile_step, options.compile_options))
 
 
 # ---------------------------------------------------------------------------------------------------

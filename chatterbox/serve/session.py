@@ -15,9 +15,9 @@ is encoded in the first round (and again only when a later question has regions)
 backbone runs once per session.
 
 Decoding goes through chatterbox.model.decoding, the same code as ``ChatterBox.generate``: a static KV
-cache sized to the model's context, whose fused one-token step is captured as CUDA graphs (one per
-attention-length bucket) when the session is created on a CUDA device (``cache="dynamic"`` /
-``cuda_graph=False`` for the eager paths, ``fused_step=False`` for transformers' step).
+cache sized to the model's context, whose decode steps run as ``model.decode_options`` say; by default
+the fused one-token step, captured as CUDA graphs (one per attention-length bucket) when the session is
+created on a CUDA device.
 
 Semantics equal ``ChatterBox.generate`` on the whole dialogue: the query of a `[VG]` is the final
 hidden state of the token before it (prompt `[VG]`s from the prefill, generated ones from the step
@@ -199,22 +199,11 @@ class ChatSession:
 
     def __init__(self, model, image, *, options: PromptOptions | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, box_threshold: float | None = None,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, cache: str = "static", cuda_graph: bool | None = None, compile_step: bool | None = None,
-                 fused_step: bool | None = None):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.model = model.eval()
         self.options = options or PromptOptions()
         self.max_new_tokens = max_new_tokens
         self.box_threshold = box_threshold
-        #: KV cache kind (chatterbox.model.decoding): "static" (sized to ``max_context``; on CUDA its decode
-        #: step is a CUDA graph, captured here once per session unless ``cuda_graph=False``) or "dynamic".
-        if cache not in ("static", "dynamic"):
-            raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
-        self.cache_kind = cache
-        self.cuda_graph = cuda_graph
-        #: Static cache only: ``fused_step=False`` runs transformers' step instead of the fused one;
-        #: ``compile_step`` overrides whether the step is torch.compiled (default: the fused step on CUDA).
-        self.fused_step = fused_step
-        self.compile_step = compile_step
         self._decoder = None
         self.tokenizer = model.tokenizer
         self.token_ids = model.token_ids
@@ -237,8 +226,8 @@ class ChatSession:
         lm_config = model.causal_lm.config
         self.max_context = min(lm_config.max_position_embeddings, cfg.language.model_max_length)
         self.reset()
-        if cache == "static" and self.device.type == "cuda" and cuda_graph is not False:
-            # Capture the decode step now, so that no round pays for it.
+        if self.device.type == "cuda":
+            # Capture the decode steps now (where the options ask for graphs), so that no round pays for it.
             self._decoder_for(self.max_context).capture()
 
     # ------------------------------------------------------------------------------------------------
@@ -368,11 +357,8 @@ class ChatSession:
     # ------------------------------------------------------------------------------------------------
     def _decoder_for(self, columns: int):
         """The session's KV decoder, (re)built when it cannot hold ``columns`` (``max_context`` raised)."""
-        if self._decoder is None or getattr(self._decoder, "capacity", columns) < columns:
-            static = self.cache_kind == "static"
-            self._decoder = self.model.make_decoder(1, max(self.max_context, columns), self.cache_kind,
-                                                    self.cuda_graph, self.compile_step if static else None,
-                                                    self.fused_step if static else None)
+        if self._decoder is None or self._decoder.capacity < columns:
+            self._decoder = self.model.make_decoder(1, max(self.max_context, columns))
         return self._decoder
 
     def _run_round(self, decoder, chunk, regions, segment_start, max_new_tokens, min_new_tokens,
