@@ -346,65 +346,71 @@ class ChatterBox(nn.Module):
 
     def _grounding_losses(self, hidden, input_ids, host_ids, images_dino, offset, grounding_targets_cxcywh_norm,
                           sample_ids) -> dict:
-        """Vision branch + grounding criterion; the j-th grounding target of a row is grounded from the
-        hidden state before the row's j-th `[VG]`.
-
-        No host<->device round trip happens here when ``offset`` is a host tensor or None (and none in the
-        criterion when it matches on the GPU), so the host queues the vision branch and the backward while
-        the GPU is still busy: the `[VG]` columns are found on the device, and the check that a row has as
-        many `[VG]` tokens as targets reads the host copy of the ids. An ``offset`` on the device costs one sync.
-        """
-        num_rows = input_ids.shape[0]
-        target_boxes, query_rows, query_slots, expected = [], [], [], {}
-        if grounding_targets_cxcywh_norm is not None:
-            if len(grounding_targets_cxcywh_norm) != num_rows:
-                raise ValueError(f"grounding_targets_cxcywh_norm has {len(grounding_targets_cxcywh_norm)} entries for "
-                                 f"{num_rows} rows")
-            for row, targets in enumerate(grounding_targets_cxcywh_norm):
-                if not targets:
-                    continue
-                expected[row] = len(targets)
-                for slot, boxes in enumerate(targets):
-                    boxes = torch.as_tensor(boxes)
-                    if boxes.dim() != 2 or boxes.shape[-1] != 4 or boxes.shape[0] < 1:
-                        raise ValueError(f"{_where(sample_ids, row)}: grounding target must be [k>=1,4] "
-                                         f"cxcywh normalised, got {tuple(boxes.shape)}")
-                    query_rows.append(row)
-                    query_slots.append(slot)
-                    target_boxes.append(boxes)
+        """The grounding loss (spec §1.5-1.6): the hidden state before each `[VG]` becomes a query (query
+        head), the vision branch predicts boxes for it on its row's image, and the criterion matches them
+        with that `[VG]`'s target boxes (focal loss on the scores, L1 + GIoU on the matched boxes)."""
+        query_rows, query_slots, target_boxes = self._grounding_targets(input_ids, host_ids,
+                                                                        grounding_targets_cxcywh_norm, sample_ids)
         outputs = None
         if target_boxes:
             if images_dino is None:
                 raise ValueError("the batch has grounding targets but no images_dino")
-            found = (host_ids[:, 1:] == self.token_ids.vg).sum(dim=1).tolist()  # as positions_before_token
-            for row, count in expected.items():
-                if found[row] != count:
-                    raise ValueError(f"{_where(sample_ids, row)}: {found[row]} [VG] tokens but {count} "
-                                     f"grounding targets")
-            row_to_image = self._row_to_image(offset, num_rows, images_dino.shape[0])  # host
-            before_vg = torch.zeros_like(input_ids, dtype=torch.bool)
-            before_vg[:, :-1] = input_ids[:, 1:] == self.token_ids.vg
-            rows_slots = torch.tensor([query_rows, query_slots]).to(input_ids.device, non_blocking=True)
-            rows, slots = rows_slots[0], rows_slots[1]
-            candidates = before_vg[rows]  # [Q, L]: the position whose rank in its row is slot + 1
-            cols = ((candidates.cumsum(dim=1) == slots[:, None] + 1) & candidates).int().argmax(dim=1)
-            queries = self.query_head(hidden[rows.to(hidden.device), cols.to(hidden.device)])
+            queries = self.query_head(self._hidden_before_vg(hidden, input_ids, query_rows, query_slots))
+            # The images the queries ground in, and each query's index among them (host tensors).
+            row_to_image = self._row_to_image(offset, input_ids.shape[0], images_dino.shape[0])
             used_images, query_image_index = torch.unique(row_to_image[torch.tensor(query_rows)], return_inverse=True)
-            vision_dtype = next(self.vision_branch.input_proj.parameters()).dtype
-            if used_images.tolist() != list(range(images_dino.shape[0])):  # host tensors: no sync
+            if used_images.tolist() != list(range(images_dino.shape[0])):
                 images_dino = images_dino.index_select(0, used_images.to(images_dino.device, non_blocking=True))
+            vision_dtype = next(self.vision_branch.input_proj.parameters()).dtype
             features = self.vision_branch.forward_backbone(images_dino.to(vision_dtype))
             queries = queries.to(vision_dtype)
             runner = self.grounding_loss_runner
             losses = runner(features, queries, query_image_index, target_boxes) if runner is not None else None
             if losses is not None:
                 return losses
-            # query_image_index stays on the host: the vision branch validates it there.
             outputs = self.vision_branch.forward_enc_dec(features, queries, query_image_index)
         box_dtype = at_least_float32(hidden.dtype)
         target_boxes = [b.to(hidden.device, box_dtype, non_blocking=True) for b in target_boxes]
         # Called on every batch so that its cross-rank collective never desynchronises (spec §5.2.23).
         return self.grounding_criterion(outputs, target_boxes, device=hidden.device)
+
+    def _grounding_targets(self, input_ids, host_ids, grounding_targets_cxcywh_norm, sample_ids):
+        """The batch's grounding targets as (row, `[VG]` rank in the row, boxes [k,4]) per query, checked:
+        a row must have one `[VG]` per target (counted on the host copy of the ids)."""
+        num_rows = input_ids.shape[0]
+        query_rows, query_slots, target_boxes = [], [], []
+        if grounding_targets_cxcywh_norm is None:
+            return query_rows, query_slots, target_boxes
+        if len(grounding_targets_cxcywh_norm) != num_rows:
+            raise ValueError(f"grounding_targets_cxcywh_norm has {len(grounding_targets_cxcywh_norm)} entries for "
+                             f"{num_rows} rows")
+        found = (host_ids[:, 1:] == self.token_ids.vg).sum(dim=1).tolist()  # as positions_before_token
+        for row, targets in enumerate(grounding_targets_cxcywh_norm):
+            if not targets:
+                continue
+            if found[row] != len(targets):
+                raise ValueError(f"{_where(sample_ids, row)}: {found[row]} [VG] tokens but {len(targets)} "
+                                 f"grounding targets")
+            for slot, boxes in enumerate(targets):
+                boxes = torch.as_tensor(boxes)
+                if boxes.dim() != 2 or boxes.shape[-1] != 4 or boxes.shape[0] < 1:
+                    raise ValueError(f"{_where(sample_ids, row)}: grounding target must be [k>=1,4] "
+                                     f"cxcywh normalised, got {tuple(boxes.shape)}")
+                query_rows.append(row)
+                query_slots.append(slot)
+                target_boxes.append(boxes)
+        return query_rows, query_slots, target_boxes
+
+    def _hidden_before_vg(self, hidden, input_ids, query_rows: list[int], query_slots: list[int]) -> torch.Tensor:
+        """[Q, H]: for each query, the hidden state of the token before its row's ``slot``-th `[VG]`, found
+        on the device (no wait for the LLM's forward)."""
+        before_vg = torch.zeros_like(input_ids, dtype=torch.bool)
+        before_vg[:, :-1] = input_ids[:, 1:] == self.token_ids.vg
+        rows_slots = torch.tensor([query_rows, query_slots]).to(input_ids.device, non_blocking=True)
+        rows, slots = rows_slots[0], rows_slots[1]
+        candidates = before_vg[rows]  # [Q, L]: the position whose rank in its row is slot + 1
+        cols = ((candidates.cumsum(dim=1) == slots[:, None] + 1) & candidates).int().argmax(dim=1)
+        return hidden[rows.to(hidden.device), cols.to(hidden.device)]
 
     # ------------------------------------------------------------------------------------------------
     # generation
