@@ -9,6 +9,7 @@ what a model built with random weights (the tiny preset) needs.
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 from torch import nn
@@ -20,6 +21,9 @@ def apply_lora(lm: nn.Module, cfg: LanguageConfig) -> nn.Module:
     """Wrap the causal LM with peft LoRA (``cfg.lora_r == 0`` disables LoRA and returns ``lm``)."""
     if cfg.lora_r <= 0:
         return lm
+    # peft imports bitsandbytes where it is installed; on a CPU with AVX512-BF16 its backend warns that an
+    # optional kernel from the Hub is missing (it would download it) and falls back to its own.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
