@@ -27,9 +27,11 @@ def to_cuda(batch: dict, dtype: torch.dtype) -> dict:
 def fresh_model(tokenizer, dtype: torch.dtype):
     model = build_tiny(tokenizer, zero_lm_loss_on_grounding=False)
     model.cfg.language.lora_dropout = 0.0
-    for module in model.modules():  # LoRA dropout off: runs must be comparable
+    for module in model.modules():  # dropout and the fusion layers' drop-path off: runs must be comparable
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if hasattr(module, "drop_prob"):
+            module.drop_prob = 0.0
     with torch.no_grad():
         for index, (name, param) in enumerate(model.named_parameters()):
             if ".lora_B." in name:
