@@ -96,17 +96,19 @@ class HungarianMatcher(nn.Module):
             raise ValueError(f"matcher expects [layers,Q,Nq,T] logits and [layers,Q,Nq,4] boxes, got "
                              f"{tuple(logits.shape)} and {tuple(boxes.shape)}")
         costs = self.cost_matrices(logits, boxes, token_mask, padded_targets)  # [layers, Q, Nq, K]
-        solve = SOLVERS[self.resolve_solver(boxes.device, target_mask)]
+        solve = SOLVERS[self.resolve_solver(boxes.device, target_mask.shape[1], boxes.shape[2])]
         return solve(costs, target_mask)
 
-    def resolve_solver(self, device: torch.device, target_mask: torch.Tensor) -> str:
+    def resolve_solver(self, device: torch.device, max_targets: int, num_preds: int) -> str:
         """The solver ``self.solver`` names; "auto" is "device" on a GPU for at most DEVICE_MAX_TARGETS
-        boxes per query (the host then never waits for the forward pass), else "scipy"."""
+        boxes per query and no more than there are predictions (the host then never waits for the forward
+        pass), else "scipy"."""
         if self.solver not in ("auto", *SOLVERS):
             raise ValueError(f"matcher solver must be auto, {' or '.join(SOLVERS)}, got {self.solver!r}")
         if self.solver != "auto":
             return self.solver
-        return "device" if device.type == "cuda" and target_mask.shape[1] <= DEVICE_MAX_TARGETS else "scipy"
+        on_device = device.type == "cuda" and max_targets <= min(DEVICE_MAX_TARGETS, num_preds)
+        return "device" if on_device else "scipy"
 
 
 def solve_with_scipy(costs: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
