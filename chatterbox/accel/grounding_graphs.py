@@ -8,17 +8,17 @@ call per direction.
 A graph needs fixed shapes and no host synchronisation, so the step is run in a padded form: the query
 count is rounded up to a multiple of ``query_multiple`` (padding queries get zero embeddings and no
 targets; the vision branch treats every query on its own, so they change nothing for the real ones) and
-the target slots per query up to a power of two; matching and losses use the fixed-shape path of the
-criterion (``GroundingCriterion.padded_terms``), which masks the padding out. One forward/backward graph
-pair is captured per (padded query count, target slots, feature layout, dtype, train/eval mode, placement
-of the weights). All pairs share one memory pool; that is safe because each pair runs strictly as forward
-then backward, one at a time, which ``_Order`` enforces.
+the target slots per query up to a power of two; matching and losses are the criterion's one, fixed-shape
+implementation (``GroundingCriterion.padded_terms``), which masks the padding out. One forward/backward
+graph pair is captured per (padded query count, target slots, feature layout, dtype, train/eval mode,
+placement of the weights). All pairs share one memory pool; that is safe because each pair runs strictly as
+forward then backward, one at a time, which ``_Order`` enforces.
 
 The graphs are used where :meth:`GroundingLossGraphs.accepts` holds (CUDA with the deformable-attention
-kernel, grad enabled, frozen backbone, no activation checkpointing, at most ``DEVICE_MAX_TARGETS``
-boxes per query); elsewhere the runner declines (returns None) and the model runs its eager path. ``graphs=False`` runs the same padded
-computation eagerly (no capture): the CPU tests check it against the eager path, the GPU tests the graphs
-against both.
+kernel, grad enabled, frozen backbone, no activation checkpointing, at most ``DEVICE_MAX_TARGETS`` boxes
+per query); elsewhere the runner declines (returns None) and the model runs its eager path.
+``graphs=False`` runs the same padded computation eagerly (no capture): the CPU tests check it against the
+eager path, the GPU tests the graphs against both.
 """
 from __future__ import annotations
 

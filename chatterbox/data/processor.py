@@ -87,7 +87,8 @@ class Processor:
     def clip_input(self, image: Image.Image, source_resize: str = "crop") -> ClipInput:
         """The CLIP input of ``image``: squashed where the config says so, else in its source's mode
         (``source_resize``). Raises transforms.ImageShapeError for an image too thin to centre-crop."""
-        image_clip, geometry = clip_image(image, self.clip_image_size, clip_resize_mode(self.clip_resize, source_resize))
+        mode = clip_resize_mode(self.clip_resize, source_resize)
+        image_clip, geometry = clip_image(image, self.clip_image_size, mode)
         return ClipInput(image_clip, geometry, (image.height, image.width))
 
     def dino_input(self, image: Image.Image) -> torch.Tensor:
