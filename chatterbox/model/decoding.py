@@ -132,12 +132,50 @@ def attention_buckets(capacity: int, width: int) -> tuple[int, ...]:
     return (*range(width, capacity, width), capacity)
 
 
-class KVDecoder:
+class _RowPositions:
+    """What every decoder keeps of its ``batch_size`` rows: ``length`` columns encoded, and each row's next
+    rotary position, which advances only over columns its padding mask marks real (left padding in batched
+    generation). ``truncate`` and ``reset`` are the subclass's way of forgetting columns."""
+
+    def __init__(self, causal_lm: nn.Module, batch_size: int, device: torch.device):
+        self.inner = causal_lm.model
+        self.embed = causal_lm.get_input_embeddings()
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.length = 0
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+
+    def _chunk_positions(self, embeds: torch.Tensor, padding_mask: torch.Tensor | None):
+        if embeds.shape[0] != self.batch_size:
+            raise ValueError(f"prefill of {embeds.shape[0]} rows into a decoder of batch size {self.batch_size}")
+        if padding_mask is None:
+            padding_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        padding_mask = padding_mask.to(self.device)
+        positions = self.next_position[:, None] + (padding_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        return padding_mask, positions
+
+    def _check_truncate(self, length: int) -> int:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a decoder of {self.length} columns to {length}")
+        removed = self.length - length
+        if removed:
+            self.next_position -= removed
+        self.length = length
+        return removed
+
+    def truncate(self, length: int) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self.truncate(0)
+        self.next_position.zero_()
+
+
+class KVDecoder(_RowPositions):
     """Runs the LLM over a growing sequence of ``batch_size`` rows in a preallocated ``StaticCache`` of
     ``capacity`` columns; ``length`` columns are encoded.
 
-    Every row advances by one column per prefill column / decode step. A row's rotary position advances
-    only over columns its padding mask marks real (left padding in batched generation). The prefill is
+    Every row advances by one column per prefill column / decode step (see _RowPositions). The prefill is
     transformers' (images and regions in the embeddings, any length); a decode step is ``step_kind``'s
     (:class:`TransformersStep` by default, :class:`FusedStep`), on fixed-shape buffers. With
     ``cuda_graph`` each attention bucket's step is captured as a CUDA graph on its first use (or by
@@ -154,13 +192,8 @@ class KVDecoder:
                  step_kind: Callable[["KVDecoder"], TransformersStep] | None = None):
         from transformers import StaticCache
 
+        super().__init__(causal_lm, batch_size, device)
         self.causal_lm = causal_lm
-        self.inner = causal_lm.model
-        self.embed = causal_lm.get_input_embeddings()
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.length = 0
-        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         config = causal_lm.config
         self.capacity = capacity
         self.cache = StaticCache(config=config, max_cache_len=capacity)
@@ -196,15 +229,6 @@ class KVDecoder:
     def set_cache_length(self, length: int) -> None:
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(length)
-
-    def _chunk_positions(self, embeds: torch.Tensor, padding_mask: torch.Tensor | None):
-        if embeds.shape[0] != self.batch_size:
-            raise ValueError(f"prefill of {embeds.shape[0]} rows into a decoder of batch size {self.batch_size}")
-        if padding_mask is None:
-            padding_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
-        padding_mask = padding_mask.to(self.device)
-        positions = self.next_position[:, None] + (padding_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        return padding_mask, positions
 
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -308,15 +332,6 @@ class KVDecoder:
         self.length += 1
         return hidden
 
-    def _check_truncate(self, length: int) -> int:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a decoder of {self.length} columns to {length}")
-        removed = self.length - length
-        if removed:
-            self.next_position -= removed
-        self.length = length
-        return removed
-
     @torch.no_grad()
     def truncate(self, length: int) -> None:
         """Forget every column from ``length`` on (positions move back by the same count)."""
@@ -324,28 +339,15 @@ class KVDecoder:
         self.set_cache_length(length)
         self.mask[:, length:] = True
 
-    def reset(self) -> None:
-        self.truncate(0)
-        self.next_position.zero_()
-
-
-class RecomputeDecoder:
+class RecomputeDecoder(_RowPositions):
     """No cache: every prefill and step re-runs the whole sequence (slow; the equivalence reference that
     ``generate(use_cache=False)`` runs). Same interface as :class:`KVDecoder`."""
 
     def __init__(self, causal_lm: nn.Module, batch_size: int, device: torch.device):
-        self.inner = causal_lm.model
-        self.embed = causal_lm.get_input_embeddings()
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.length = 0
-        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        super().__init__(causal_lm, batch_size, device)
         self.embeds: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
-
-    _chunk_positions = KVDecoder._chunk_positions
-    _check_truncate = KVDecoder._check_truncate
 
     def _append(self, embeds, padding_mask, positions) -> torch.Tensor:
         def cat(old, new):
@@ -377,10 +379,6 @@ class RecomputeDecoder:
         self._check_truncate(length)
         if self.embeds is not None:
             self.embeds, self.mask, self.positions = (t[:, :length] for t in (self.embeds, self.mask, self.positions))
-
-    def reset(self) -> None:
-        self.truncate(0)
-        self.next_position.zero_()
 
 
 def make_kv_decoder(causal_lm: nn.Module, batch_size: int, capacity: int, device: torch.device | str,
