@@ -10,10 +10,28 @@ or (``lm_head``, as in transformers' default) sensitive to rounding. Inference o
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 QUANTIZATION_MODES = ("none", "8bit", "4bit")
+
+# LLM.int8 multiplies in float16 and bitsandbytes logs that cast on every matmul whose input is not float16:
+# one line per layer per decoded token (100k lines for a dozen answers of the 13b model).
+_INT8_CAST_LOGGER = "bitsandbytes.autograd._functions"
+_INT8_CAST_MESSAGE = "MatMul8bitLt: inputs will be cast"
+
+
+class _DropInt8CastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_INT8_CAST_MESSAGE)
+
+
+def _silence_int8_cast_notice() -> None:
+    logger = logging.getLogger(_INT8_CAST_LOGGER)
+    if not any(isinstance(f, _DropInt8CastNotice) for f in logger.filters):
+        logger.addFilter(_DropInt8CastNotice())
 
 
 def add_quantization_argument(parser) -> None:
@@ -71,6 +89,8 @@ def quantize_language_model(model: nn.Module, mode: str, device: str | torch.dev
                          "is moved to its device")
     dtype = model.causal_lm.get_input_embeddings().weight.dtype
     config = bnb_config(mode, dtype)
+    if config.load_in_8bit:
+        _silence_int8_cast_notice()
     replaced = 0
     for layer in model.causal_lm.model.layers:
         targets = [(name, module) for name, module in layer.named_modules()
