@@ -210,6 +210,25 @@ def test_no_checkpoint_file_can_run_code_and_a_broken_one_is_named(dist, tmp_pat
         manager.trainer_state("step_00000001", 0)
 
 
+def test_a_zero_stage_0_checkpoint_keeps_its_optimizer_in_the_model_states_and_resumes(dist, tmp_path):
+    """The tiny preset trains with ZeRO stage 0 (one CPU process): no *optim_states.pt is written."""
+    engine, _, _ = build_engine(Toy(), train_config(tmp_path, zero_stage=0), dist.world_size)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    run(engine, 2)
+    directory = manager.save(engine, 2, {"step": 2, "rng": rng_state()})
+    assert not list(directory.glob("*optim_states.pt"))
+    assert manager.resolve("auto") == "step_00000002"
+    assert manager.load(engine, "step_00000002")["step"] == 2
+    # a ZeRO-2 checkpoint without its optimizer file is still refused
+    engine2, _, _ = build_engine(Toy(), train_config(tmp_path / "z2"), dist.world_size)
+    manager2 = CheckpointManager(tmp_path / "z2", keep_last=2)
+    run(engine2, 1)
+    for optim in manager2.save(engine2, 1, {"step": 1, "rng": rng_state()}).glob("*optim_states.pt"):
+        optim.unlink()
+    with pytest.raises(CheckpointError, match="has no \\*optim_states.pt: incomplete checkpoint"):
+        manager2.resolve("step_00000001")
+
+
 def test_resume_auto_falls_back_to_the_newest_usable_checkpoint(dist, tmp_path, caplog):
     engine, _, _ = build_engine(Toy(), train_config(tmp_path), dist.world_size)
     manager = CheckpointManager(tmp_path, keep_last=3)

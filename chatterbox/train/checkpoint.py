@@ -186,16 +186,28 @@ class CheckpointManager:
             raise CheckpointError(f"{path} does not exist")
         names = sorted(p.name for p in path.glob("*.pt"))
         for part, present in (("mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt" in names),
-                              ("trainer_state_rank*.pt", any(n.startswith("trainer_state_rank") for n in names)),
-                              ("*optim_states.pt", any(n.endswith("optim_states.pt") for n in names))):
+                              ("trainer_state_rank*.pt", any(n.startswith("trainer_state_rank") for n in names))):
             if not present:
                 raise CheckpointError(f"{path} has no {part}: incomplete checkpoint")
+        # ZeRO stage 0 keeps the optimizer state in the model-states file; stages 1-2 write it apart
+        if not any(n.endswith("optim_states.pt") for n in names) and self._zero_stage(tag) != 0:
+            raise CheckpointError(f"{path} has no *optim_states.pt: incomplete checkpoint")
         for name in names:
             try:
                 with zipfile.ZipFile(path / name) as archive:
                     archive.namelist()
             except (zipfile.BadZipFile, OSError) as e:
                 raise CheckpointError(f"{path / name}: truncated or corrupt ({e})") from None
+
+    def _zero_stage(self, tag: str) -> int | None:
+        """The ZeRO stage ``tag`` was saved with (None: a checkpoint from before it was recorded)."""
+        state_file = min((self.root / tag).glob("trainer_state_rank*.pt"))
+        try:
+            with zipfile.ZipFile(state_file) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{state_file}: truncated or corrupt ({e})") from None
+        return load_checkpoint_file(state_file).get("zero_stage")
 
     def newest_usable(self) -> str | None:
         """The checkpoint ``--resume auto`` continues from: the one ``latest`` names or, where that one is
@@ -247,7 +259,8 @@ class CheckpointManager:
             shutil.rmtree(staging)
         barrier()
         engine.save_checkpoint(str(staging), tag=tag, exclude_frozen_parameters=True, save_latest=False)
-        torch.save(trainer_state, staging / tag / f"trainer_state_rank{self.rank}.pt")
+        torch.save({**trainer_state, "zero_stage": engine.zero_optimization_stage()},
+                   staging / tag / f"trainer_state_rank{self.rank}.pt")
         barrier()
         final = self.root / tag
         if self.rank == 0:
