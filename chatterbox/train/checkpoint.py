@@ -4,7 +4,7 @@ Layout under ``<output_dir>/checkpoints/``:
 
     step_00000050/                       one complete checkpoint (appears only once fully written)
         mp_rank_00_model_states.pt       trainable parameters (frozen base weights are not duplicated)
-        *_optim_states.pt                ZeRO optimizer shards, LR scheduler
+        *_optim_states.pt                ZeRO optimizer shards, LR scheduler (stage 0: in the model states)
         trainer_state_rank<r>.pt         step, data-sampler positions and RNG states of rank r
     latest                               the tag of the newest complete checkpoint
 
@@ -180,7 +180,8 @@ class CheckpointManager:
 
     def verify(self, tag: str) -> None:
         """A CheckpointError naming what makes ``tag`` unusable: a missing part, or a file that is not a
-        complete torch archive (truncated or overwritten). Cheap: reads each file's zip directory only."""
+        complete torch archive (truncated or overwritten). Cheap: reads each file's zip directory only (and a
+        trainer state where no optimizer file is present: a ZeRO stage-0 checkpoint needs none)."""
         path = self.root / tag
         if not path.is_dir():
             raise CheckpointError(f"{path} does not exist")
@@ -201,13 +202,7 @@ class CheckpointManager:
 
     def _zero_stage(self, tag: str) -> int | None:
         """The ZeRO stage ``tag`` was saved with (None: a checkpoint from before it was recorded)."""
-        state_file = min((self.root / tag).glob("trainer_state_rank*.pt"))
-        try:
-            with zipfile.ZipFile(state_file) as archive:
-                archive.namelist()
-        except (zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"{state_file}: truncated or corrupt ({e})") from None
-        return load_checkpoint_file(state_file).get("zero_stage")
+        return load_checkpoint_file(min((self.root / tag).glob("trainer_state_rank*.pt"))).get("zero_stage")
 
     def newest_usable(self) -> str | None:
         """The checkpoint ``--resume auto`` continues from: the one ``latest`` names or, where that one is
