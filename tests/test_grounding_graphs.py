@@ -184,9 +184,10 @@ def test_graphs_replay_the_eager_step_on_the_gpu(tokenizer):
     padded = {rows: step(model, batch, accumulate=2) for rows, batch in batches.items()}
     use_grounding_loss_graphs(model, query_multiple=4)
     runner = model.grounding_loss_runner
-    # The deformable-attention kernel's backward accumulates with atomics, so gradients that are sums of
-    # cancelling terms (the input projections' biases, ~1e-6 before a GroupNorm) differ by ~1e-5 from one
-    # run of the same step to the next: atol 1e-4 on those; rtol still holds every other gradient.
+    # The deformable-attention kernel's backward accumulates with atomics: gradients that are sums of
+    # cancelling terms (the input projections' biases, ~1e-6 before a GroupNorm) differ by ~1e-5 between
+    # the graphed and eager runs of a step, on a different bias from run to run. atol 1e-4 covers those;
+    # rtol still holds every other gradient.
     for _ in range(2):  # captured on the first round, replayed on the second
         for rows, batch in batches.items():
             got = step(model, batch, accumulate=2)
