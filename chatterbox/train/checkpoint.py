@@ -190,19 +190,17 @@ class CheckpointManager:
                               ("trainer_state_rank*.pt", any(n.startswith("trainer_state_rank") for n in names))):
             if not present:
                 raise CheckpointError(f"{path} has no {part}: incomplete checkpoint")
-        # ZeRO stage 0 keeps the optimizer state in the model-states file; stages 1-2 write it apart
-        if not any(n.endswith("optim_states.pt") for n in names) and self._zero_stage(tag) != 0:
-            raise CheckpointError(f"{path} has no *optim_states.pt: incomplete checkpoint")
         for name in names:
             try:
                 with zipfile.ZipFile(path / name) as archive:
                     archive.namelist()
             except (zipfile.BadZipFile, OSError) as e:
                 raise CheckpointError(f"{path / name}: truncated or corrupt ({e})") from None
-
-    def _zero_stage(self, tag: str) -> int | None:
-        """The ZeRO stage ``tag`` was saved with (None: a checkpoint from before it was recorded)."""
-        return load_checkpoint_file(min((self.root / tag).glob("trainer_state_rank*.pt"))).get("zero_stage")
+        # ZeRO stage 0 keeps the optimizer state in the model-states file; stages 1-2 (and checkpoints from
+        # before the stage was recorded) write it apart
+        if (not any(n.endswith("optim_states.pt") for n in names)
+                and self.trainer_state(tag, 0).get("zero_stage") != 0):
+            raise CheckpointError(f"{path} has no *optim_states.pt: incomplete checkpoint")
 
     def newest_usable(self) -> str | None:
         """The checkpoint ``--resume auto`` continues from: the one ``latest`` names or, where that one is
