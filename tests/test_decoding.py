@@ -130,6 +130,25 @@ def test_min_new_tokens_and_eos_checks(model, tokenizer):
     assert stopped.steps == 3  # the device ran on until the first end-of-sequence check
 
 
+def test_generate_passes_min_new_tokens_on(model, tokenizer):
+    eos = model.token_ids.eos
+    original = model._next_token_logits
+
+    def eos_always(hidden):
+        logits = original(hidden)
+        logits[:, eos] = 1e9
+        return logits
+
+    model._next_token_logits = eos_always
+    try:
+        forced = model.generate(**batch_inputs(tokenizer), max_new_tokens=8, min_new_tokens=5)
+        free = model.generate(**batch_inputs(tokenizer), max_new_tokens=8)
+    finally:
+        del model._next_token_logits
+    assert [len(r.token_ids) for r in forced] == [5, 5]
+    assert [r.token_ids for r in free] == [[], []]
+
+
 def test_bad_arguments_are_refused(model):
     model.decode_options = DecodeOptions(cuda_graph=True)
     try:

@@ -23,8 +23,9 @@ __all__ = ["single_round_predictor", "grounding_prediction_entries", "read_groun
 
 
 def single_round_predictor(model, encoder: RequestEncoder, *, max_new_tokens: int, box_threshold: float | None,
-                           image_prefix: str = EVAL_IMAGE_PREFIX) -> Callable[[list[EvalItem]], list[dict]]:
-    """``predict_batch`` for `run_items`: one generation per item.
+                           image_prefix: str = EVAL_IMAGE_PREFIX, min_new_tokens: int = 0
+                           ) -> Callable[[list[EvalItem]], list[dict]]:
+    """``predict_batch`` for `run_items`: one generation per item (replies of at least ``min_new_tokens``).
 
     Record: ``task, prompt, text, box_xyxy_abs, score`` (the box of the prompt's last ``[VG]``, None
     without one) plus every box (``boxes_xyxy_abs``, ``scores``, ``vg_in_prompt``) for inspection.
@@ -34,7 +35,7 @@ def single_round_predictor(model, encoder: RequestEncoder, *, max_new_tokens: in
         requests = [GenerationRequest.single_turn(it.item_id, it.image_path, it.user_text, it.region_boxes_xyxy_abs,
                                                   it.image_size, image_prefix) for it in items]
         outputs = generate_for_requests(model, encoder, requests, max_new_tokens=max_new_tokens,
-                                        box_threshold=box_threshold)
+                                        min_new_tokens=min_new_tokens, box_threshold=box_threshold)
         records = []
         for it, out in zip(items, outputs):
             k = out["vg_in_prompt"]

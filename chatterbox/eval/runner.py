@@ -152,7 +152,8 @@ def upstream_answer_text(tokenizer, prompt_ids: Sequence[int], generated_ids: Se
 
 @torch.no_grad()
 def generate_for_requests(model, encoder: RequestEncoder, requests: Sequence[GenerationRequest], *,
-                          max_new_tokens: int, box_threshold: float | None = None, device=None) -> list[dict]:
+                          max_new_tokens: int, min_new_tokens: int = 0, box_threshold: float | None = None,
+                          device=None) -> list[dict]:
     """Generate for a batch; one dict per request: answer text (upstream's cut), token ids, boxes.
 
     ``boxes_xyxy_abs`` / ``scores`` have one row per ``[VG]`` (prompt ones first, then generated ones);
@@ -163,7 +164,8 @@ def generate_for_requests(model, encoder: RequestEncoder, requests: Sequence[Gen
     device = device if device is not None else next(model.parameters()).device
     tensors = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     tensors["region_boxes_xyxy_clip_norm"] = [b.to(device) for b in batch["region_boxes_xyxy_clip_norm"]]
-    results = model.generate(**tensors, max_new_tokens=max_new_tokens, box_threshold=box_threshold)
+    results = model.generate(**tensors, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                             box_threshold=box_threshold)
     out = []
     for e, r in zip(encoded, results):
         out.append({

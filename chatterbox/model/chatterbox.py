@@ -459,9 +459,10 @@ class ChatterBox(nn.Module):
                  images_clip: torch.Tensor | None = None, images_dino: torch.Tensor | None = None,
                  offset: torch.Tensor | None = None, image_sizes_hw: torch.Tensor | None = None,
                  region_boxes_xyxy_clip_norm: Sequence | None = None, sample_ids: Sequence[str] | None = None,
-                 max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, use_cache: bool = True, box_threshold: float | None = None,
-                 generator: torch.Generator | None = None) -> list[GenerationResult]:
+                 max_new_tokens: int = 512, min_new_tokens: int = 0, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True,
+                 box_threshold: float | None = None, generator: torch.Generator | None = None
+                 ) -> list[GenerationResult]:
         """Generate replies for right-padded prompts; boxes for every `[VG]` in prompt or reply.
 
         Regions are injected in the prefill; the query of a prompt `[VG]` is read from the prefill hidden
@@ -470,6 +471,7 @@ class ChatterBox(nn.Module):
         (:meth:`make_decoder`); ``use_cache=False`` re-runs the whole sequence every step (for testing
         equivalence).
         ``image_sizes_hw`` [I,2] (height, width) of the original images map boxes to pixels.
+        End-of-sequence is suppressed for the first ``min_new_tokens`` tokens (as in transformers).
         """
         self.eval()
         if max_new_tokens < 1:
@@ -498,8 +500,8 @@ class ChatterBox(nn.Module):
             query_hidden[r].append(hidden[r, c + int(shift[r])])
         vg_in_prompt = [len(q) for q in query_hidden]
 
-        decoded = decode(self, decoder, hidden[:, -1], max_new_tokens=max_new_tokens, do_sample=do_sample,
-                         temperature=temperature, top_p=top_p, generator=generator)
+        decoded = decode(self, decoder, hidden[:, -1], max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                         do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
         results = []
         for r in range(batch):
             query_hidden[r].extend(decoded.vg_hidden[r])
