@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
-import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -185,6 +182,7 @@ def time_split(model, encoder, predict, items, device: torch.device) -> dict[str
 
 def main(argv=None) -> int:
     from bench_chat import build_model
+    from results import machine_fields, write_json
 
     from chatterbox.config import load_config
     from chatterbox.eval.benchmarks import single_round_predictor
@@ -243,20 +241,15 @@ def main(argv=None) -> int:
               f"{args.full_split} questions in {results[name]['full_split_minutes_at_best']:.1f} min; split at "
               f"batch {max(args.batch_sizes)}: " + ", ".join(f"{k} {v:.3f}s" for k, v in split.items()), flush=True)
 
-    import transformers
-
     report = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "preset": args.preset,
+        **machine_fields(device), "preset": args.preset,
         "tokenizer": args.tokenizer or "tiny", "dtype": str(dtype).removeprefix("torch."),
         "decode_options": str(model.decode_options), "build_s": round(build_s, 1),
         "batch_sizes": args.batch_sizes, "repeats": args.repeats, "full_split": args.full_split,
         "benchmarks": results,
     }
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_json(args.out, report)
     return 0
 
 

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import gc
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -87,6 +84,7 @@ def run_mode(master, mode: str, device: torch.device, questions, answer_tokens: 
 
 def main(argv=None) -> int:
     from bench_chat import build_model
+    from results import machine_fields, write_json
 
     from chatterbox.eval.grounding_metrics import iou_per_item
 
@@ -108,12 +106,9 @@ def main(argv=None) -> int:
             r["box_agrees_with_bf16"] = float((ious >= 0.5).double().mean())
             r["first_token_agrees_with_bf16"] = sum(a["first_token"] == b["first_token"] for a, b in pairs) / len(pairs)
     import bitsandbytes
-    import transformers
 
     report = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
+        **machine_fields(device), "bitsandbytes": bitsandbytes.__version__,
         "preset": args.preset, "tokenizer": args.tokenizer or "tiny", "dtype": str(dtype).removeprefix("torch."),
         "questions": len(questions), "answer_tokens": args.answer_tokens, "build_s": round(build_s, 1),
         "modes": results,
@@ -124,8 +119,7 @@ def main(argv=None) -> int:
                  if "gpu_memory_held_gib" in r else "")
               + (f", box agrees with bf16 {r['box_agrees_with_bf16']:.2f}" if "box_agrees_with_bf16" in r else ""))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_json(args.out, report)
     return 0
 
 

@@ -13,7 +13,6 @@ variant that computes something else shows up.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from check_compiled_step import relative_errors  # noqa: E402
+from results import machine_fields, record_variant, write_json  # noqa: E402
 from chatterbox.model.presets import preset  # noqa: E402
 from chatterbox.model.region_encoder import RegionEncoder  # noqa: E402
 
@@ -93,8 +93,7 @@ def main(argv=None) -> int:
     levels, boxes, index = make_inputs(cfg, args.images, args.boxes_per_image, device, dtype, generator)
     out_grad = torch.randn(boxes.shape[0], cfg.language.hidden_size, generator=generator).to(device, dtype)
     flops = 3 * region_encoder_flops(cfg, images=args.images, boxes=boxes.shape[0])  # backward ~ 2x forward
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "images": args.images, "boxes": int(boxes.shape[0]),
+    report = {**machine_fields(device), "images": args.images, "boxes": int(boxes.shape[0]),
               "fwd_bwd_tflop_approx": flops / 1e12, "variants": {}}
     reference = None
     for variant in args.variants.split(","):
@@ -122,10 +121,9 @@ def main(argv=None) -> int:
             ref_out, ref_grads = reference
             entry["output_rel_err"] = relative_errors({"out": out}, {"out": ref_out})["all"]
             entry["grad_rel_err"] = relative_errors(grads, ref_grads)["all"]
-        report["variants"][variant] = entry
-        print(f"[{variant}] {json.dumps(entry)}", flush=True)
+        record_variant(report["variants"], variant, entry)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_json(args.json, report)
     return 0
 
 

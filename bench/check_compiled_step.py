@@ -13,7 +13,6 @@ Plain autograd, no engine: it isolates the model's numerics from the optimizer.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import bench_train_step as bench  # noqa: E402
+from results import record_variant, write_json  # noqa: E402
 
 from chatterbox.accel import compilable_blocks, use_grounding_loss_graphs  # noqa: E402
 
@@ -112,10 +112,9 @@ def main(argv=None) -> int:
             reference = grads
         else:
             entry["relative_grad_error"] = relative_errors(grads, reference, group_of)
-        report[variant] = entry
-        print(f"[{variant}] {json.dumps(entry)}", flush=True)
+        record_variant(report, variant, entry)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_json(args.json, report)
     return 0
 
 
