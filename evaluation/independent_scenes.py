@@ -1,6 +1,6 @@
 """Grounding and referring on scenes drawn independently of the synthetic corpus, through the notebook API.
 
-    python evaluation/independent_scenes.py --checkpoint outputs/tiny_stage2/export [--num-scenes 100]
+    python evaluation/independent_scenes.py --config tiny_stage2 --checkpoint outputs/tiny_stage2/export
 
 The synthetic corpus (chatterbox/data/synthetic.py) trains and evaluates the tiny model on scenes from one
 generator. This check draws its own: the same colour and kind words, but its own renderer: image sizes
@@ -16,8 +16,9 @@ Reported, each beside its control:
   shape); controls: the box answering *another* shape's name in the same image scored against this shape
   (a model that ignores the words scores as high as on its own question), always the largest shape, and
   chance (1 / shapes in the image);
-* referring: "What is it <bbox>?" + the referring runner's suffix on each shape's box: the reply names the
-  colour and the kind (whole words), each word on its own, beside the most-frequent-word controls.
+* referring: "What is it <bbox>?" + the config's ``eval.referring_suffix`` (as the RefCOCOg runner asks;
+  the tiny config's is empty) on each shape's box: the reply names the colour and the kind (whole words),
+  each word on its own, beside the most-frequent-word controls.
 
 Per kind and per background the success rates are in the summary; the last line printed is its JSON.
 """
@@ -230,10 +231,11 @@ def contact_sheet(scenes: list[DrawnScene], records: list[dict], out: Path, coun
 
 
 def main(argv=None) -> int:
-    from chatterbox.config import EvalConfig
+    from chatterbox.config import add_config_arguments, config_from_args
     from chatterbox.model.chatterbox import ChatterBox
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser)
     parser.add_argument("--checkpoint", required=True, help="an export (save_pretrained) or its Hub id")
     parser.add_argument("--num-scenes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=2026)
@@ -242,7 +244,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     scenes = [draw_scene(rng) for _ in range(args.num_scenes)]
     model = ChatterBox.from_pretrained(args.checkpoint)
-    summary, records = evaluate(model, scenes, "What is it <bbox>?" + EvalConfig.referring_suffix)
+    summary, records = evaluate(model, scenes, "What is it <bbox>?" + config_from_args(args).eval.referring_suffix)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "records.jsonl", "w") as f:

@@ -78,7 +78,8 @@ def test_the_controls_tell_reading_the_words_from_not(scenes):
 
 def test_it_runs_through_the_notebook_api(tiny_tokenizer, tmp_path):
     export = build_tiny_chat_model(tiny_tokenizer).save_pretrained(tmp_path / "export")
-    assert I.main(["--checkpoint", str(export), "--num-scenes", "2", "--output-dir", str(tmp_path / "out")]) == 0
+    assert I.main(["--config", "tiny_stage2", "--checkpoint", str(export), "--num-scenes", "2",
+                   "--output-dir", str(tmp_path / "out")]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     assert summary["questions"] == len(records) >= 4
