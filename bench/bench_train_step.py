@@ -1,51 +1,62 @@
 #!/usr/bin/env python
 """Stage-2 training-step throughput of ChatterBox on one GPU, ours vs upstream's configuration.
 
-    python bench/bench_train_step.py --compare --out outputs/bench_train     # both modes, one GPU
-    python bench/bench_train_step.py --mode ours --preset 13b --json r.json  # one mode
-    python bench/bench_train_step.py --tiny                                   # CPU smoke run, seconds
+    python bench/bench_train_step.py --compare --modes ours,upstream-1engine --out outputs/bench_train  # one GPU
+    python bench/bench_train_step.py --mode ours --preset 13b --json r.json  # one mode, one process
+    python bench/bench_train_step.py --tiny                                   # CPU smoke run
 
 Model: the preset (13b = LLaMA-2-13B + CLIP-L/14 + GroundingDINO Swin-B) with random weights, LoRA and
 the trainable policy of training; through the project's DeepSpeed ZeRO-2 engine (chatterbox.train.engine).
-Batches have the real shapes (micro-batch 6; DINO 512²; CLIP 224²) and these sequence lengths, an
-assumption from the data (1 BOS + 258 image positions + text):
+Batches have the real shapes (micro-batch 6; DINO 512²; CLIP 224²) and random lengths and counts drawn per
+row, an assumption from the data recipe (1 BOS + 258 image positions + text):
 
-* grounding: 40-90 text tokens (system prompt ~35 + question + short answer with 1-2 `[VG]`, 1-3 boxes
-  each) -> 299-349 tokens;
+* grounding: 40-90 text tokens (system prompt ~35 + question + short answer) -> 299-349 tokens; one `[VG]`
+  per sample (upstream's readers retry until there is exactly one); boxes per query drawn from
+  ``GROUNDING_BOXES_PER_QUERY`` (71% one, 3.7% more than the grounding graphs' 8, so about one grounding
+  micro-step in five takes the eager path);
 * referring: 300-420 text tokens (multi-round CB-MRG / VG region dialogues, 1-4 `<bbox>` regions)
   -> 559-679 tokens;
 * vqa: 200-420 text tokens (LLaVA-instruct conversations) -> 459-679 tokens.
 
-Modes (each in its own process when --compare):
+Every micro-step gets a batch of its own (none is seen twice unless --distinct-batches caps them), so graph
+captures for new query counts, recompiles and the eager fallback fall inside the timed steps.
+
+Modes (each in its own process):
 * ``ours``: bf16, SDPA attention (causal flash kernel: right padding needs no mask), gradient
   checkpointing only on as many LLM layers as memory needs (planned from the measured activation bytes
   per token), vision-branch checkpointing off, the frozen CLIP and Swin replayed from CUDA graphs
   (train.cuda_graph_frozen_encoders), the grounding step's vision part and loss replayed from CUDA graphs
   (train.cuda_graph_grounding_loss), the LLM layers and the vision encoder, text, decoder and fusion layers
   compiled (train.compile_layers=all, chatterbox.accel.compilable_blocks), ONE engine; ``ours-eager-grounding``:
-  the same with the grounding step's vision part run eagerly (as before session 6), hence its fusion layers
-  not compiled; ``ours-uncompiled``: ``ours`` without compiling, ``ours-eager-encoders``: that with the
-  encoders and the grounding step run eagerly too;
-* ``upstream``: fp16 with dynamic loss scaling, eager attention, gradient checkpointing of every LLM
-  layer and of the vision transformer (upstream's settings), THREE engines built around the one model
-  (referring, VQA, grounding; all work through the last), as upstream's stage 2 does
-  (``upstream-1engine``: the same with one engine). On upstream's DeepSpeed 0.11.1 only the last
-  engine's gradient hooks fire, so one engine takes the same step time (bench/check_three_engines.py);
-  on DeepSpeed 0.19.8 all three engines' hooks fire, and at 13b size (705M trainable parameters, more
-  than one 5e8-element gradient bucket) ZeRO-2 stops at the second micro-step ("Gradient computed twice").
+  the same with the grounding step's vision part run eagerly, hence its fusion layers not compiled;
+  ``ours-uncompiled``: ``ours`` without compiling, ``ours-eager-encoders``: that with the encoders and the
+  grounding step run eagerly too;
+* ``upstream-1engine`` (the baseline): upstream's configuration on our model code: fp16 with dynamic loss
+  scaling, eager attention, gradient checkpointing of every LLM layer and of the vision transformer, the
+  encoders and the grounding step eager, nothing compiled, one engine, three host syncs per micro-step
+  (upstream's loss meters read ``loss``, ``vg_loss`` and ``vqa_loss`` with ``.item()``), one box per
+  grounding query (all its code can run: spec §5.10); ``upstream``: the same with THREE engines built around
+  the one model (referring, VQA, grounding; all work through the last), as upstream's stage 2 does. On
+  upstream's DeepSpeed 0.11.1 only the last engine's gradient hooks fire, so one engine takes the same step
+  time (bench/check_three_engines.py); on DeepSpeed 0.19.8 all three engines' hooks fire, and at 13b size
+  ZeRO-2 stops at the second micro-step ("Gradient computed twice"), hence the one-engine baseline.
 
-Both modes run this repository's model code, so the comparison isolates the configuration (precision,
-attention kernel, checkpointing, engines). In particular both use our vision branch and grounding
-criterion, which match all decoder layers with one device->host copy per step; upstream's own code
-copies one cost matrix per sample per layer (and has more host round trips), so on the vision side
-the upstream mode is, if anything, faster than upstream really is.
+Deviations of the baseline from upstream's own code, all in upstream's favour: it runs our vision branch
+and grounding criterion, which batch every query of a micro-batch (upstream loops over samples) and match
+all decoder layers with one device->host copy per step (upstream copies one cost matrix per sample per
+layer); our data contract (no per-sample Python conversions inside the step); DeepSpeed 0.19.8, not 0.11.1;
+transformers' current LLaMA, not 4.31's.
 
-Per stream: the median micro-step (forward + engine.backward + engine.step inside an accumulation
-cycle), the extra time of the step that ends a cycle (optimizer), and the time per micro-batch
-amortised over upstream's 20 accumulation steps; samples/s, tokens/s (real tokens), and MFU of the LLM
-part = bench.flops.llm_step_flops (formula there) / time / measured bf16 matmul peak — both
-over the whole training micro-step and over the LLM's own forward+backward timed alone. The stage-2 mix
-weights streams by upstream's cadence: per 10 global steps 10 grounding, 1 referring, 2 VQA cycles.
+Timing: one warm-up accumulation cycle per stream, then ``--repeats`` rounds of one cycle (``--gas``
+micro-steps) per stream in turn, so the streams interleave as in stage 2. Per stream: the median micro-step
+(forward + engine.backward + engine.step inside a cycle) with its quartiles and per-round medians, the
+extra time of the step that ends a cycle (optimizer), and the time per micro-batch amortised over
+upstream's 20 accumulation steps; samples/s, tokens/s (real tokens), and MFU of the LLM part =
+bench.flops.llm_step_flops (formula there) / time / the card's **rated** dense bf16 peak
+(``RATED_BF16_DENSE_TFLOPS``; the measured matmul peak beside it), over the whole training micro-step and
+over the LLM's own forward+backward timed alone. The stage-2 mix weights streams by upstream's cadence: per
+10 global steps 10 grounding, 1 referring, 2 VQA cycles. ``--compare`` alternates the modes'
+processes ``--process-repeats`` times and reports ratios of the medians over processes.
 """
 from __future__ import annotations
 
@@ -69,6 +80,7 @@ import torch  # noqa: E402
 from chatterbox.conversation import IGNORE_INDEX  # noqa: E402
 from chatterbox.tokens import (BBOX_TOKEN, IMAGE_END_TOKEN, IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN,  # noqa: E402
                                NUM_IMAGE_PATCHES, VG_TOKEN, SpecialTokenIds)
+from model.GroundingDINO.matcher import DEVICE_MAX_TARGETS  # noqa: E402
 
 STREAMS = ("grounding", "referring", "vqa")
 #: optimizer steps of each stream per 10 global steps of stage 2 (spec/upstream.md §2.5)
@@ -83,20 +95,34 @@ COMPILED_MODES = ("ours", "ours-eager-grounding")
 
 # ----------------------------------------------------------------------------------------------------
 # shapes
+#: Boxes per grounding query (`[VG]`), an assumption from the data recipe (no dataset here to count them):
+#: upstream's grounding mixture draws RefCOCO GND, COCO GND, CB GND and CB LC at 5 : 8 : 1 : 1 (spec §3.4);
+#: all but COCO GND give one box per query; COCO GND gives every box of the answer's category, taken here
+#: as distributed like COCO's instances per (image, category) pair: 45% one, 55% more, 7% more than 8
+#: (the grounding graphs' limit, past which the step runs eagerly).
+COCO_GND_BOXES = {1: 0.45, 2: 0.20, 3: 0.10, 4: 0.06, 5: 0.04, 6: 0.03, 7: 0.03, 8: 0.02, 10: 0.03, 12: 0.02,
+                  16: 0.02}
+GROUNDING_BOXES_PER_QUERY = {k: (7 / 15 if k == 1 else 0.0) + 8 / 15 * w for k, w in COCO_GND_BOXES.items()}
+
+
 @dataclass(frozen=True)
 class StreamShape:
     text_tokens: tuple[int, int]  # inclusive range of text tokens after BOS + image block
     vg_per_row: tuple[int, int] = (0, 0)
-    boxes_per_vg: tuple[int, int] = (1, 1)
+    boxes_per_vg: dict[int, float] = field(default_factory=lambda: {1: 1.0})  # box count -> probability
     regions_per_row: tuple[int, int] = (0, 0)
     answer_fraction: float = 0.4  # trailing share of the text that is supervised (assistant replies)
 
 
+#: Every grounding sample of upstream's readers has exactly one `[VG]` (they retry until it does).
 STREAM_SHAPES = {
-    "grounding": StreamShape(text_tokens=(40, 90), vg_per_row=(1, 2), boxes_per_vg=(1, 3)),
+    "grounding": StreamShape(text_tokens=(40, 90), vg_per_row=(1, 1), boxes_per_vg=GROUNDING_BOXES_PER_QUERY),
     "referring": StreamShape(text_tokens=(300, 420), regions_per_row=(1, 4)),
     "vqa": StreamShape(text_tokens=(200, 420), answer_fraction=0.6),
 }
+#: Upstream's step runs only one box per query (a query with more fails on its one-hot labels, spec §5.10):
+#: its grounding batches have the same lengths with one box per query.
+UPSTREAM_STREAM_SHAPES = {**STREAM_SHAPES, "grounding": StreamShape(text_tokens=(40, 90), vg_per_row=(1, 1))}
 
 
 class LlamaShapedTokenizer:
@@ -160,8 +186,9 @@ def build_batch(ids: SpecialTokenIds, shape: StreamShape, task: str, micro_batch
             span = n_text - 1 - (answer_start + 1)
             where = answer_start + 1 + torch.randperm(span, generator=generator)[:n_vg].sort().values
             text[where] = ids.vg
+            counts, weights = list(shape.boxes_per_vg), torch.tensor(list(shape.boxes_per_vg.values()))
             for _ in range(n_vg):
-                k = draw(shape.boxes_per_vg)
+                k = counts[int(torch.multinomial(weights, 1, generator=generator))]
                 centre = 0.2 + torch.rand(k, 2, generator=generator) * 0.6
                 size = 0.05 + torch.rand(k, 2, generator=generator) * 0.3
                 targets.append(torch.cat([centre, size], dim=1))
@@ -196,15 +223,19 @@ def build_batch(ids: SpecialTokenIds, shape: StreamShape, task: str, micro_batch
 
 
 def stream_batches(model, cfg, stream: str, micro_batch: int, count: int, generator: torch.Generator,
-                   device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """``count`` batches of ``stream`` with ``STREAM_SHAPES[stream]`` and random content for ``model`` (its
+                   device: torch.device, dtype: torch.dtype, shapes: dict = STREAM_SHAPES) -> list[dict]:
+    """``count`` batches of ``stream`` with ``shapes[stream]`` and random content for ``model`` (its
     tokenizer's text ids, the config's image sizes; DINO images only for grounding), moved to ``device``."""
     from chatterbox.train.loop import move_batch
 
     text_vocab = min(cfg.language.vocab_size, len(model.tokenizer) - 5)
     dino = cfg.vision.image_size if stream == "grounding" else None
-    return [move_batch(build_batch(model.token_ids, STREAM_SHAPES[stream], stream, micro_batch, text_vocab,
+    return [move_batch(build_batch(model.token_ids, shapes[stream], stream, micro_batch, text_vocab,
                                    cfg.clip.image_size, dino, generator), device, dtype) for _ in range(count)]
+
+
+def most_boxes_per_query(batch: dict) -> int:
+    return max((len(t) for row in batch["grounding_targets_cxcywh_norm"] for t in row), default=0)
 
 
 def row_lengths(batch: dict) -> list[int]:
@@ -250,6 +281,28 @@ def measure_matmul_peak(device: torch.device, size: int = 8192, reps: int = 20) 
     return 2 * size ** 3 / statistics.median(times) / 1e12
 
 
+#: Rated dense bf16 tensor-core peak (TFLOP/s, without sparsity) by device-name fragment, most specific first:
+#: NVIDIA's H100 / H200 / A100 datasheets.
+RATED_BF16_DENSE_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4),
+                           ("A100", 312.0))
+
+
+def rated_bf16_peak(device_name: str, measured_tflops: float) -> tuple[float, str]:
+    """The card's rated dense bf16 peak; off the table (the CPU, other cards) the measured peak stands in."""
+    for fragment, tflops in RATED_BF16_DENSE_TFLOPS:
+        if fragment in device_name:
+            return tflops, f"datasheet ({fragment})"
+    return measured_tflops, "measured (no rated peak known for this device)"
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """min, 25%, 50%, 75%, max."""
+    if len(values) < 2:
+        return [values[0]] * 5 if values else []
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [min(values), q1, q2, q3, max(values)]
+
+
 def peak_memory_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -274,14 +327,18 @@ class StreamResult:
     samples_per_s: float
     tokens_per_s: float
     llm_tflop: float  # model FLOPs of the LLM part per micro-batch (bench.flops)
-    mfu_step: float  # llm_tflop / amortised_s / peak
+    mfu_step: float  # llm_tflop / amortised_s / the card's rated dense bf16 peak
+    mfu_step_measured_peak: float | None = None  # the same against the measured matmul peak
     llm_only_s: float | None = None  # LLM forward+backward (lm_head + CE included) timed alone
-    mfu_llm_only: float | None = None
+    mfu_llm_only: float | None = None  # against the rated peak
     peak_memory_gb: float | None = None
     error: str | None = None
-    # every timed micro-step (seconds): inside a cycle / ending one (the spread shows the run-to-run noise)
+    # every timed micro-step (seconds): inside a cycle / ending one, in the order they ran
     times_s: list[float] = field(default_factory=list)
     boundary_times_s: list[float] = field(default_factory=list)
+    micro_step_quartiles_s: list[float] = field(default_factory=list)  # min, 25%, 50%, 75%, max
+    round_medians_s: list[float] = field(default_factory=list)  # median micro-step of each timed round
+    steps_over_graph_box_limit: int = 0  # timed micro-steps with a query of more boxes than the graphs take
 
 
 def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
@@ -291,8 +348,8 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
     from chatterbox.model.weights import build_tokenizer
 
     cfg = preset(args.preset)
-    cfg.language.attn_implementation = "eager" if mode == "upstream" else "sdpa"
-    cfg.language.gradient_checkpointing = mode == "upstream"
+    cfg.language.attn_implementation = "eager" if mode.startswith("upstream") else "sdpa"
+    cfg.language.gradient_checkpointing = mode.startswith("upstream")
     cfg.language.gradient_checkpointing_layers = -1
     if not mode.startswith("upstream"):
         cfg.vision.use_transformer_ckpt = False
@@ -371,7 +428,10 @@ def run_mode(args) -> dict:
     except ImportError:
         pass
     result["bf16_matmul_peak_tflops"] = measure_matmul_peak(device, args.peak_size, args.peak_reps)
-    peak_flops = result["bf16_matmul_peak_tflops"] * 1e12
+    measured_flops = result["bf16_matmul_peak_tflops"] * 1e12
+    result["rated_bf16_dense_tflops"], result["rated_peak_source"] = rated_bf16_peak(result["device_name"],
+                                                                                      result["bf16_matmul_peak_tflops"])
+    rated_flops = result["rated_bf16_dense_tflops"] * 1e12
 
     t0 = time.perf_counter()
     model, cfg = build_model(args, mode, device, dtype)
@@ -398,7 +458,10 @@ def run_mode(args) -> dict:
     streams.sort(key=STREAMS.index)  # grounding first: its activation memory calibrates the plan
 
     generator = torch.Generator().manual_seed(args.seed)
-    batches = {s: stream_batches(model, cfg, s, args.micro_batch, args.distinct_batches, generator, device, dtype)
+    # A batch of its own for every micro-step (warm-up included) unless --distinct-batches caps them.
+    count = args.distinct_batches or args.gas * (1 + args.repeats)
+    shapes = UPSTREAM_STREAM_SHAPES if upstream_like else STREAM_SHAPES
+    batches = {s: stream_batches(model, cfg, s, args.micro_batch, count, generator, device, dtype, shapes)
                for s in streams}
 
     # Phase A: the LLM alone, before the engine exists; calibrates activation bytes per token.
@@ -434,7 +497,8 @@ def run_mode(args) -> dict:
     result["activation_bytes_per_token"] = act_per_token
     result["checkpoint_plan"] = checkpoint_plan
 
-    # Phase B: the whole training micro-step through the engine(s).
+    # Phase B: the whole training micro-step through the engine(s). One warm-up accumulation cycle per
+    # stream, then ``repeats`` rounds of one cycle per stream in turn, every micro-step on a batch of its own.
     def stream_config():
         return StreamConfig(micro_batch_size=args.micro_batch, gradient_accumulation_steps=args.gas, every_n_steps=1)
 
@@ -453,48 +517,63 @@ def run_mode(args) -> dict:
         result["engine_memory_gb"] = (torch.cuda.memory_allocated(device) - memory_before_engine) / 2**30
         print(f"[{mode}] {len(engines)} engine(s) hold {result['engine_memory_gb']:.1f} GiB", flush=True)
 
+    timed = {s: {"times": [], "boundary": [], "rounds": [], "flops": [], "tokens": [], "over_limit": 0,
+                 "error": None} for s in streams}
+    peaks: dict[str, float | None] = {}
+    for round_index in range(1 + args.repeats):  # round 0 warms up (and allocates the optimizer state)
+        for s in streams:
+            record = timed[s]
+            if record["error"]:
+                continue
+            use_stream(engine, train.streams[s], dist.world_size)
+            model.set_gradient_checkpointing(checkpoint_plan[s])
+            reset_peak(device)
+            round_times = []
+            try:
+                for i in range(args.gas):
+                    batch = batches[s][(round_index * args.gas + i) % len(batches[s])]
+                    synchronize(device)
+                    t0 = time.perf_counter()
+                    out = engine(**batch)
+                    engine.backward(out["loss"])
+                    engine.step()
+                    if upstream_like:  # upstream's loss meters read three losses every micro-step
+                        out["loss"].item(), out["grounding_loss"].item(), out["lm_loss"].item()
+                    synchronize(device)
+                    elapsed = time.perf_counter() - t0
+                    if round_index == 0:
+                        continue
+                    (record["boundary"] if i == args.gas - 1 else record["times"]).append(elapsed)
+                    round_times.append(elapsed)
+                    lm_loss = not model.lm_loss_is_zeroed(batch["grounding_targets_cxcywh_norm"])
+                    record["flops"].append(llm_step_flops(counts, row_lengths(batch), lm_loss=lm_loss))
+                    record["tokens"].append(sum(row_lengths(batch)))
+                    record["over_limit"] += most_boxes_per_query(batch) > DEVICE_MAX_TARGETS
+            except torch.OutOfMemoryError as oom:
+                record["error"] = f"out of memory: {str(oom).splitlines()[0]}"
+            except Exception as failure:  # noqa: BLE001 - report it and go on with the next stream
+                record["error"] = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+                traceback.print_exc()
+            if round_times:
+                record["rounds"].append(statistics.median(round_times))
+            peaks[s] = max(peaks.get(s) or 0.0, peak_memory_gb(device) or 0.0) if on_gpu else None
+            print(f"[{mode}] round {round_index} {s}: micro-steps " + ", ".join(f"{t:.3f}" for t in round_times)
+                  + (f" error {record['error']}" if record["error"] else ""), flush=True)
+
     per_stream: list[StreamResult] = []
     for s in streams:
-        use_stream(engine, train.streams[s], dist.world_size)
-        model.set_gradient_checkpointing(checkpoint_plan[s])
-        reset_peak(device)
-        times, boundary_times, flops, tokens_seen = [], [], [], []
-        error = None
-        try:
-            total = args.gas * (1 + args.cycles)
-            for i in range(total):
-                batch = batches[s][i % len(batches[s])]
-                synchronize(device)
-                t0 = time.perf_counter()
-                out = engine(**batch)
-                engine.backward(out["loss"])
-                engine.step()
-                synchronize(device)
-                elapsed = time.perf_counter() - t0
-                if i >= args.gas:  # the first cycle warms up (and allocates the optimizer state)
-                    (boundary_times if (i + 1) % args.gas == 0 else times).append(elapsed)
-                    lm_loss = not model.lm_loss_is_zeroed(batch["grounding_targets_cxcywh_norm"])
-                    flops.append(llm_step_flops(counts, row_lengths(batch), lm_loss=lm_loss))
-                    tokens_seen.append(sum(row_lengths(batch)))
-        except torch.OutOfMemoryError as oom:
-            error = f"out of memory: {str(oom).splitlines()[0]}"
-        except Exception as failure:  # noqa: BLE001 - report it and go on with the next stream
-            error = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
-            traceback.print_exc()
-        print(f"[{mode}] {s}: {len(times) + len(boundary_times)} timed micro-steps, "
-              f"median {statistics.median(times) if times else float('nan'):.3f} s, error {error}", flush=True)
-        if error or not times:
+        record = timed[s]
+        times, boundary_times = record["times"], record["boundary"]
+        if record["error"] or not times:
             per_stream.append(StreamResult(s, args.micro_batch, 0, 0, checkpoint_plan[s], math.nan, math.nan,
-                                           math.nan, 0, 0, 0, 0, peak_memory_gb=peak_memory_gb(device),
-                                           error=error or "no timed micro-steps (raise --cycles / --gas)"))
-            if on_gpu:
-                torch.cuda.empty_cache()
+                                           math.nan, 0, 0, 0, 0, peak_memory_gb=peaks.get(s),
+                                           error=record["error"] or "no timed micro-steps (raise --repeats / --gas)"))
             continue
         micro = statistics.median(times)
-        extra = max(0.0, statistics.mean(boundary_times) - micro) if boundary_times else 0.0
+        extra = max(0.0, statistics.median(boundary_times) - micro) if boundary_times else 0.0
         amortised = micro + extra / UPSTREAM_ACCUMULATION
-        mean_tokens = statistics.mean(tokens_seen)
-        llm_flops = statistics.mean(flops)
+        mean_tokens = statistics.mean(record["tokens"])
+        llm_flops = statistics.mean(record["flops"])
         ref = batches[s][0]
         llm_alone = llm_only[s]
         per_stream.append(StreamResult(
@@ -502,9 +581,12 @@ def run_mode(args) -> dict:
             mean_padded_length=statistics.mean(b["input_ids"].shape[1] for b in batches[s]),
             checkpointed_layers=checkpoint_plan[s], micro_step_s=micro, optimizer_extra_s=extra,
             amortised_s=amortised, samples_per_s=args.micro_batch / amortised, tokens_per_s=mean_tokens / amortised,
-            llm_tflop=llm_flops / 1e12, mfu_step=llm_flops / amortised / peak_flops,
-            llm_only_s=llm_alone, mfu_llm_only=llm_step_flops(counts, row_lengths(ref)) / llm_alone / peak_flops,
-            peak_memory_gb=peak_memory_gb(device), times_s=times, boundary_times_s=boundary_times))
+            llm_tflop=llm_flops / 1e12, mfu_step=llm_flops / amortised / rated_flops,
+            mfu_step_measured_peak=llm_flops / amortised / measured_flops, llm_only_s=llm_alone,
+            mfu_llm_only=llm_step_flops(counts, row_lengths(ref)) / llm_alone / rated_flops,
+            peak_memory_gb=peaks.get(s), times_s=times, boundary_times_s=boundary_times,
+            micro_step_quartiles_s=quartiles(times), round_medians_s=record["rounds"],
+            steps_over_graph_box_limit=record["over_limit"]))
     result["streams"] = [asdict(r) for r in per_stream]
     result["stage2"] = stage2_summary(per_stream)
     if mode in COMPILED_MODES:
@@ -534,74 +616,98 @@ def stage2_summary(per_stream: list[StreamResult]) -> dict | None:
 # ----------------------------------------------------------------------------------------------------
 # driver
 def format_table(results: dict[str, dict]) -> str:
-    lines = ["| mode | stream | ckpt layers | tokens/mb | micro-step s | opt. extra s | samples/s | tokens/s | "
-             "LLM TFLOP/mb | MFU step | LLM alone s | MFU LLM alone | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for mode, res in results.items():
+    lines = ["| run | stream | ckpt layers | tokens/mb | micro-step s: median (min-max) | opt. extra s | samples/s | "
+             "tokens/s | LLM TFLOP/mb | MFU step: rated (measured peak) | LLM alone s | MFU LLM alone | "
+             "steps > box limit | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run, res in results.items():
         if "error" in res:
-            lines.append(f"| {mode} | failed: {res['error']} |" + " |" * 11)
+            lines.append(f"| {run} | failed: {res['error']} |" + " |" * 12)
             continue
         for r in res["streams"]:
             if r["error"]:
-                lines.append(f"| {mode} | {r['stream']} | {r['checkpointed_layers']} | {r['error']} |" + " |" * 9)
+                lines.append(f"| {run} | {r['stream']} | {r['checkpointed_layers']} | {r['error']} |" + " |" * 10)
                 continue
             mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
+            low, *_, high = r["micro_step_quartiles_s"]
             lines.append(
-                f"| {mode} | {r['stream']} | {r['checkpointed_layers']} | {r['mean_tokens']:.0f} | "
-                f"{r['micro_step_s']:.3f} | {r['optimizer_extra_s']:.3f} | {r['samples_per_s']:.2f} | "
-                f"{r['tokens_per_s']:.0f} | {r['llm_tflop']:.1f} | {100 * r['mfu_step']:.1f}% | "
-                f"{r['llm_only_s']:.3f} | {100 * r['mfu_llm_only']:.1f}% | {mem} |")
+                f"| {run} | {r['stream']} | {r['checkpointed_layers']} | {r['mean_tokens']:.0f} | "
+                f"{r['micro_step_s']:.3f} ({low:.3f}-{high:.3f}) | {r['optimizer_extra_s']:.3f} | "
+                f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['llm_tflop']:.1f} | "
+                f"{100 * r['mfu_step']:.1f}% ({100 * r['mfu_step_measured_peak']:.1f}%) | {r['llm_only_s']:.3f} | "
+                f"{100 * r['mfu_llm_only']:.1f}% | {r['steps_over_graph_box_limit']} | {mem} |")
         if res.get("stage2"):
             st = res["stage2"]
-            lines.append(f"| {mode} | stage-2 mix ({'+'.join(st['streams'])}) | | | | | {st['samples_per_s']:.2f} | "
-                         f"{st['tokens_per_s']:.0f} | | {100 * st['mfu_step']:.1f}% | | | |")
+            lines.append(f"| {run} | stage-2 mix ({'+'.join(st['streams'])}) | | | | | {st['samples_per_s']:.2f} | "
+                         f"{st['tokens_per_s']:.0f} | | {100 * st['mfu_step']:.1f}% | | | | |")
     return "\n".join(lines)
 
 
+def run_process(args, mode: str, path: Path) -> dict:
+    """One mode in a process of its own; its result (or an error entry)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--json", str(path)]
+    if args.mode_timeout:
+        cmd += ["--hang-dump", str(max(1, args.mode_timeout - 20))]
+    for key in ("preset", "device", "streams", "micro_batch", "gas", "repeats", "distinct_batches",
+                "llm_only_reps", "peak_size", "peak_reps", "seed", "memory_fraction", "graph_query_multiple"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    print("+ " + " ".join(cmd), flush=True)  # the child prints its progress and table
+    started = time.perf_counter()
+    try:
+        code = subprocess.run(cmd, env=os.environ.copy(), timeout=args.mode_timeout or None).returncode
+    except subprocess.TimeoutExpired:
+        code = f"timed out after {args.mode_timeout} s"
+    result = json.loads(path.read_text()) if code == 0 and path.is_file() else {"error": f"exit code {code}"}
+    result["wall_seconds"] = time.perf_counter() - started
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def median_of(results: list[dict], pick) -> float | None:
+    values = [v for v in (pick(r) for r in results if "error" not in r) if v is not None]
+    return statistics.median(values) if values else None
+
+
 def compare(args) -> dict:
+    """The modes in alternation, ``--process-repeats`` processes each (ours, upstream, ours, upstream, ...);
+    a process whose result file is already in --out is not run again, so a comparison can be completed
+    over several sessions. Ratios are of the medians over the processes."""
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
     modes = [m for m in args.modes.split(",") if m]
     if "ours" not in modes or not set(modes) <= set(MODES):
         raise SystemExit(f"--modes {args.modes!r}: 'ours' plus any of {list(MODES[1:])}")
-    for mode in modes:
-        path = out_dir / f"bench_train_{mode}.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--json", str(path)]
-        if args.mode_timeout:
-            cmd += ["--hang-dump", str(max(1, args.mode_timeout - 20))]
-        for key in ("preset", "device", "streams", "micro_batch", "gas", "cycles", "distinct_batches",
-                    "llm_only_reps", "peak_size", "peak_reps", "seed", "memory_fraction", "graph_query_multiple"):
-            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        print("+ " + " ".join(cmd), flush=True)  # the child prints its progress and table
-        started = time.perf_counter()
-        try:
-            code = subprocess.run(cmd, env=os.environ.copy(), timeout=args.mode_timeout or None).returncode
-        except subprocess.TimeoutExpired:
-            code = f"timed out after {args.mode_timeout} s"
-        if code == 0 and path.is_file():
-            results[mode] = json.loads(path.read_text())
-        else:
-            results[mode] = {"error": f"exit code {code}"}
-        results[mode]["wall_seconds"] = time.perf_counter() - started
-    summary = {"results": results}
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for repeat in range(args.process_repeats):
+        for mode in modes:
+            path = out_dir / f"bench_train_{mode}_{repeat}.json"
+            runs[mode].append(json.loads(path.read_text()) if path.is_file() else run_process(args, mode, path))
+    summary: dict = {"process_repeats": args.process_repeats, "modes": {}}
+    for mode, results in runs.items():
+        streams = sorted({r["stream"] for res in results if "error" not in res for r in res["streams"]},
+                         key=STREAMS.index)
+        summary["modes"][mode] = {
+            "processes_ok": sum("error" not in r for r in results),
+            "stage2_samples_per_s": [r["stage2"]["samples_per_s"] if r.get("stage2") else None for r in results],
+            "stage2_samples_per_s_median": median_of(results, lambda r: (r.get("stage2") or {}).get("samples_per_s")),
+            "stage2_mfu_step_median": median_of(results, lambda r: (r.get("stage2") or {}).get("mfu_step")),
+            "samples_per_s_median": {s: median_of(results, lambda r, s=s: next(
+                (x["samples_per_s"] for x in r["streams"] if x["stream"] == s and not x["error"]), None))
+                for s in streams}}
+    ours = summary["modes"]["ours"]
     for baseline in modes[1:]:
-        ours, theirs = results["ours"].get("stage2"), results[baseline].get("stage2")
-        suffix = "" if baseline == "upstream" else f"_vs_{baseline}"
-        if ours and theirs and ours["streams"] == theirs["streams"]:
-            summary["speedup_samples_per_s" + suffix] = ours["samples_per_s"] / theirs["samples_per_s"]
-        per_stream = {}
-        for r in results["ours"].get("streams", []):
-            other = next((o for o in results[baseline].get("streams", []) if o["stream"] == r["stream"]), None)
-            if other and not r["error"] and not other["error"]:
-                per_stream[r["stream"]] = r["samples_per_s"] / other["samples_per_s"]
-        summary["speedup_per_stream" + suffix] = per_stream
-    table = format_table(results)
-    (out_dir / "bench_train_step.json").write_text(json.dumps(summary, indent=1))
+        theirs = summary["modes"][baseline]
+        if ours["stage2_samples_per_s_median"] and theirs["stage2_samples_per_s_median"]:
+            summary[f"speedup_vs_{baseline}"] = ours["stage2_samples_per_s_median"] / theirs["stage2_samples_per_s_median"]
+        summary[f"speedup_per_stream_vs_{baseline}"] = {
+            s: v / theirs["samples_per_s_median"][s] for s, v in ours["samples_per_s_median"].items()
+            if v and theirs["samples_per_s_median"].get(s)}
+    table = format_table({f"{mode} #{i}": r for mode, results in runs.items() for i, r in enumerate(results)})
+    (out_dir / "bench_train_step.json").write_text(json.dumps({**summary, "runs": runs}, indent=1))
     (out_dir / "bench_train_step.md").write_text(table + "\n")
     print(table)
-    print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
-    return summary
+    print(json.dumps(summary))
+    return {**summary, "runs": runs}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -609,16 +715,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compare", action="store_true", help="run both modes (one process each) and compare")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny preset, both modes, few steps")
     parser.add_argument("--mode", choices=MODES, default="ours")
-    parser.add_argument("--modes", default="ours,upstream", help="--compare: modes to run, in order")
+    parser.add_argument("--modes", default="ours,upstream-1engine", help="--compare: modes to run, in order")
     parser.add_argument("--hang-dump", type=int, default=0,
                         help="print every thread's stack after this many seconds (diagnoses a stuck run)")
     parser.add_argument("--preset", default="13b")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--streams", default="grounding,referring,vqa")
     parser.add_argument("--micro-batch", type=int, default=6)
-    parser.add_argument("--gas", type=int, default=3, help="accumulation steps of the timed cycles")
-    parser.add_argument("--cycles", type=int, default=2, help="timed accumulation cycles (after one warm-up)")
-    parser.add_argument("--distinct-batches", type=int, default=3)
+    parser.add_argument("--gas", type=int, default=3, help="micro-steps per accumulation cycle")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds, each one accumulation cycle of every stream in turn (after a warm-up round)")
+    parser.add_argument("--distinct-batches", type=int, default=0,
+                        help="batches per stream, reused in turn (0: one per micro-step, none seen twice)")
+    parser.add_argument("--process-repeats", type=int, default=2, help="--compare: processes per mode, alternating")
     parser.add_argument("--graph-query-multiple", type=int, default=4,
                         help="grounding graphs: pad the query count to a multiple of this")
     parser.add_argument("--llm-only-reps", type=int, default=3)
@@ -632,9 +741,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="outputs/bench_train", help="--compare: folder of the results")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.compare, args.preset, args.device = True, "tiny", "cpu"
-        args.streams, args.micro_batch, args.gas, args.cycles = "grounding,referring", 2, 2, 1
-        args.distinct_batches, args.llm_only_reps, args.peak_size, args.peak_reps = 1, 1, 256, 2
+        args.compare, args.preset, args.device, args.modes = True, "tiny", "cpu", "ours,upstream"
+        args.streams, args.micro_batch, args.gas, args.repeats, args.process_repeats = "grounding,referring", 2, 2, 2, 1
+        args.llm_only_reps, args.peak_size, args.peak_reps = 1, 256, 2
     return args
 
 
@@ -643,7 +752,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.compare:
         summary = compare(args)
-        failed = [m for m, r in summary["results"].items() if "error" in r]
+        failed = [m for m, results in summary["runs"].items() if any("error" in r for r in results)]
         return 1 if failed else 0
     result = run_mode(args)
     text = json.dumps(result, indent=1)
