@@ -135,3 +135,38 @@ def test_a_stalled_connection_is_closed(demo, sent):
         assert time.perf_counter() - start < 10
     status, _ = call(demo, "GET", "/api/info")  # and the server still serves
     assert status == 200
+
+
+def test_concurrent_questions_are_answered_in_turn_and_the_queue_is_visible(demo):
+    import threading
+
+    sessions = [upload(demo) for _ in range(2)]  # max_sessions=2
+    status, queue = call(demo, "GET", "/api/queue")
+    assert status == 200 and queue["waiting"] == 0 and not queue["running"]
+    replies = {}
+
+    def ask(session):
+        replies[session] = call(demo, "POST", f"/api/sessions/{session}/ask", {"question": "What is it?"})
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(status == 200 for status, _ in replies.values())
+    waits = sorted(reply["queue"]["ahead_at_arrival"] for _, reply in replies.values())
+    assert waits[0] == 0 and all(reply["queue"]["waited_s"] >= 0 for _, reply in replies.values())
+
+
+def test_a_full_queue_answers_503_and_the_session_stays(demo):
+    session = upload(demo)
+    queue = demo.service.queue
+    queue.max_waiting = 0
+    try:
+        with queue.turn():  # the model is busy with someone else's request
+            status, reply = call(demo, "POST", f"/api/sessions/{session}/ask", {"question": "What is it?"})
+    finally:
+        queue.max_waiting = 16
+    assert status == 503 and "the model is busy" in reply["error"]
+    status, reply = call(demo, "POST", f"/api/sessions/{session}/ask", {"question": "What is it?"})
+    assert status == 200 and reply["round"] == 1

@@ -10,7 +10,10 @@ something that has. JSON API (every error is ``{"error": message}`` with a 4xx/5
   (at most chat.max_upload_bytes bytes and chat.max_image_pixels pixels, checked before decoding);
 * ``POST /api/sessions/<id>/ask`` ``{"question", "boxes": [[x1,y1,x2,y2], ...], "ground": bool}`` ->
   ``{"text", "boxes": [{"box": [x1,y1,x2,y2], "score", "source": "question"|"reply"}], "round", "stats"}``;
-* ``POST /api/sessions/<id>/reset``; ``DELETE /api/sessions/<id>``; ``GET /api/info``.
+  ``"queue": {"ahead_at_arrival", "waited_s"}`` says how long it waited for the model;
+* ``POST /api/sessions/<id>/reset``; ``DELETE /api/sessions/<id>``; ``GET /api/info``;
+* ``GET /api/queue`` -> ``{"running", "waiting", "max_waiting"}``. Requests take turns at the model in
+  arrival order (chatterbox.serve.queue); past ``max_waiting`` waiting ones a new request gets 503.
 """
 from __future__ import annotations
 
@@ -19,13 +22,13 @@ import json
 import logging
 import secrets
 import sys
-import threading
 from collections import OrderedDict
 from dataclasses import asdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
+from chatterbox.serve.queue import ModelQueue, QueueFull
 from chatterbox.serve.session import ChatInputError, ChatSession, PromptOptions, open_image
 
 logger = logging.getLogger(__name__)
@@ -44,11 +47,12 @@ class HTTPError(Exception):
 
 
 class ChatService:
-    """The sessions of the demo: a bounded number, least recently used evicted; one model call at a time."""
+    """The sessions of the demo: a bounded number, least recently used evicted; one model call at a time, in
+    arrival order (`ModelQueue`)."""
 
     def __init__(self, model, options: PromptOptions | None = None, *, max_new_tokens: int = 512,
                  box_threshold: float | None = None, max_upload_bytes: int = 20 * 1024 * 1024,
-                 max_image_pixels: int = 40_000_000, max_sessions: int = 8):
+                 max_image_pixels: int = 40_000_000, max_sessions: int = 8, max_waiting: int = 16):
         self.model = model
         self.options = options or PromptOptions()
         self.max_new_tokens = max_new_tokens
@@ -57,7 +61,7 @@ class ChatService:
         self.max_image_pixels = max_image_pixels
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
-        self._lock = threading.Lock()  # the model runs one request at a time
+        self.queue = ModelQueue(max_waiting)
 
     def info(self) -> dict:
         return {"max_upload_bytes": self.max_upload_bytes, "max_image_pixels": self.max_image_pixels,
@@ -65,7 +69,7 @@ class ChatService:
 
     def create(self, data: bytes) -> dict:
         image = open_image(data, self.max_image_pixels, what="the uploaded file")
-        with self._lock:
+        with self.queue.turn():
             session = ChatSession(self.model, image, options=self.options, max_new_tokens=self.max_new_tokens,
                                   box_threshold=self.box_threshold, max_image_pixels=None)
             session_id = secrets.token_urlsafe(12)
@@ -95,7 +99,7 @@ class ChatService:
         ground = request.get("ground", False)
         if not isinstance(ground, bool):
             raise ChatInputError("field 'ground' must be true or false")
-        with self._lock:
+        with self.queue.turn() as turn:
             session = self._get(session_id)
             reply = session.ask(question, boxes, ground=ground)
             round_index = len(session.history)
@@ -109,15 +113,16 @@ class ChatService:
                        "source": "question" if k < reply.vg_in_question else "reply"}
                       for k, box in enumerate(reply.boxes_as_lists())],
             "stats": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(reply.stats).items()},
+            "queue": {"ahead_at_arrival": turn.ahead_at_arrival, "waited_s": round(turn.waited_s, 4)},
         }
 
     def reset(self, session_id: str) -> dict:
-        with self._lock:
+        with self.queue.turn():
             self._get(session_id).reset()
         return {"ok": True}
 
     def delete(self, session_id: str) -> dict:
-        with self._lock:
+        with self.queue.turn():
             self._get(session_id)
             del self._sessions[session_id]
         return {"ok": True}
@@ -191,6 +196,8 @@ class ChatRequestHandler(BaseHTTPRequestHandler):
                 return self._send(HTTPStatus.OK, _page(), "text/html; charset=utf-8")
             if method == "GET" and parts == ["api", "info"]:
                 return self._json(HTTPStatus.OK, self.service.info())
+            if method == "GET" and parts == ["api", "queue"]:
+                return self._json(HTTPStatus.OK, self.service.queue.status())
             if method == "POST" and parts == ["api", "sessions"]:
                 data = self._body(self.service.max_upload_bytes, "the uploaded file")
                 return self._json(HTTPStatus.CREATED, self.service.create(data))
@@ -206,6 +213,8 @@ class ChatRequestHandler(BaseHTTPRequestHandler):
             self._json(e.status, {"error": e.message})
         except ChatInputError as e:
             self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        except QueueFull as e:
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(e)})
         except Exception:  # the message of an internal error is logged, not shown
             logger.exception("request %s %s failed", method, path)
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the server log"})
