@@ -5,9 +5,11 @@
         --repeats 1 --answer-tokens 4                                                         # smoke test
 
 What is timed is the runners' own path: `run_items` (JSONL written as it goes) over
-`single_round_predictor` (`RequestEncoder` reads and preprocesses the images, then one batched
-``model.generate``), i.e. what ``evaluation/coco_grounding.py`` and ``evaluation/refcocog_referring.py``
-run per batch, on questions built by the same readers from a synthetic corpus with COCO-sized JPEGs.
+`SingleRoundPredictor` (`RequestEncoder` reads and preprocesses the images, in worker threads one batch
+ahead, then one batched ``model.generate``), i.e. what ``evaluation/coco_grounding.py`` and
+``evaluation/refcocog_referring.py`` run per batch, on questions built by the same readers from a synthetic
+corpus with COCO-sized JPEGs. ``--serial-too`` also times each batch size with the images read in the
+main thread when their batch comes (the predictor without its ``prefetch``), interleaved with the default.
 Random weights in bf16 (seed 0) do not stop generating, so every reply is forced to ``--answer-tokens``
 tokens (``min_new_tokens = max_new_tokens``); the default, 16, is the 90th percentile of upstream's
 published RefCOCOg replies (12 words, 55 characters; at ~3.5 characters per LLaMA token). A grounding
@@ -56,6 +58,8 @@ def parse_args(argv=None):
     parser.add_argument("--benchmarks", nargs="+", default=["grounding", "grounding_box_only", "referring"],
                         choices=("grounding", "grounding_box_only", "referring"))
     parser.add_argument("--full-split", type=int, default=COCO_GROUNDING_QUESTIONS)
+    parser.add_argument("--serial-too", action="store_true",
+                        help="also time every batch size without reading the next batch's images ahead")
     parser.add_argument("--out", default="")
     return parser.parse_args(argv)
 
@@ -185,7 +189,7 @@ def main(argv=None) -> int:
     from results import machine_fields, write_json
 
     from chatterbox.config import load_config
-    from chatterbox.eval.benchmarks import single_round_predictor
+    from chatterbox.eval.benchmarks import SingleRoundPredictor
     from chatterbox.eval.runner import RequestEncoder
 
     args = parse_args(argv)
@@ -206,30 +210,34 @@ def main(argv=None) -> int:
     results = {}
     for name in args.benchmarks:
         task, tokens, box_threshold = runs[name]
-        predict = single_round_predictor(model, encoder, max_new_tokens=tokens, min_new_tokens=tokens,
+        predict = SingleRoundPredictor(model, encoder, max_new_tokens=tokens, min_new_tokens=tokens,
                                          box_threshold=box_threshold)
         items = sets[task]
         for b in args.batch_sizes:  # warm-up: kernels, allocator, the decode step's graphs per batch size
             predict(items[:b])
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        per_size = {b: [] for b in args.batch_sizes}
+        variants = {"prefetch": predict}
+        if args.serial_too:
+            variants["serial"] = lambda batch, predict=predict: predict(batch)  # no prefetch attribute
+        per_size = {(v, b): [] for v in variants for b in args.batch_sizes}
         for rep in range(args.repeats):
             shift = rep % len(args.batch_sizes)
             for b in args.batch_sizes[shift:] + args.batch_sizes[:shift]:
-                run = timed_run(predict, items, b, work / "runs", name, device, gpu)
-                per_size[b].append(run)
-                print(f"{name} batch {b:3d} repeat {rep}: {run['questions_per_s']:.2f} questions/s "
-                      f"(GPU {run['gpu_utilisation_pct']}%)", flush=True)
+                for v, runner in variants.items():
+                    run = timed_run(runner, items, b, work / "runs", f"{name}_{v}", device, gpu)
+                    per_size[(v, b)].append(run)
+                    print(f"{name} {v} batch {b:3d} repeat {rep}: {run['questions_per_s']:.2f} questions/s "
+                          f"(GPU {run['gpu_utilisation_pct']}%)", flush=True)
         rows = []
-        for b, reps in per_size.items():
+        for (v, b), reps in per_size.items():
             rates = [r["questions_per_s"] for r in reps]
             utilisation = [r["gpu_utilisation_pct"] for r in reps if r["gpu_utilisation_pct"] is not None]
-            rows.append({"batch_size": b, "questions_per_s_median": statistics.median(rates),
+            rows.append({"images": v, "batch_size": b, "questions_per_s_median": statistics.median(rates),
                          "questions_per_s_min_max": [min(rates), max(rates)],
                          "gpu_utilisation_pct_median": statistics.median(utilisation) if utilisation else None,
                          "runs": reps})
-        best = max(rows, key=lambda r: r["questions_per_s_median"])
+        best = max((r for r in rows if r["images"] == "prefetch"), key=lambda r: r["questions_per_s_median"])
         split = time_split(model, encoder, predict, items[:max(args.batch_sizes)], device)
         results[name] = {
             "task": task, "answer_tokens": tokens, "questions": len(items), "by_batch_size": rows,

@@ -367,11 +367,11 @@ def _coco_items(root: Path, n: int):
 
 def test_single_round_runner_resume_with_the_model(tmp_path, tiny_setup, synthetic_root):
     from chatterbox.eval.benchmarks import (evaluate_grounding_file, grounding_prediction_entries,
-                                            single_round_predictor)
+                                            SingleRoundPredictor)
 
     cfg, model, encoder = tiny_setup
     items = _coco_items(synthetic_root, 5)
-    predict = single_round_predictor(model, encoder, max_new_tokens=6, box_threshold=0.3)
+    predict = SingleRoundPredictor(model, encoder, max_new_tokens=6, box_threshold=0.3)
     full = tmp_path / "full.jsonl"
     records, _ = run_items(items, lambda it: it.item_id, predict, full, batch_size=2)
     for it, rec in zip(items, records):
@@ -402,6 +402,26 @@ def test_single_round_runner_resume_with_the_model(tmp_path, tiny_setup, synthet
     assert ev.summary.num_samples == 5 and 0 <= ev.summary.miou <= 1
 
 
+def test_prefetched_images_give_the_same_predictions_and_errors(tmp_path, tiny_setup, synthetic_root):
+    import dataclasses
+
+    from chatterbox.eval.benchmarks import SingleRoundPredictor
+
+    _, model, encoder = tiny_setup
+    items = _coco_items(synthetic_root, 5)
+    predict = SingleRoundPredictor(model, encoder, max_new_tokens=4, box_threshold=0.3)
+    prefetched, _ = run_items(items, lambda it: it.item_id, predict, tmp_path / "a.jsonl", batch_size=2)
+    assert not predict.images._pending  # every prefetched image was used
+    serial, _ = run_items(items, lambda it: it.item_id, lambda batch: predict(batch), tmp_path / "b.jsonl", batch_size=2)
+    assert prefetched == serial
+    # a missing image in the second batch: read ahead, raised when its batch is answered, the first kept
+    broken = items[:2] + [dataclasses.replace(items[2], image_path=str(tmp_path / "gone.jpg"))] + items[3:]
+    with pytest.raises(DataError, match="image file not found") as e:
+        run_items(broken, lambda it: it.item_id, predict, tmp_path / "c.jsonl", batch_size=2)
+    assert e.value.field == "image" and e.value.record == items[2].item_id.rpartition("#")[2]
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 2
+
+
 def test_missing_image_is_a_clear_error(tiny_setup, tmp_path):
     from chatterbox.eval.runner import GenerationRequest
 
@@ -417,13 +437,13 @@ def test_missing_image_is_a_clear_error(tiny_setup, tmp_path):
 
 
 def test_referring_raw_output_format(tiny_setup, tmp_path):
-    from chatterbox.eval.benchmarks import referring_raw_output, single_round_predictor
+    from chatterbox.eval.benchmarks import referring_raw_output, SingleRoundPredictor
 
     cfg, model, encoder = tiny_setup
     folder = _write_refer(tmp_path)
     records = Q.referring_questions(str(folder / "refs(umd).p"), str(folder / "instances.json"), "refcocog")["test"]
     items = Q.referring_items(records, str(tmp_path / "MSCOCO2014" / "train2014"), cfg.eval.referring_suffix)
-    predict = single_round_predictor(model, encoder, max_new_tokens=6, box_threshold=None)
+    predict = SingleRoundPredictor(model, encoder, max_new_tokens=6, box_threshold=None)
     out, _ = run_items(items, lambda it: it.item_id, predict, tmp_path / "p.jsonl", batch_size=4)
     raw = referring_raw_output(items, out)
     assert set(raw[0]) == {"gt", "ref_id", "id", "image_abs_path", "input_bbox", "prompt", "text_output"}
@@ -460,9 +480,9 @@ class _RecordingEncoder:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def encode(self, request):
+    def encode(self, request, image=None):
         self.requests.append(request)
-        return self.inner.encode(request)
+        return self.inner.encode(request, image)
 
 
 @pytest.mark.parametrize("history", ["model", "ground_truth"])

@@ -11,31 +11,44 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Sequence
 
 from chatterbox.eval.grounding_metrics import (GroundingEvaluation, GroundingPredictions, evaluate_grounding,
                                                read_upstream_grounding_predictions)
 from chatterbox.eval.questions import EvalItem
-from chatterbox.eval.runner import EVAL_IMAGE_PREFIX, GenerationRequest, RequestEncoder, generate_for_requests
+from chatterbox.eval.runner import (EVAL_IMAGE_PREFIX, GenerationRequest, ImagePrefetcher, RequestEncoder,
+                                     generate_for_requests)
 
-__all__ = ["single_round_predictor", "grounding_prediction_entries", "read_grounding_file", "evaluate_grounding_file",
+__all__ = ["SingleRoundPredictor", "grounding_prediction_entries", "read_grounding_file", "evaluate_grounding_file",
            "referring_raw_output", "names_object", "referring_name_accuracy"]
 
 
-def single_round_predictor(model, encoder: RequestEncoder, *, max_new_tokens: int, box_threshold: float | None,
-                           image_prefix: str = EVAL_IMAGE_PREFIX, min_new_tokens: int = 0
-                           ) -> Callable[[list[EvalItem]], list[dict]]:
-    """``predict_batch`` for `run_items`: one generation per item (replies of at least ``min_new_tokens``).
+class SingleRoundPredictor:
+    """``predict_batch`` for `run_items`: one generation per item (replies of at least ``min_new_tokens``);
+    `prefetch` prepares the next batch's images in worker threads (`ImagePrefetcher`).
 
     Record: ``task, prompt, text, box_xyxy_abs, score`` (the box of the prompt's last ``[VG]``, None
     without one) plus every box (``boxes_xyxy_abs``, ``scores``, ``vg_in_prompt``) for inspection.
     """
 
-    def predict(items: list[EvalItem]) -> list[dict]:
-        requests = [GenerationRequest.single_turn(it.item_id, it.image_path, it.user_text, it.region_boxes_xyxy_abs,
-                                                  it.image_size, image_prefix) for it in items]
-        outputs = generate_for_requests(model, encoder, requests, max_new_tokens=max_new_tokens,
-                                        min_new_tokens=min_new_tokens, box_threshold=box_threshold)
+    def __init__(self, model, encoder: RequestEncoder, *, max_new_tokens: int, box_threshold: float | None,
+                 image_prefix: str = EVAL_IMAGE_PREFIX, min_new_tokens: int = 0):
+        self.model, self.encoder, self.image_prefix = model, encoder, image_prefix
+        self.max_new_tokens, self.min_new_tokens, self.box_threshold = max_new_tokens, min_new_tokens, box_threshold
+        self.images = ImagePrefetcher(encoder)
+
+    def requests(self, items: list[EvalItem]) -> list[GenerationRequest]:
+        return [GenerationRequest.single_turn(it.item_id, it.image_path, it.user_text, it.region_boxes_xyxy_abs,
+                                              it.image_size, self.image_prefix) for it in items]
+
+    def prefetch(self, items: list[EvalItem]) -> None:
+        self.images.submit(self.requests(items))
+
+    def __call__(self, items: list[EvalItem]) -> list[dict]:
+        requests = self.requests(items)
+        outputs = generate_for_requests(self.model, self.encoder, requests, max_new_tokens=self.max_new_tokens,
+                                        min_new_tokens=self.min_new_tokens, box_threshold=self.box_threshold,
+                                        images=self.images.take(requests))
         records = []
         for it, out in zip(items, outputs):
             k = out["vg_in_prompt"]
@@ -47,8 +60,6 @@ def single_round_predictor(model, encoder: RequestEncoder, *, max_new_tokens: in
                 "num_generated_tokens": len(out["token_ids"]),
             })
         return records
-
-    return predict
 
 
 def _xywh_of(box_xyxy_abs) -> list[float]:

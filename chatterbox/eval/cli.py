@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from chatterbox.config import ConfigError
 from chatterbox.data.errors import DataError
-from chatterbox.eval.benchmarks import grounding_prediction_entries, read_grounding_file, single_round_predictor
+from chatterbox.eval.benchmarks import SingleRoundPredictor, grounding_prediction_entries, read_grounding_file
 from chatterbox.eval.grounding_metrics import evaluate_grounding, evaluate_query_swap
 from chatterbox.eval.runner import RunnerSetup, RunStats, add_runner_arguments, run_items
 from chatterbox.model.weights import WeightsError
@@ -93,7 +93,7 @@ def run_single_round(setup: RunnerSetup, items: Sequence, *, limit: int,
     resumable and sharded; returns (the items run, their records in item order, stats)."""
     if limit:
         items = items[:limit]
-    predict = single_round_predictor(setup.model, setup.encoder, max_new_tokens=setup.max_new_tokens,
+    predict = SingleRoundPredictor(setup.model, setup.encoder, max_new_tokens=setup.max_new_tokens,
                                      box_threshold=box_threshold)
     records, stats = run_items(items, lambda it: it.item_id, predict, setup.output_dir / "predictions.jsonl",
                                batch_size=setup.batch_size, dist=setup.dist, fingerprint=setup.fingerprint)

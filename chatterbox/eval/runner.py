@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,7 +27,7 @@ import torch
 
 from chatterbox.conversation import USER, Message
 from chatterbox.data.errors import DataError, parse_sample_id
-from chatterbox.data.processor import Processor
+from chatterbox.data.processor import ClipInput, Processor
 from chatterbox.data.transforms import ImageShapeError, load_image
 from chatterbox.distributed import DTYPES, DistContext, join_torchrun, resolve_device, resolve_dtype
 from chatterbox.tokens import NUM_IMAGE_PATCHES
@@ -62,6 +63,12 @@ class GenerationRequest:
 
 
 @dataclass
+class PreparedImage:
+    clip: ClipInput
+    image_dino: torch.Tensor
+
+
+@dataclass
 class EncodedRequest:
     request_id: str
     input_ids: torch.Tensor  # [T]
@@ -93,7 +100,19 @@ class RequestEncoder:
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return self.processor.prompt_ids(request.messages)
 
-    def encode(self, request: GenerationRequest) -> EncodedRequest:
+    def prepare_image(self, request: GenerationRequest) -> PreparedImage:
+        """Read ``request``'s image and make both branches' inputs: the part of `encode` that touches no
+        tokenizer, so it may run in another thread while the model works on an earlier batch."""
+        file, record = parse_sample_id(request.request_id)
+        image = load_image(request.image_path, request.request_id, request.image_size)
+        try:
+            clip = self.processor.clip_input(image, request.clip_resize)
+        except ImageShapeError as e:
+            raise DataError(f"{request.image_path}: {e}", file or request.request_id, record or None, "image") from None
+        return PreparedImage(clip, self.processor.dino_input(image))
+
+    def encode(self, request: GenerationRequest, image: PreparedImage | None = None) -> EncodedRequest:
+        """The model inputs of ``request``; ``image``: its `prepare_image`, if made already."""
         file, record = parse_sample_id(request.request_id)
         file, record = file or request.request_id, record or None
         input_ids = torch.tensor(self.prompt_ids(request), dtype=torch.long)
@@ -104,15 +123,33 @@ class RequestEncoder:
         if len(input_ids) > self.max_length:
             raise DataError(f"prompt is {len(input_ids)} tokens, more than max_length={self.max_length}", file,
                             record, "prompt")
-        image = load_image(request.image_path, request.request_id, request.image_size)
-        try:
-            clip = self.processor.clip_input(image, request.clip_resize)
-        except ImageShapeError as e:
-            raise DataError(f"{request.image_path}: {e}", file, record, "image") from None
-        regions = self.processor.region_boxes(request.region_boxes_xyxy_abs, clip, request.request_id)
-        # Always prepared: the model may also generate a [VG] in its reply, which needs the DINO image.
-        return EncodedRequest(request.request_id, input_ids, clip.image_clip, self.processor.dino_input(image),
-                              regions, clip.size_hw)
+        # The DINO image is always prepared: the model may also generate a [VG] in its reply.
+        image = image if image is not None else self.prepare_image(request)
+        regions = self.processor.region_boxes(request.region_boxes_xyxy_abs, image.clip, request.request_id)
+        return EncodedRequest(request.request_id, input_ids, image.clip.image_clip, image.image_dino, regions,
+                              image.clip.size_hw)
+
+
+class ImagePrefetcher:
+    """Reads and prepares requests' images in worker threads (decoding and resizing release the GIL) ahead
+    of their batch, so a runner's next images are ready when the model finishes the current batch."""
+
+    def __init__(self, encoder: RequestEncoder, workers: int = min(4, os.cpu_count() or 1)):
+        self.encoder = encoder
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[str, Future] = {}
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="image-prefetch")
+        for r in requests:
+            self._pending[r.request_id] = self._pool.submit(self.encoder.prepare_image, r)
+
+    def take(self, requests: Sequence[GenerationRequest]) -> list[PreparedImage | None]:
+        """The prepared image of each request submitted earlier (its error raised here), else None."""
+        futures = [self._pending.pop(r.request_id, None) for r in requests]
+        return [f.result() if f is not None else None for f in futures]
 
 
 def collate_requests(encoded: Sequence[EncodedRequest], pad_token_id: int) -> dict:
@@ -153,13 +190,14 @@ def upstream_answer_text(tokenizer, prompt_ids: Sequence[int], generated_ids: Se
 @torch.no_grad()
 def generate_for_requests(model, encoder: RequestEncoder, requests: Sequence[GenerationRequest], *,
                           max_new_tokens: int, min_new_tokens: int = 0, box_threshold: float | None = None,
-                          device=None) -> list[dict]:
+                          device=None, images: Sequence[PreparedImage | None] | None = None) -> list[dict]:
     """Generate for a batch; one dict per request: answer text (upstream's cut), token ids, boxes.
+    ``images``: the requests' `RequestEncoder.prepare_image`, where made already (None: made here).
 
     ``boxes_xyxy_abs`` / ``scores`` have one row per ``[VG]`` (prompt ones first, then generated ones);
     ``vg_in_prompt`` says how many answer the prompt.
     """
-    encoded = [encoder.encode(r) for r in requests]
+    encoded = [encoder.encode(r, image) for r, image in zip(requests, images or [None] * len(requests))]
     batch = collate_requests(encoded, encoder.ids.pad)
     device = device if device is not None else next(model.parameters()).device
     tensors = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -267,7 +305,8 @@ def run_items(items: Sequence, item_id: Callable[[object], str], predict_batch: 
     """Run ``predict_batch`` over ``items`` with resume and sharding; return (records in item order, stats).
 
     ``predict_batch(list_of_items) -> list of JSON-able dicts`` (one per item, in order; the runner adds
-    ``"id"``). Records are written to ``out_path`` (JSONL, one line per item, item order). Every rank
+    ``"id"``); if it has a ``prefetch(list_of_items)`` method, that is called with each batch one batch
+    ahead, so it can read the next images while the model works. Records are written to ``out_path`` (JSONL, one line per item, item order). Every rank
     returns the merged records after the final barrier. With a ``fingerprint`` (`run_fingerprint`), an
     earlier run's predictions are resumed only if that run had the same one.
     """
@@ -293,11 +332,15 @@ def run_items(items: Sequence, item_id: Callable[[object], str], predict_batch: 
     stats = RunStats(num_items=len(items), num_resumed=len(done))
     batches = [list(range(s, min(s + batch_size, len(items)))) for s in range(0, len(items), batch_size)]
     mine = batches[dist.rank:: dist.world_size]
+    todo_batches = [(n, todo) for n, batch in enumerate(mine) if (todo := [i for i in batch if ids[i] not in done])]
+    # A predictor with a ``prefetch(items)`` method is told the next batch before it answers this one.
+    prefetch = getattr(predict_batch, "prefetch", None)
+    if prefetch is not None and todo_batches:
+        prefetch([items[i] for i in todo_batches[0][1]])
     with open(own, "a") as f:
-        for n, batch in enumerate(mine):
-            todo = [i for i in batch if ids[i] not in done]
-            if not todo:
-                continue
+        for k, (n, todo) in enumerate(todo_batches):
+            if prefetch is not None and k + 1 < len(todo_batches):
+                prefetch([items[i] for i in todo_batches[k + 1][1]])
             records = predict_batch([items[i] for i in todo])
             if len(records) != len(todo):
                 raise RuntimeError(f"predict_batch returned {len(records)} records for {len(todo)} items")
