@@ -94,7 +94,7 @@ def run_single_round(setup: RunnerSetup, items: Sequence, *, limit: int,
     if limit:
         items = items[:limit]
     predict = SingleRoundPredictor(setup.model, setup.encoder, max_new_tokens=setup.max_new_tokens,
-                                     box_threshold=box_threshold)
+                                   box_threshold=box_threshold)
     records, stats = run_items(items, lambda it: it.item_id, predict, setup.output_dir / "predictions.jsonl",
                                batch_size=setup.batch_size, dist=setup.dist, fingerprint=setup.fingerprint)
     return items, records, stats

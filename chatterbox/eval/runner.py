@@ -306,8 +306,8 @@ def run_items(items: Sequence, item_id: Callable[[object], str], predict_batch: 
 
     ``predict_batch(list_of_items) -> list of JSON-able dicts`` (one per item, in order; the runner adds
     ``"id"``); if it has a ``prefetch(list_of_items)`` method, that is called with each batch one batch
-    ahead, so it can read the next images while the model works. Records are written to ``out_path`` (JSONL, one line per item, item order). Every rank
-    returns the merged records after the final barrier. With a ``fingerprint`` (`run_fingerprint`), an
+    ahead, so it can read the next images while the model works. Records are written to ``out_path``
+    (JSONL, one line per item, item order). Every rank returns the merged records after the final barrier. With a ``fingerprint`` (`run_fingerprint`), an
     earlier run's predictions are resumed only if that run had the same one.
     """
     out_path = Path(out_path)
