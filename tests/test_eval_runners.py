@@ -422,6 +422,19 @@ def test_prefetched_images_give_the_same_predictions_and_errors(tmp_path, tiny_s
     assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 2
 
 
+def test_the_grounding_box_does_not_depend_on_the_reply_length(tiny_setup, synthetic_root):
+    from chatterbox.eval.benchmarks import SingleRoundPredictor
+
+    _, model, encoder = tiny_setup
+    items = _coco_items(synthetic_root, 5)
+    short = SingleRoundPredictor(model, encoder, max_new_tokens=1, box_threshold=0.3)(items)
+    long = SingleRoundPredictor(model, encoder, max_new_tokens=8, min_new_tokens=8, box_threshold=0.3)(items)
+    assert [r["num_generated_tokens"] for r in long] == [8] * 5
+    for a, b in zip(short, long):
+        assert a["box_xyxy_abs"] == pytest.approx(b["box_xyxy_abs"], abs=1e-3)
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
 def test_missing_image_is_a_clear_error(tiny_setup, tmp_path):
     from chatterbox.eval.runner import GenerationRequest
 
