@@ -6,6 +6,8 @@ Runs on the tiny model; on a CUDA machine the last test also checks that the CUD
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from chat_support import build_tiny_chat_model, sample_image
@@ -104,9 +106,9 @@ def test_static_truncate_forgets_run_ahead_steps(model, tokenizer):
     assert not again.requires_grad and not decoder.cache.layers[0].keys.requires_grad
 
 
-def test_min_new_tokens_and_eos_checks(model, tokenizer):
-    ids = tokenizer("USER: hi ASSISTANT:", return_tensors="pt").input_ids
-    embeds = model.causal_lm.get_input_embeddings()(ids)
+@contextmanager
+def eos_always_wins(model):
+    """The model's next-token logits with end-of-sequence far ahead of every other token."""
     eos = model.token_ids.eos
     original = model._next_token_logits
 
@@ -117,34 +119,30 @@ def test_min_new_tokens_and_eos_checks(model, tokenizer):
 
     model._next_token_logits = eos_always
     try:
+        yield
+    finally:
+        del model._next_token_logits
+
+
+def test_min_new_tokens_and_eos_checks(model, tokenizer):
+    ids = tokenizer("USER: hi ASSISTANT:", return_tensors="pt").input_ids
+    embeds = model.causal_lm.get_input_embeddings()(ids)
+    with eos_always_wins(model):
         decoder = model.make_decoder(1, 64)
         first = decoder.prefill(embeds)[:, -1]
         forced = decode(model, decoder, first, max_new_tokens=10, min_new_tokens=4, check_every=3)
         decoder.reset()
         first = decoder.prefill(embeds)[:, -1]
         stopped = decode(model, decoder, first, max_new_tokens=10, check_every=3)
-    finally:
-        del model._next_token_logits
     assert len(forced.token_ids[0]) == 4 and forced.ended_by_eos == [True] and forced.fed_tokens() == 4
     assert stopped.token_ids == [[]] and stopped.ended_by_eos == [True]
     assert stopped.steps == 3  # the device ran on until the first end-of-sequence check
 
 
 def test_generate_passes_min_new_tokens_on(model, tokenizer):
-    eos = model.token_ids.eos
-    original = model._next_token_logits
-
-    def eos_always(hidden):
-        logits = original(hidden)
-        logits[:, eos] = 1e9
-        return logits
-
-    model._next_token_logits = eos_always
-    try:
+    with eos_always_wins(model):
         forced = model.generate(**batch_inputs(tokenizer), max_new_tokens=8, min_new_tokens=5)
         free = model.generate(**batch_inputs(tokenizer), max_new_tokens=8)
-    finally:
-        del model._next_token_logits
     assert [len(r.token_ids) for r in forced] == [5, 5]
     assert [r.token_ids for r in free] == [[], []]
 
