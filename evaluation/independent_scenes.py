@@ -171,7 +171,7 @@ def _rate(flags) -> float | None:
 
 
 def evaluate(model, scenes: list[DrawnScene], referring_question: str) -> tuple[dict, list[dict]]:
-    from chatterbox.eval.benchmarks import names_object, referring_name_accuracy
+    from chatterbox.eval.benchmarks import colour_kind_accuracy_fields, names_object, referring_name_accuracy
 
     records = []
     for index, scene in enumerate(scenes):
@@ -203,12 +203,7 @@ def evaluate(model, scenes: list[DrawnScene], referring_question: str) -> tuple[
         "grounding_success_rate_by_kind": {k: _rate(r["grounded"] for r in records if r["kind"] == k) for k in KINDS},
         "grounding_success_rate_by_background": {b: _rate(r["grounded"] for r in records if r["background"] == b)
                                                  for b in BACKGROUNDS},
-        "referring_accuracy": referring["name_accuracy"],
-        "referring_accuracy_most_frequent_category": referring["name_accuracy_most_frequent_category"],
-        "referring_colour_accuracy": referring["name_word_accuracy"][0],
-        "referring_kind_accuracy": referring["name_word_accuracy"][1],
-        "referring_colour_accuracy_most_frequent": referring["name_word_accuracy_most_frequent"][0],
-        "referring_kind_accuracy_most_frequent": referring["name_word_accuracy_most_frequent"][1],
+        **colour_kind_accuracy_fields(referring),
     }
     return summary, records
 

@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from chatterbox.config import load_config
+    from chatterbox.eval.benchmarks import colour_kind_accuracy_fields
 
     name1, name2 = f"{args.preset}_stage1", f"{args.preset}_stage2"
     both = list(args.overrides)
@@ -168,13 +169,8 @@ def main(argv=None) -> int:
         # where another shape of the image has the same kind (colour), only the colour (kind) tells them
         # apart: the box follows that word if the rate is above the chance of picking among them
         **shared_word_fields(grounding["success_rate_by_shared_word"]),
-        "referring_accuracy": referring["name_accuracy"],
-        "referring_accuracy_most_frequent_category": referring["name_accuracy_most_frequent_category"],
-        # the synthetic names are "<colour> <kind>": each word on its own, beside its most-frequent control
-        "referring_colour_accuracy": referring["name_word_accuracy"][0],
-        "referring_kind_accuracy": referring["name_word_accuracy"][1],
-        "referring_colour_accuracy_most_frequent": referring["name_word_accuracy_most_frequent"][0],
-        "referring_kind_accuracy_most_frequent": referring["name_word_accuracy_most_frequent"][1],
+        # the synthetic names are "<colour> <kind>": both words, then each on its own, beside their controls
+        **colour_kind_accuracy_fields(referring),
         "referring_meteor": referring.get("METEOR"),
         "referring_cider": referring.get("CIDEr"),
         # "Where is it?" rounds after "What is <region>?": the answer needs the earlier round

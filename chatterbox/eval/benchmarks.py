@@ -20,7 +20,7 @@ from chatterbox.eval.runner import (EVAL_IMAGE_PREFIX, GenerationRequest, ImageP
                                      generate_for_requests)
 
 __all__ = ["SingleRoundPredictor", "grounding_prediction_entries", "read_grounding_file", "evaluate_grounding_file",
-           "referring_raw_output", "names_object", "referring_name_accuracy"]
+           "referring_raw_output", "names_object", "referring_name_accuracy", "colour_kind_accuracy_fields"]
 
 
 class SingleRoundPredictor:
@@ -148,6 +148,19 @@ def referring_name_accuracy(texts: Sequence[str], names: Sequence[str | None]) -
     return {"name_accuracy": result[0], "name_accuracy_most_frequent_category": result[1],
             "name_word_accuracy": [a for a, _ in by_word], "name_word_accuracy_most_frequent": [c for _, c in by_word],
             "num_named": len(scored), "num_unnamed": len(texts) - len(scored)}
+
+
+def colour_kind_accuracy_fields(accuracy: dict) -> dict:
+    """`referring_name_accuracy`'s result for "<colour> <kind>" names (the synthetic shapes) as flat summary
+    fields: both words, then each word on its own, every one beside its most-frequent control."""
+    return {
+        "referring_accuracy": accuracy["name_accuracy"],
+        "referring_accuracy_most_frequent_category": accuracy["name_accuracy_most_frequent_category"],
+        "referring_colour_accuracy": accuracy["name_word_accuracy"][0],
+        "referring_kind_accuracy": accuracy["name_word_accuracy"][1],
+        "referring_colour_accuracy_most_frequent": accuracy["name_word_accuracy_most_frequent"][0],
+        "referring_kind_accuracy_most_frequent": accuracy["name_word_accuracy_most_frequent"][1],
+    }
 
 
 def _accuracy_and_control(scored: list[tuple[str, str]]) -> tuple[float | None, float | None]:
