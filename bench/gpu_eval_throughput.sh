@@ -10,13 +10,7 @@ SECTIONS=${*:-tests bench}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MAX_JOBS=${MAX_JOBS:-16}
 . scripts/carried_deepspeed.sh
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-} 2>&1 | tee -a "$OUT/machine.txt"
-if ! ls model/GroundingDINO/ms_deform_attn/_C*.so >/dev/null 2>&1; then
-  echo "== kernel build"
-  timeout 400 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "exit $?"
-fi
+. bench/gpu_machine.sh
 for section in $SECTIONS; do
   case $section in
     tests)
