@@ -157,14 +157,6 @@ def draw_scene(rng: random.Random) -> DrawnScene:
     return DrawnScene(image, background, shapes)
 
 
-def iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _rate(flags) -> float | None:
     flags = list(flags)
     return sum(flags) / len(flags) if flags else None
@@ -172,6 +164,7 @@ def _rate(flags) -> float | None:
 
 def evaluate(model, scenes: list[DrawnScene], referring_question: str) -> tuple[dict, list[dict]]:
     from chatterbox.eval.benchmarks import colour_kind_accuracy_fields, names_object, referring_name_accuracy
+    from chatterbox.eval.grounding_metrics import iou_per_item
 
     records = []
     for index, scene in enumerate(scenes):
@@ -186,9 +179,10 @@ def evaluate(model, scenes: list[DrawnScene], referring_question: str) -> tuple[
             records.append({
                 "scene": index, "background": scene.background, "name": shape.name, "kind": shape.kind,
                 "shapes": len(scene.shapes), "box_xyxy_abs": list(shape.box_xyxy_abs), "predicted_box": box,
-                "grounded": box is not None and iou(box, shape.box_xyxy_abs) >= 0.5,
+                "grounded": box is not None and float(iou_per_item(box, shape.box_xyxy_abs)) >= 0.5,
                 # each other shape's answer box scored against this shape: the words are ignored if it hits
-                "other_names_grounded": [answers[o.name] is not None and iou(answers[o.name], shape.box_xyxy_abs) >= 0.5
+                "other_names_grounded": [answers[o.name] is not None
+                                         and float(iou_per_item(answers[o.name], shape.box_xyxy_abs)) >= 0.5
                                          for o in others],
                 "largest": max(scene.shapes, key=lambda s: s.area) is shape,
                 "reply": reply.text, "reply_names_it": names_object(reply.text, shape.name),
