@@ -5,7 +5,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
-.venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+# One worker per core, each test file on one worker (module-scoped models are built once); TEST_WORKERS=0 runs
+# the suite in this process.
+.venv/bin/python -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-auto}" --dist loadfile "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "scripts/test.sh: no tests ran — treating as a failure" >&2

@@ -16,8 +16,12 @@ def wandb_records(path) -> list:
     """The records (wandb's own protobuf ``Record``) of an offline run's ``.wandb`` file, as ``wandb sync``
     would upload them: after the 7-byte file header, LevelDB log chunks (4-byte CRC, 2-byte length, 1-byte
     type) in 32 KiB blocks; a record split over blocks comes as FIRST, MIDDLE..., LAST."""
+    import wandb
     from wandb.proto.wandb_internal_pb2 import Record
 
+    # wandb's service process writes a finished run's last records (its exit) in the background; teardown
+    # waits for them, as the end of a training process does (under load the file was read too early).
+    wandb.teardown()
     data, pos, pending, records = path.read_bytes(), WANDB_LOG_HEADER, b"", []
     assert data.startswith(b":W&B")
     while pos + WANDB_LOG_HEADER <= len(data):
