@@ -231,7 +231,8 @@ def stream_batches(model, cfg, stream: str, micro_batch: int, count: int, genera
     text_vocab = min(cfg.language.vocab_size, len(model.tokenizer) - 5)
     dino = cfg.vision.image_size if stream == "grounding" else None
     return [move_batch(build_batch(model.token_ids, shapes[stream], stream, micro_batch, text_vocab,
-                                   cfg.clip.image_size, dino, generator), device, dtype) for _ in range(count)]
+                                   cfg.clip.image_size, dino, generator, model.clip_tower.num_patches), device, dtype)
+            for _ in range(count)]
 
 
 def most_boxes_per_query(batch: dict) -> int:

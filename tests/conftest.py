@@ -20,12 +20,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_upstream_policy():
-    """The tiny preset's model (configs/tiny_stage1.yaml) under upstream's training policy: CLIP, the base LLM
-    and Swin frozen (the quickstart trains them, since its weights start random)."""
+    """The tiny preset's model (configs/tiny_stage1.yaml) under upstream's training policy and image layout:
+    CLIP, the base LLM and Swin frozen (the quickstart trains them, since its weights start random), and
+    upstream's 16x16 patch grid, 256 image tokens (the preset has 8x8), which the hand-built prompts spell out."""
     from chatterbox.model.presets import preset
 
     cfg = preset("tiny")
     cfg.clip.freeze = cfg.language.freeze_base = cfg.vision.freeze_backbone = True
+    cfg.clip.patch_size = cfg.clip.image_size // 16
     return cfg
 
 
