@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import random
-import re
 import time
 from pathlib import Path
 
@@ -23,10 +22,9 @@ import torch
 
 from chatterbox.config import load_config
 from chatterbox.conversation import ASSISTANT, USER, Message, render
+from chatterbox.data.annotations import strip_box_groups
 from chatterbox.model.llava_llama import LlavaLlamaForCausalLM, llama_config
 from chatterbox.model.weights import build_tokenizer
-
-BOX_GROUP = re.compile(r"\s*<[^<>]*:\s*\[[^\]]*\][^<>]*>")  # "<red circle:[1, 2, 3, 4]>", several entries too
 
 
 def corpus_dialogues(root: Path) -> list[list[Message]]:
@@ -37,7 +35,7 @@ def corpus_dialogues(root: Path) -> list[list[Message]]:
         for item in data["data"] if isinstance(data, dict) else data:
             turns = item.get("conversation") or item["conversations"]
             dialogues.append([Message(USER if t["from"] == "human" else ASSISTANT,
-                                      BOX_GROUP.sub("", t["value"].replace("<image>", "")).strip()) for t in turns])
+                                      strip_box_groups(t["value"].replace("<image>", "")).strip()) for t in turns])
     return dialogues
 
 

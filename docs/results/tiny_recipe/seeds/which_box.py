@@ -9,12 +9,7 @@ import collections
 import json
 import sys
 
-
-def iou(a, b) -> float:
-    iw, ih = max(0, min(a[2], b[2]) - max(a[0], b[0])), max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union else 0.0
+from chatterbox.eval.grounding_metrics import iou_per_item
 
 
 def main(instances_path: str, *prediction_paths: str) -> None:
@@ -30,8 +25,8 @@ def main(instances_path: str, *prediction_paths: str) -> None:
         for p in predictions:
             shapes = boxes[image_ids[p["image_abs_path"].split("/")[-1]]]
             largest = max(shapes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
-            on_largest += iou(p["out_boxes"], largest) >= 0.5
-            on_any += max(iou(p["out_boxes"], b) for b in shapes) >= 0.5
+            on_largest += float(iou_per_item(p["out_boxes"], largest)) >= 0.5
+            on_any += max(float(iou_per_item(p["out_boxes"], b)) for b in shapes) >= 0.5
         n = len(predictions)
         print(json.dumps({"predictions": path, "questions": n, "on_some_shape": on_any / n,
                           "on_the_largest_shape": on_largest / n}))
