@@ -313,6 +313,16 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def private_pool_gb(device: torch.device) -> float | None:
+    """GiB held in the caching allocator's private pools (CUDA graphs), from its segment snapshot."""
+    if device.type != "cuda":
+        return None
+    segments = torch.cuda.memory_snapshot()
+    if segments and "segment_pool_id" not in segments[0]:
+        return None
+    return sum(seg["total_size"] for seg in segments if tuple(seg["segment_pool_id"]) != (0, 0)) / 2**30
+
+
 # ----------------------------------------------------------------------------------------------------
 # one mode
 @dataclass
@@ -372,6 +382,7 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
     eager_grounding = ("ours-eager-encoders", "ours-eager-grounding")
     accel.use_grounding_loss_graphs(model, device.type == "cuda" and mode.startswith("ours")
                                     and mode not in eager_grounding,
+                                    query_chunk=getattr(args, "graph_query_chunk", 8),
                                     query_multiple=getattr(args, "graph_query_multiple", 4))
     backend = getattr(args, "compile_backend", "inductor")
     if mode in COMPILED_MODES:  # train.compile_layers: all (the 13b/7b configs' setting)
@@ -496,7 +507,27 @@ def run_mode(args) -> dict:
         if on_gpu and k == 0 and act_per_token is None:
             act_per_token = (torch.cuda.max_memory_allocated(device) - base_memory) / tokens
     result["activation_bytes_per_token"] = act_per_token
+    result["checkpoint_plan_before_warmup"] = dict(checkpoint_plan)
     result["checkpoint_plan"] = checkpoint_plan
+    stream_tokens = {s: max(b["input_ids"].numel() for b in batches[s]) for s in streams}
+
+    def replan() -> bool:
+        """After a warm-up round: plan again against what stays resident between steps (weights, optimizer
+        state, the CUDA graphs' pools) instead of the estimate. Returns whether any stream's plan changed."""
+        if not on_gpu or upstream_like or act_per_token is None:
+            return False
+        resident = torch.cuda.memory_allocated(device)
+        free = args.memory_fraction * capacity - resident
+        result.setdefault("resident_gb_after_warmup", []).append(resident / 2**30)
+        result.setdefault("graph_pool_gb_after_warmup", []).append(private_pool_gb(device))
+        changed = False
+        for t in streams:
+            k = plan_checkpoint_layers(stream_tokens[t], act_per_token, num_layers, free)
+            changed |= k != checkpoint_plan[t]
+            checkpoint_plan[t] = k
+        print(f"[{mode}] after warm-up: {resident / 2**30:.1f} GiB resident "
+              f"({result['graph_pool_gb_after_warmup'][-1]} GiB in graph pools); plan {checkpoint_plan}", flush=True)
+        return changed
 
     # Phase B: the whole training micro-step through the engine(s). One warm-up accumulation cycle per
     # stream, then ``repeats`` rounds of one cycle per stream in turn, every micro-step on a batch of its own.
@@ -521,7 +552,13 @@ def run_mode(args) -> dict:
     timed = {s: {"times": [], "boundary": [], "rounds": [], "flops": [], "tokens": [], "over_limit": 0,
                  "error": None} for s in streams}
     peaks: dict[str, float | None] = {}
-    for round_index in range(1 + args.repeats):  # round 0 warms up (and allocates the optimizer state)
+    # Round 0 warms up (allocates the optimizer state, captures graphs); when the plan it leads to differs,
+    # one more warm-up round runs under the new plan, so that no timed round pays for a recompile it caused.
+    rounds = [0] + list(range(1, 1 + args.repeats))
+    position = 0
+    while position < len(rounds):
+        round_index = rounds[position]
+        position += 1
         for s in streams:
             record = timed[s]
             if record["error"]:
@@ -560,6 +597,10 @@ def run_mode(args) -> dict:
             peaks[s] = max(peaks.get(s) or 0.0, peak_memory_gb(device) or 0.0) if on_gpu else None
             print(f"[{mode}] round {round_index} {s}: micro-steps " + ", ".join(f"{t:.3f}" for t in round_times)
                   + (f" error {record['error']}" if record["error"] else ""), flush=True)
+        if round_index == 0:
+            out = None  # nothing of the last step stays alive while the resident memory is read
+            if replan() and position == 1:
+                rounds.insert(position, 0)
 
     per_stream: list[StreamResult] = []
     for s in streams:
@@ -650,7 +691,8 @@ def run_process(args, mode: str, path: Path) -> dict:
     if args.mode_timeout:
         cmd += ["--hang-dump", str(max(1, args.mode_timeout - 20))]
     for key in ("preset", "device", "streams", "micro_batch", "gas", "repeats", "distinct_batches",
-                "llm_only_reps", "peak_size", "peak_reps", "seed", "memory_fraction", "graph_query_multiple"):
+                "llm_only_reps", "peak_size", "peak_reps", "seed", "memory_fraction", "graph_query_chunk",
+                "graph_query_multiple"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     print("+ " + " ".join(cmd), flush=True)  # the child prints its progress and table
     started = time.perf_counter()
@@ -729,8 +771,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--distinct-batches", type=int, default=0,
                         help="batches per stream, reused in turn (0: one per micro-step, none seen twice)")
     parser.add_argument("--process-repeats", type=int, default=2, help="--compare: processes per mode, alternating")
+    parser.add_argument("--graph-query-chunk", type=int, default=8,
+                        help="grounding graphs: queries per chunk (each chunk runs forward and backward at once)")
     parser.add_argument("--graph-query-multiple", type=int, default=4,
-                        help="grounding graphs: pad the query count to a multiple of this")
+                        help="grounding graphs: pad the last chunk's query count to a multiple of this")
     parser.add_argument("--llm-only-reps", type=int, default=3)
     parser.add_argument("--peak-size", type=int, default=8192)
     parser.add_argument("--peak-reps", type=int, default=20)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chatterbox.accel import compile_layers, use_grounding_loss_graphs
-from chatterbox.accel.grounding_graphs import GroundingLossGraphs, padded_size, target_slots
+from chatterbox.accel.grounding_graphs import GroundingLossGraphs, padded_size, query_chunks, target_slots
 from chatterbox.model.lora import parameter_group
 from tests.test_model_chatterbox import CLIP_SIZE, build_tiny, make_batch
 
@@ -96,17 +96,51 @@ def to_device(batch: dict, device) -> dict:
 def test_padding_sizes():
     assert [padded_size(q, 4) for q in (1, 4, 5, 9)] == [4, 4, 8, 12]
     assert [target_slots(k) for k in (0, 1, 2, 3, 4, 5, 8)] == [1, 1, 2, 4, 4, 8, 8]
+    assert query_chunks(4, 8, 4) == [(0, 4, 4)]
+    assert query_chunks(19, 8, 4) == [(0, 8, 8), (8, 8, 8), (16, 3, 4)]
+    assert query_chunks(6, 8, 3) == [(0, 6, 6)]
+    assert query_chunks(7, 8, 6) == [(0, 7, 8)]  # never past the chunk size
+    assert query_chunks(4, 1, 1) == [(0, 1, 1), (1, 1, 1), (2, 1, 1), (3, 1, 1)]
 
 
-@pytest.mark.parametrize("query_multiple", [1, 4, 6])
-def test_padded_step_gives_the_eager_losses_and_gradients(tokenizer, query_multiple):
+@pytest.mark.parametrize("query_chunk,query_multiple", [(8, 1), (8, 4), (8, 6), (1, 1), (3, 2)])
+def test_chunked_step_gives_the_eager_losses_and_gradients(tokenizer, query_chunk, query_multiple):
+    """Four queries in one chunk, or in one to four chunks whose losses and gradients add up."""
     model = fresh_model(tokenizer)
     batch = grounding_batch(tokenizer)
     want = step(model, batch, accumulate=2)
-    use_grounding_loss_graphs(model, query_multiple=query_multiple, graphs=False)
+    use_grounding_loss_graphs(model, query_chunk=query_chunk, query_multiple=query_multiple, graphs=False)
     got = step(model, batch, accumulate=2)  # gradients accumulate into .grad as the eager ones do
-    assert len(model.grounding_loss_runner) == 1
-    assert_same_step(got, want, rtol=1e-4, atol=1e-6)
+    assert len(model.grounding_loss_runner) == len({(padded, target_slots(max(
+        [1, 3, 2, 1][start:start + real]))) for start, real, padded in query_chunks(4, query_chunk, query_multiple)})
+    # Chunks add a query's gradient in another order: the input projections' biases, whose gradients are
+    # sums of cancelling terms (~1e-6 before a GroupNorm), differ by ~1e-6; atol 2e-5 covers them, rtol the rest.
+    assert_same_step(got, want, rtol=1e-4, atol=2e-5)
+
+
+def test_chunks_keep_upstreams_local_normalisation(tokenizer):
+    """ce_normalization: local_matches divides by the rank's matched pairs, not a chunk's."""
+    model = fresh_model(tokenizer)
+    model.grounding_criterion.ce_normalization = "local_matches"
+    batch = grounding_batch(tokenizer)
+    want = step(model, batch)
+    use_grounding_loss_graphs(model, query_chunk=1, graphs=False)
+    assert_same_step(step(model, batch), want, rtol=1e-4, atol=2e-5)
+
+
+def test_a_loss_gradient_scales_the_chunks_gradients(tokenizer):
+    """The chunks' backward ran for a loss gradient of 1; the model's backward multiplies the real one in
+    (gradient accumulation and loss scaling divide or multiply the loss)."""
+    model = fresh_model(tokenizer)
+    batch = grounding_batch(tokenizer)
+    model.zero_grad(set_to_none=True)
+    (model(**batch)["loss"] * 0.25).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    use_grounding_loss_graphs(model, query_chunk=2, graphs=False)
+    model.zero_grad(set_to_none=True)
+    (model(**batch)["loss"] * 0.25).backward()
+    for name, grad in want.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_shapes_that_pad_alike_share_one_step(tokenizer):
@@ -119,15 +153,23 @@ def test_shapes_that_pad_alike_share_one_step(tokenizer):
     assert [key[:2] for key in runner._steps] == [(4, 2), (4, 1)]  # (4, 4) was used least recently
 
 
-def test_each_forward_needs_its_backward_before_the_next(tokenizer):
+def test_forwards_may_run_before_their_backwards(tokenizer):
+    """Nothing of a forward pass waits in the graphs' memory for its backward: two forwards, then both
+    backwards in either order, give the sum of the two steps' gradients."""
     model = fresh_model(tokenizer)
-    use_grounding_loss_graphs(model, graphs=False)
-    batch = grounding_batch(tokenizer)
-    first = model(**batch)["loss"]
-    second = model(**batch)["loss"]
-    with pytest.raises(RuntimeError, match="overwritten by a later one"):
-        first.backward()
-    second.backward()  # the latest one is fine
+    batches = [grounding_batch(tokenizer), grounding_batch(tokenizer, (1, 2))]
+    model.zero_grad(set_to_none=True)
+    for batch in batches:
+        model(**batch)["loss"].backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    use_grounding_loss_graphs(model, query_chunk=2, graphs=False)
+    model.zero_grad(set_to_none=True)
+    first, second = (model(**batch)["loss"] for batch in batches)
+    second.backward()
+    first.backward()
+    assert set(want) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in want.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=2e-5, msg=name)
 
 
 def test_where_the_runner_declines_the_eager_path_runs(tokenizer):
@@ -148,8 +190,10 @@ def test_where_the_runner_declines_the_eager_path_runs(tokenizer):
     model.vision_branch.cfg.use_transformer_ckpt = False
     assert runner.accepts(queries, [1, 3])
     assert not GroundingLossGraphs(model.vision_branch, model.grounding_criterion).accepts(queries, [1])  # CPU
-    with pytest.raises(ValueError, match="query_multiple"):
-        GroundingLossGraphs(model.vision_branch, model.grounding_criterion, query_multiple=0)
+    with pytest.raises(ValueError, match="query_chunk"):
+        GroundingLossGraphs(model.vision_branch, model.grounding_criterion, query_chunk=0)
+    half = torch.zeros(2, model.vision_branch.cfg.hidden_dim, dtype=torch.float16)
+    assert not runner.accepts(half, [1, 3])  # fp16: its loss scale belongs inside the backward
 
 
 def test_bad_inputs_name_what_is_wrong(tokenizer):
@@ -176,13 +220,14 @@ def test_bad_inputs_name_what_is_wrong(tokenizer):
 
 # ---------------------------------------------------------------------------------------------------
 @cuda
-def test_graphs_replay_the_eager_step_on_the_gpu(tokenizer):
+@pytest.mark.parametrize("query_chunk", [8, 2])
+def test_graphs_replay_the_eager_step_on_the_gpu(tokenizer, query_chunk):
     model = fresh_model(tokenizer, "cuda")
     batches = {rows: to_device(grounding_batch(tokenizer, rows), "cuda") for rows in [(0, 1, 2), (1, 2), (0,)]}
     eager = {rows: step(model, batch, accumulate=2) for rows, batch in batches.items()}
-    use_grounding_loss_graphs(model, query_multiple=4, graphs=False)
+    use_grounding_loss_graphs(model, query_chunk=query_chunk, query_multiple=4, graphs=False)
     padded = {rows: step(model, batch, accumulate=2) for rows, batch in batches.items()}
-    use_grounding_loss_graphs(model, query_multiple=4)
+    use_grounding_loss_graphs(model, query_chunk=query_chunk, query_multiple=4)
     runner = model.grounding_loss_runner
     # The deformable-attention kernel's backward accumulates with atomics: gradients that are sums of
     # cancelling terms (the input projections' biases, ~1e-6 before a GroupNorm) differ by ~1e-5 between
@@ -193,7 +238,9 @@ def test_graphs_replay_the_eager_step_on_the_gpu(tokenizer):
             got = step(model, batch, accumulate=2)
             assert_same_step(got, padded[rows], rtol=1e-4, atol=1e-4)
             assert_same_step(got, eager[rows], rtol=1e-2, atol=1e-4)  # TF32 convolutions on other shapes
-    assert runner.captures == len(runner) == 3  # (4 queries, 4 slots), (4, 2), (4, 4) on 1 image
+    # (padded queries, target slots) by image layout; chunks of 8: (4, 4) on 3 images, (4, 2) on 2, (4, 4) on 1;
+    # of 2: (2, 4) and (2, 2) on 3 images, (2, 2) on 2, (2, 4) on 1
+    assert runner.captures == len(runner) == {8: 3, 2: 4}[query_chunk]
 
 
 @cuda

@@ -5,20 +5,26 @@ Why: on a GPU that part runs ~50 ms of kernels but launches thousands of them, s
 host's launch time and moves with the host (docs/BENCHMARKS.md). A captured graph launches them with one
 call per direction.
 
-A graph needs fixed shapes and no host synchronisation, so the step is run in a padded form: the query
-count is rounded up to a multiple of ``query_multiple`` (padding queries get zero embeddings and no
-targets; the vision branch treats every query on its own, so they change nothing for the real ones) and
-the target slots per query up to a power of two; matching and losses are the criterion's one, fixed-shape
-implementation (``GroundingCriterion.padded_terms``), which masks the padding out. One forward/backward
-graph pair is captured per (padded query count, target slots, feature layout, dtype, train/eval mode,
-placement of the weights). All pairs share one memory pool; that is safe because each pair runs strictly as
-forward then backward, one at a time, which ``_Order`` enforces.
+A graph needs fixed shapes and no host synchronisation, so the step runs in padded chunks: the queries are
+split into chunks of ``query_chunk`` (the last one rounded up to a multiple of ``query_multiple``; padding
+queries get zero embeddings and no targets, and the vision branch treats every query on its own, so they
+change nothing for the real ones), and the target slots per query are rounded up to a power of two;
+matching and losses are the criterion's one, fixed-shape implementation (``GroundingCriterion.padded_terms``),
+which masks the padding out. The loss is a sum over queries divided by batch-wide counts, so the chunks'
+losses and gradients add up to the whole step's.
+
+Each chunk runs its forward and its backward at once, inside the model's forward pass: the loss enters the
+model's total loss linearly, so its incoming gradient is one scalar, which the model's backward pass
+multiplies in. So a chunk's activations live only while it runs: every graph shares one memory pool whose
+size is that of the largest chunk, whatever the batch's query count, and nothing in it waits for the
+language model's backward. One graph pair is captured per (padded chunk size, target slots, feature layout,
+dtype, train/eval mode, placement of the weights).
 
 The graphs are used where :meth:`GroundingLossGraphs.accepts` holds (CUDA with the deformable-attention
-kernel, grad enabled, frozen backbone, no activation checkpointing, at most ``DEVICE_MAX_TARGETS`` boxes
-per query); elsewhere the runner declines (returns None) and the model runs its eager path.
-``graphs=False`` runs the same padded computation eagerly (no capture): the CPU tests check it against the
-eager path, the GPU tests the graphs against both.
+kernel, grad enabled, bf16 or fp32 (fp16 needs its loss scale inside the backward), frozen backbone, no
+activation checkpointing, at most ``DEVICE_MAX_TARGETS`` boxes per query); elsewhere the runner declines
+(returns None) and the model runs its eager path. ``graphs=False`` runs the same chunked computation
+eagerly (no capture): the CPU tests check it against the eager path, the GPU tests the graphs against both.
 """
 from __future__ import annotations
 
@@ -51,6 +57,16 @@ def target_slots(max_count: int) -> int:
     return 1 << max(0, max_count - 1).bit_length()
 
 
+def query_chunks(num_queries: int, chunk: int, multiple: int) -> list[tuple[int, int, int]]:
+    """(first query, real queries, padded size) of each chunk: full chunks of ``chunk``, then the rest
+    rounded up to a multiple of ``multiple`` (at most ``chunk``)."""
+    chunks = [(start, chunk, chunk) for start in range(0, num_queries - num_queries % chunk, chunk)]
+    rest = num_queries % chunk
+    if rest:
+        chunks.append((num_queries - rest, rest, min(chunk, padded_size(rest, multiple))))
+    return chunks
+
+
 @contextmanager
 def _parameters_replaced(module: nn.Module, replacements: dict[int, nn.Parameter]):
     """Within the block, ``module`` and its sub-modules see ``replacements[id(p)]`` in place of each
@@ -67,108 +83,85 @@ def _parameters_replaced(module: nn.Module, replacements: dict[int, nn.Parameter
 
 
 @dataclass
+class _Layout:
+    """What the chunks of one feature layout share: the backbone's outputs, copied in once per step, and the
+    gradient accumulators that every chunk's backward adds into (both outside the graphs' pool)."""
+
+    features: list[torch.Tensor]      # the backbone's flat outputs (feature maps, masks, positions, image mask)
+    grad_sums: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)  # used params' grads, per dtype
+    used: list[bool] | None = None    # per param: does the loss depend on it
+
+
+@dataclass
 class _Step:
-    """Static buffers of one padded shape, and (when captured) its forward and backward graphs.
+    """Static buffers of one padded chunk shape, and (when captured) its forward and backward graphs.
 
     The padded pass runs on ``aliases``: parameters that share the real parameters' memory (so the graphs
     read every weight update) but have gradient nodes of their own. The real parameters' nodes may be
     held by an earlier, still referenced autograd graph built on another stream, and a backward into them
-    from inside a capture would make that stream wait on the capturing one, which CUDA refuses. The
-    aliases' gradients go to the real parameters through ``_ReplayStep``."""
+    from inside a capture would make that stream wait on the capturing one, which CUDA refuses."""
 
     params: list[nn.Parameter]
     aliases: list[nn.Parameter]
+    layout: _Layout
     slots: int                        # target slots per query
-    features: list[torch.Tensor]      # the backbone's flat outputs (feature maps, masks, positions, image mask)
     queries: torch.Tensor             # [Qp, C] leaf, requires grad; rows past the real queries are zero
-    # float32, flat: boxes [Qp,K,4], target mask [Qp,K], query mask [Qp], image index [Qp], num_boxes
+    # float32, flat: boxes [Qp,K,4], target mask [Qp,K], query mask [Qp], image index [Qp], num_boxes, pairs
     packed: torch.Tensor
-    grad_loss: torch.Tensor           # 0-d, the incoming gradient of the loss
     suffixes: list[str] = field(default_factory=list)
     loss: torch.Tensor | None = None
     terms: torch.Tensor | None = None         # [criterion TERMS, layers], detached
     grad_queries: torch.Tensor | None = None
-    grad_flat: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)  # used params' grads, one buffer per dtype
-    used: list[bool] = field(default_factory=list)   # per param: does the loss depend on it
     forward_graph: torch.cuda.CUDAGraph | None = None
     backward_graph: torch.cuda.CUDAGraph | None = None
 
-    def param_grads(self) -> list[torch.Tensor | None]:
-        """Views of ONE fresh copy per dtype of the gradient buffers: autograd may keep a returned gradient
-        as ``param.grad`` (and accumulate into it in place), so it must not alias memory that the next
-        replay overwrites."""
-        copies = {dtype: flat.clone() for dtype, flat in self.grad_flat.items()}
-        offsets = dict.fromkeys(copies, 0)
+
+class _ChunkedStep(torch.autograd.Function):
+    """Forward: every chunk's forward and backward (gradients for a loss gradient of 1). Backward: those
+    gradients times the loss's incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, runner: "GroundingLossGraphs", layout: _Layout, plan, queries: torch.Tensor, *params):
+        loss, terms, ctx.grad_queries, ctx.grad_sums = runner.run(layout, plan, queries)
+        ctx.params, ctx.used = params, layout.used
+        ctx.mark_non_differentiable(terms)
+        return loss, terms
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_terms):
         grads: list[torch.Tensor | None] = []
-        for param, used in zip(self.params, self.used):
+        offsets = dict.fromkeys(ctx.grad_sums, 0)
+        for flat in ctx.grad_sums.values():
+            flat.mul_(grad_loss.to(flat.dtype))
+        for param, used in zip(ctx.params, ctx.used):
             if not used:
                 grads.append(None)
                 continue
             start = offsets[param.dtype]
-            grads.append(copies[param.dtype][start:start + param.numel()].view_as(param))
+            grads.append(ctx.grad_sums[param.dtype][start:start + param.numel()].view_as(param))
             offsets[param.dtype] = start + param.numel()
-        return grads
-
-
-class _Order:
-    """Each forward must be followed by its own backward before the next forward replays: graphs share one
-    memory pool, and a forward's saved activations live in it until its backward has run."""
-
-    def __init__(self):
-        self.issued = 0
-        self.pending: int | None = None
-
-    def forward(self) -> int:
-        self.issued += 1
-        self.pending = self.issued
-        return self.issued
-
-    def backward(self, token: int) -> None:
-        if self.pending != token:
-            raise RuntimeError("the graphed grounding loss of an earlier forward pass was overwritten by a later "
-                               "one: run each backward before the next forward, or turn off "
-                               "train.cuda_graph_grounding_loss")
-        self.pending = None
-
-
-class _ReplayStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, runner: "GroundingLossGraphs", step: _Step, queries: torch.Tensor, *params):
-        runner.run_forward(step)
-        ctx.runner, ctx.step, ctx.num_queries = runner, step, queries.shape[0]
-        ctx.token = runner.order.forward()
-        terms = step.terms.clone()
-        ctx.mark_non_differentiable(terms)
-        return step.loss.clone(), terms
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_terms):
-        step = ctx.step
-        ctx.runner.order.backward(ctx.token)
-        step.grad_loss.copy_(grad_loss)
-        ctx.runner.run_backward(step)
-        return (None, None, step.grad_queries[:ctx.num_queries].clone(), *step.param_grads())
+        return (None, None, None, ctx.grad_queries * grad_loss.to(ctx.grad_queries.dtype), *grads)
 
 
 class GroundingLossGraphs:
     """``runner(features, queries, query_image_index, target_boxes)`` -> the criterion's loss dict, computed
-    from CUDA graphs (or, with ``graphs=False``, by the same padded computation run eagerly), or None where
+    from CUDA graphs (or, with ``graphs=False``, by the same chunked computation run eagerly), or None where
     it does not :meth:`accepts` the call. ``ChatterBox.grounding_loss_runner`` takes it.
 
-    ``max_graphs`` padded shapes are kept (least recently used dropped first); ``warmup_runs`` eager
+    ``max_graphs`` padded chunk shapes are kept (least recently used dropped first); ``warmup_runs`` eager
     forward+backward passes precede a capture (lazy initialisation and compilation must not be captured).
     """
 
-    def __init__(self, vision_branch: VisionBranch, criterion: GroundingCriterion, query_multiple: int = 4,
-                 max_graphs: int = 8, warmup_runs: int = 2, graphs: bool = True):
-        if min(query_multiple, max_graphs, warmup_runs) < 1:
-            raise ValueError(f"query_multiple, max_graphs and warmup_runs must be at least 1, got {query_multiple}, "
-                             f"{max_graphs}, {warmup_runs}")
+    def __init__(self, vision_branch: VisionBranch, criterion: GroundingCriterion, query_chunk: int = 8,
+                 query_multiple: int = 4, max_graphs: int = 16, warmup_runs: int = 2, graphs: bool = True):
+        if min(query_chunk, query_multiple, max_graphs, warmup_runs) < 1:
+            raise ValueError(f"query_chunk, query_multiple, max_graphs and warmup_runs must be at least 1, got "
+                             f"{query_chunk}, {query_multiple}, {max_graphs}, {warmup_runs}")
         self.vision_branch, self.criterion = vision_branch, criterion
-        self.query_multiple, self.max_graphs, self.warmup_runs = query_multiple, max_graphs, warmup_runs
-        self.graphs = graphs
-        self.order = _Order()
+        self.query_chunk, self.query_multiple = query_chunk, query_multiple
+        self.max_graphs, self.warmup_runs, self.graphs = max_graphs, warmup_runs, graphs
         self._steps: OrderedDict[tuple, _Step] = OrderedDict()
+        self._layouts: dict[tuple, _Layout] = {}
         self._pool = None
         self.captures = 0  # graph pairs captured so far (tests and benchmarks read it)
 
@@ -178,6 +171,7 @@ class GroundingLossGraphs:
     def clear(self) -> None:
         """Drop every captured step; their memory pool is freed with the last of them."""
         self._steps.clear()
+        self._layouts.clear()
         self._pool = None
 
     def accepts(self, queries: torch.Tensor, counts: Sequence[int]) -> bool:
@@ -187,8 +181,9 @@ class GroundingLossGraphs:
         on_device = (queries.is_cuda and not torch.cuda.is_current_stream_capturing()
                      and uses_cuda_kernel(queries.device)) if self.graphs else True
         return (on_device and torch.is_grad_enabled() and not torch.is_autocast_enabled(queries.device.type)
-                and cfg.freeze_backbone and not checkpointed and len(counts) > 0
-                and self.criterion.matcher.solver != "scipy" and max(counts) <= DEVICE_MAX_TARGETS)
+                and queries.dtype != torch.float16 and cfg.freeze_backbone and not checkpointed
+                and len(counts) > 0 and self.criterion.matcher.solver != "scipy"
+                and max(counts) <= DEVICE_MAX_TARGETS)
 
     # ------------------------------------------------------------------------------------------------
     def __call__(self, features: BackboneFeatures, queries: torch.Tensor, query_image_index,
@@ -218,31 +213,70 @@ class GroundingLossGraphs:
         # On every call: its collective keeps the ranks in step (as the eager criterion).
         num_boxes = global_num_boxes(sum(counts), queries.device)
 
-        padded_q, slots = padded_size(num_q, self.query_multiple), target_slots(max(counts))
         flat = [*features.feature_maps, *features.masks, *features.positions, features.image_mask]
         params = [p for p in self.vision_branch.parameters() if p.requires_grad]
-        key = (padded_q, slots, queries.dtype, queries.device, self.vision_branch.training,
-               tuple((tuple(t.shape), t.dtype) for t in flat), tuple(p.data_ptr() for p in params))
+        layout_key = (queries.dtype, queries.device, self.vision_branch.training,
+                      tuple((tuple(t.shape), t.dtype) for t in flat), tuple(p.data_ptr() for p in params))
+        layout = self._layouts.get(layout_key)
+        if layout is None:
+            layout = self._layouts[layout_key] = _Layout([t.detach().clone() for t in flat])
+        with torch.no_grad():
+            torch._foreach_copy_(layout.features, [t.detach() for t in flat])
+        plan = []
+        for start, real, padded in query_chunks(num_q, self.query_chunk, self.query_multiple):
+            slots = target_slots(max(counts[start:start + real]))
+            step = self._step(layout_key, layout, params, queries, padded, slots)
+            plan.append((start, real, step, self._pack(boxes[start:start + real], index[start:start + real], padded,
+                                                        slots, num_boxes, sum(counts))))
+        # Captures above ran warm-up passes that added into the sums; the step starts from zero.
+        for flat_sum in layout.grad_sums.values():
+            flat_sum.zero_()
+        loss, terms = _ChunkedStep.apply(self, layout, plan, queries, *params)
+        return {**self.criterion.name_terms(terms, plan[0][2].suffixes), "loss": loss}
+
+    def _step(self, layout_key, layout: _Layout, params, queries, padded_q: int, slots: int) -> _Step:
+        key = (padded_q, slots, layout_key)
         step = self._steps.get(key)
-        fresh = step is None
-        if fresh:
-            step = self._new_step(params, flat, queries, padded_q, slots)
-        self._load(step, flat, queries, self._pack(boxes, index, padded_q, slots, num_boxes))
-        if fresh:
-            self._prepare(step)
-            self._steps[key] = step
-            while len(self._steps) > self.max_graphs:
-                self._steps.popitem(last=False)
-        else:
+        if step is not None:
             self._steps.move_to_end(key)
-        loss, terms = _ReplayStep.apply(self, step, queries, *step.params)
-        return {**self.criterion.name_terms(terms, step.suffixes), "loss": loss}
+            return step
+        device = queries.device
+        step = _Step(params=params, aliases=[nn.Parameter(p.detach()) for p in params], layout=layout, slots=slots,
+                     queries=torch.zeros(padded_q, queries.shape[1], dtype=queries.dtype, device=device,
+                                         requires_grad=True),
+                     packed=torch.zeros(padded_q * (5 * slots + 2) + 2, device=device))
+        self._prepare(step)
+        self._steps[key] = step
+        while len(self._steps) > self.max_graphs:
+            self._steps.popitem(last=False)
+        live = {id(s.layout) for s in self._steps.values()}
+        self._layouts = {k: v for k, v in self._layouts.items() if id(v) in live}
+        return step
+
+    def run(self, layout: _Layout, plan, queries: torch.Tensor):
+        """Every chunk of ``plan`` forward and backward -> (loss, terms, grad of queries, gradient sums)."""
+        grad_queries = torch.empty_like(queries)
+        loss = terms = None
+        packed = torch.cat([chunk_packed for *_, chunk_packed in plan]).to(queries.device, non_blocking=True)
+        offset = 0
+        for start, real, step, chunk_packed in plan:
+            with torch.no_grad():
+                step.queries[:real].copy_(queries[start:start + real].detach())
+                step.queries[real:].zero_()
+                step.packed.copy_(packed[offset:offset + chunk_packed.numel()])
+            offset += chunk_packed.numel()
+            self._run(step)
+            grad_queries[start:start + real] = step.grad_queries[:real]
+            loss = step.loss.clone() if loss is None else loss + step.loss
+            terms = step.terms.clone() if terms is None else terms + step.terms
+        # A fresh copy: autograd may keep a returned gradient as ``param.grad`` and accumulate into it in place.
+        return loss, terms, grad_queries, {dtype: flat.clone() for dtype, flat in layout.grad_sums.items()}
 
     # ------------------------------------------------------------------------------------------------
     @staticmethod
     def _pack(boxes: list[torch.Tensor], index: torch.Tensor, padded_q: int, slots: int,
-              num_boxes: float) -> torch.Tensor:
-        """Every per-call host input in one float32 tensor, so that it reaches the device in one copy."""
+              num_boxes: float, local_pairs: int) -> torch.Tensor:
+        """Every per-chunk host input in one float32 tensor, so that a step's chunks reach the device in one copy."""
         packed_boxes = torch.full((padded_q, slots, 4), 0.5)  # padding slots: a valid dummy box
         target_mask = torch.zeros(padded_q, slots)
         for q, b in enumerate(boxes):
@@ -252,39 +286,24 @@ class GroundingLossGraphs:
         image_index = torch.zeros(padded_q)
         image_index[:len(boxes)] = index.float()
         return torch.cat([packed_boxes.reshape(-1), target_mask.reshape(-1), query_mask, image_index,
-                          torch.tensor([num_boxes])])
+                          torch.tensor([num_boxes, float(local_pairs)])])
 
     @staticmethod
     def _unpack(packed: torch.Tensor, padded_q: int, slots: int):
-        sizes = [padded_q * slots * 4, padded_q * slots, padded_q, padded_q, 1]
-        boxes, target_mask, query_mask, image_index, num_boxes = packed.split(sizes)
+        sizes = [padded_q * slots * 4, padded_q * slots, padded_q, padded_q, 1, 1]
+        boxes, target_mask, query_mask, image_index, num_boxes, local_pairs = packed.split(sizes)
         return (boxes.view(padded_q, slots, 4), target_mask.view(padded_q, slots) > 0.5, query_mask > 0.5,
-                image_index.long(), num_boxes[0])
-
-    def _new_step(self, params, flat, queries, padded_q: int, slots: int) -> _Step:
-        device = queries.device
-        return _Step(params=params, aliases=[nn.Parameter(p.detach()) for p in params], slots=slots,
-                     features=[t.detach().clone() for t in flat],
-                     queries=torch.zeros(padded_q, queries.shape[1], dtype=queries.dtype, device=device,
-                                         requires_grad=True),
-                     packed=torch.zeros(padded_q * (5 * slots + 2) + 1, device=device),
-                     grad_loss=torch.ones((), device=device))
-
-    @staticmethod
-    def _load(step: _Step, flat, queries: torch.Tensor, packed: torch.Tensor) -> None:
-        with torch.no_grad():
-            torch._foreach_copy_(step.features, [t.detach() for t in flat])
-            step.queries[:queries.shape[0]].copy_(queries.detach())
-            step.queries[queries.shape[0]:].zero_()
-            step.packed.copy_(packed, non_blocking=True)
+                image_index.long(), num_boxes[0], local_pairs[0])
 
     def _loss(self, step: _Step) -> tuple[torch.Tensor, torch.Tensor]:
-        """The padded forward pass and loss on the step's static buffers -> (loss, terms [criterion TERMS, layers])."""
+        """The padded forward pass and loss of one chunk on the step's static buffers -> (loss, terms
+        [criterion TERMS, layers])."""
         padded_q = step.queries.shape[0]
-        boxes, target_mask, query_mask, image_index, num_boxes = self._unpack(step.packed, padded_q, step.slots)
-        levels = (len(step.features) - 1) // 3
-        features = BackboneFeatures(step.features[:levels], step.features[levels:2 * levels],
-                                    step.features[2 * levels:3 * levels], step.features[-1])
+        boxes, target_mask, query_mask, image_index, num_boxes, local_pairs = self._unpack(step.packed, padded_q,
+                                                                                           step.slots)
+        levels = (len(step.layout.features) - 1) // 3
+        f = step.layout.features
+        features = BackboneFeatures(f[:levels], f[levels:2 * levels], f[2 * levels:3 * levels], f[-1])
         token_mask = torch.ones((padded_q, 1), dtype=torch.bool, device=step.queries.device)
         with _parameters_replaced(self.vision_branch, {id(p): a for p, a in zip(step.params, step.aliases)}):
             outputs = self.vision_branch.decode_checked(features, step.queries[:, None, :], image_index, token_mask,
@@ -292,21 +311,32 @@ class GroundingLossGraphs:
         layers = self.criterion.loss_layers(outputs)
         step.suffixes = [suffix for suffix, _ in layers]
         terms, _ = self.criterion.padded_terms([layer for _, layer in layers], token_mask, boxes, target_mask,
-                                               query_mask, num_boxes)
+                                               query_mask, num_boxes, local_pairs=local_pairs)
         stacked = torch.stack([terms[name] for name in self.criterion.TERMS])
         return self.criterion.weighted_sum(stacked, step.suffixes, step.queries.device), stacked.detach()
 
     def _gradients(self, step: _Step, loss: torch.Tensor) -> None:
-        """Backward of ``loss`` into the step's gradient buffers (one flat buffer per parameter dtype)."""
-        grads = torch.autograd.grad(loss, [step.queries, *step.aliases], grad_outputs=step.grad_loss,
-                                    allow_unused=True)
+        """Backward of ``loss`` (for a loss gradient of 1), added into the layout's gradient sums."""
+        grads = torch.autograd.grad(loss, [step.queries, *step.aliases], allow_unused=True)
         step.grad_queries = grads[0] if grads[0] is not None else torch.zeros_like(step.queries)
-        step.used = [g is not None for g in grads[1:]]
+        used = [g is not None for g in grads[1:]]
+        layout = step.layout
+        if layout.used is None:
+            layout.used = used
+            layout.grad_sums = {}
+            for param, grad in zip(step.params, grads[1:]):
+                if grad is not None:
+                    layout.grad_sums[param.dtype] = layout.grad_sums.get(param.dtype, 0) + grad.numel()
+            layout.grad_sums = {dtype: torch.zeros(n, dtype=dtype, device=step.queries.device)
+                                for dtype, n in layout.grad_sums.items()}
+        elif layout.used != used:
+            raise RuntimeError("chunks of one grounding step depend on different parameters")
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for param, grad in zip(step.params, grads[1:]):
             if grad is not None:
                 by_dtype.setdefault(param.dtype, []).append(grad.reshape(-1))
-        step.grad_flat = {dtype: torch.cat(parts) for dtype, parts in by_dtype.items()}
+        for dtype, parts in by_dtype.items():
+            layout.grad_sums[dtype].add_(torch.cat(parts))
 
     def _prepare(self, step: _Step) -> None:
         """Capture the step's graphs (with ``graphs=False`` there is nothing to prepare)."""
@@ -340,24 +370,22 @@ class GroundingLossGraphs:
         logger.info("grounding step: CUDA graphs captured for %d padded queries x %d target slots (%d captures so far)",
                     step.queries.shape[0], step.slots, self.captures)
 
-    def run_forward(self, step: _Step) -> None:
+    def _run(self, step: _Step) -> None:
+        """One chunk forward and backward: its loss, terms and query gradient in the step, its parameter
+        gradients added into the layout's sums."""
         if self.graphs:
             step.forward_graph.replay()
+            step.backward_graph.replay()
             return
         with torch.enable_grad():
             step.loss, step.terms = self._loss(step)
-
-    def run_backward(self, step: _Step) -> None:
-        if self.graphs:
-            step.backward_graph.replay()
-            return
-        self._gradients(step, step.loss)
-        step.loss = None  # the eager graph is freed by the backward
+            self._gradients(step, step.loss)
+        step.loss = step.loss.detach()
 
 
 def use_grounding_loss_graphs(model, enabled: bool = True, **options) -> None:
     """Run ``model``'s grounding step (trainable vision part and loss, forward and backward) from CUDA graphs
-    where it can; ``options`` go to GroundingLossGraphs (``query_multiple``, ``max_graphs``, ``graphs=False``
-    for its eager form)."""
+    where it can; ``options`` go to GroundingLossGraphs (``query_chunk``, ``query_multiple``, ``max_graphs``,
+    ``graphs=False`` for its eager form)."""
     model.grounding_loss_runner = GroundingLossGraphs(model.vision_branch, model.grounding_criterion, **options) \
         if enabled else None

@@ -149,14 +149,15 @@ class GroundingCriterion(nn.Module):
         return self._weight_cache[key]
 
     def padded_terms(self, layers: list[dict], token_mask: torch.Tensor, padded_targets: torch.Tensor,
-                     target_mask: torch.Tensor, query_mask: torch.Tensor, num_boxes
+                     target_mask: torch.Tensor, query_mask: torch.Tensor, num_boxes, local_pairs=None
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Each term for every layer at once -> ({term: [layers]} (at least float32), the matches [layers,Q,K]:
         the decoder query of each target slot, -1 where none). Fixed shapes: with the device solver there is no host
         synchronisation and no shape that depends on the data, so the computation can be captured in a
         CUDA graph. ``padded_targets`` [Q,K,4] with ``target_mask`` [Q,K] marking the real
         boxes; ``query_mask`` [Q] the real queries (a padding query adds nothing); ``num_boxes`` a float or
-        a 0-d tensor."""
+        a 0-d tensor; ``local_pairs``: this rank's matched pairs, for ``ce_normalization: local_matches`` when the
+        call sees only some of its queries (None: counted here)."""
         num_slots = token_mask.shape[1]
         shapes = {(tuple(layer["pred_logits"].shape), tuple(layer["pred_boxes"].shape)) for layer in layers}
         if len(shapes) != 1:
@@ -181,7 +182,8 @@ class GroundingCriterion(nn.Module):
         if self.ce_normalization == "num_boxes":
             loss_ce = focal / num_boxes
         else:  # upstream: this rank's matched pairs
-            loss_ce = focal / real.sum(dim=(1, 2)).clamp(min=1.0)
+            pairs = real.sum(dim=(1, 2)) if local_pairs is None else torch.as_tensor(local_pairs, dtype=dtype)
+            loss_ce = focal / pairs.clamp(min=1.0)
 
         picked = boxes.gather(2, index[..., None].expand(-1, -1, -1, 4)).to(dtype)  # [layers, Q, K, 4]
         target = padded_targets[None].expand_as(picked)
