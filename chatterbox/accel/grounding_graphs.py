@@ -123,7 +123,7 @@ class _ChunkedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runner: "GroundingLossGraphs", layout: _Layout, plan, queries: torch.Tensor, *params):
         loss, terms, ctx.grad_queries, ctx.grad_sums = runner.run(layout, plan, queries)
-        ctx.params, ctx.used = params, layout.used
+        ctx.param_shapes, ctx.used = [(p.dtype, p.shape) for p in params], layout.used
         ctx.mark_non_differentiable(terms)
         return loss, terms
 
@@ -133,13 +133,13 @@ class _ChunkedStep(torch.autograd.Function):
         offsets = dict.fromkeys(ctx.grad_sums, 0)
         for flat in ctx.grad_sums.values():
             flat.mul_(grad_loss.to(flat.dtype))
-        for param, used in zip(ctx.params, ctx.used):
+        for (dtype, shape), used in zip(ctx.param_shapes, ctx.used):
             if not used:
                 grads.append(None)
                 continue
-            start = offsets[param.dtype]
-            grads.append(ctx.grad_sums[param.dtype][start:start + param.numel()].view_as(param))
-            offsets[param.dtype] = start + param.numel()
+            start, size = offsets[dtype], shape.numel()
+            grads.append(ctx.grad_sums[dtype][start:start + size].view(shape))
+            offsets[dtype] = start + size
         return (None, None, None, ctx.grad_queries * grad_loss.to(ctx.grad_queries.dtype), *grads)
 
 
