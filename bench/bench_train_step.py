@@ -382,8 +382,8 @@ def build_model(args, mode: str, device: torch.device, dtype: torch.dtype):
     eager_grounding = ("ours-eager-encoders", "ours-eager-grounding")
     accel.use_grounding_loss_graphs(model, device.type == "cuda" and mode.startswith("ours")
                                     and mode not in eager_grounding,
-                                    query_chunk=getattr(args, "graph_query_chunk", 8),
-                                    query_multiple=getattr(args, "graph_query_multiple", 4))
+                                    query_chunk=getattr(args, "graph_query_chunk", 2),
+                                    query_multiple=getattr(args, "graph_query_multiple", 2))
     backend = getattr(args, "compile_backend", "inductor")
     if mode in COMPILED_MODES:  # train.compile_layers: all (the 13b/7b configs' setting)
         accel.compile_layers(model, backend=backend)
@@ -771,9 +771,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--distinct-batches", type=int, default=0,
                         help="batches per stream, reused in turn (0: one per micro-step, none seen twice)")
     parser.add_argument("--process-repeats", type=int, default=2, help="--compare: processes per mode, alternating")
-    parser.add_argument("--graph-query-chunk", type=int, default=8,
+    parser.add_argument("--graph-query-chunk", type=int, default=2,
                         help="grounding graphs: queries per chunk (each chunk runs forward and backward at once)")
-    parser.add_argument("--graph-query-multiple", type=int, default=4,
+    parser.add_argument("--graph-query-multiple", type=int, default=2,
                         help="grounding graphs: pad the last chunk's query count to a multiple of this")
     parser.add_argument("--llm-only-reps", type=int, default=3)
     parser.add_argument("--peak-size", type=int, default=8192)

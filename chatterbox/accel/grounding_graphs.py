@@ -150,10 +150,13 @@ class GroundingLossGraphs:
 
     ``max_graphs`` padded chunk shapes are kept (least recently used dropped first); ``warmup_runs`` eager
     forward+backward passes precede a capture (lazy initialisation and compilation must not be captured).
+    Two queries per chunk: at the 13b shapes (six 512-px images per micro-batch) the pool holds 6.7 GiB with
+    chunks of 2 and 18.8 GiB with chunks of 8, which left an 80 GB card too little for the language model
+    (docs/results/train_step/2026-12-08_h100_grounding_chunks); one padded size also means one compiled shape.
     """
 
-    def __init__(self, vision_branch: VisionBranch, criterion: GroundingCriterion, query_chunk: int = 8,
-                 query_multiple: int = 4, max_graphs: int = 16, warmup_runs: int = 2, graphs: bool = True):
+    def __init__(self, vision_branch: VisionBranch, criterion: GroundingCriterion, query_chunk: int = 2,
+                 query_multiple: int = 2, max_graphs: int = 16, warmup_runs: int = 2, graphs: bool = True):
         if min(query_chunk, query_multiple, max_graphs, warmup_runs) < 1:
             raise ValueError(f"query_chunk, query_multiple, max_graphs and warmup_runs must be at least 1, got "
                              f"{query_chunk}, {query_multiple}, {max_graphs}, {warmup_runs}")
