@@ -225,19 +225,26 @@ class GroundingLossGraphs:
             layout = self._layouts[layout_key] = _Layout([t.detach().clone() for t in flat])
         with torch.no_grad():
             torch._foreach_copy_(layout.features, [t.detach() for t in flat])
-        plan = []
-        for start, real, padded in query_chunks(num_q, self.query_chunk, self.query_multiple):
-            slots = target_slots(max(counts[start:start + real]))
-            step = self._step(layout_key, layout, params, queries, padded, slots)
-            plan.append((start, real, step, self._pack(boxes[start:start + real], index[start:start + real], padded,
-                                                        slots, num_boxes, sum(counts))))
+        chunks = [(start, real, padded, target_slots(max(counts[start:start + real])))
+                  for start, real, padded in query_chunks(num_q, self.query_chunk, self.query_multiple)]
+        host = [self._pack(boxes[start:start + real], index[start:start + real], padded, slots, num_boxes, sum(counts))
+                for start, real, padded, slots in chunks]
+        packed = torch.cat(host).to(queries.device, non_blocking=True)  # every chunk's inputs in one copy
+        plan, offset = [], 0
+        for (start, real, padded, slots), chunk_host in zip(chunks, host):
+            chunk_packed = packed[offset:offset + chunk_host.numel()]
+            offset += chunk_host.numel()
+            step = self._step(layout_key, layout, params, queries[start:start + real], chunk_packed, padded, slots)
+            plan.append((start, real, step, chunk_packed))
         # Captures above ran warm-up passes that added into the sums; the step starts from zero.
         for flat_sum in layout.grad_sums.values():
             flat_sum.zero_()
         loss, terms = _ChunkedStep.apply(self, layout, plan, queries, *params)
         return {**self.criterion.name_terms(terms, plan[0][2].suffixes), "loss": loss}
 
-    def _step(self, layout_key, layout: _Layout, params, queries, padded_q: int, slots: int) -> _Step:
+    def _step(self, layout_key, layout: _Layout, params, queries, packed, padded_q: int, slots: int) -> _Step:
+        """The step of this chunk shape; a new one is captured with the chunk's own inputs (``queries``, its
+        real queries, and ``packed``) loaded, so its warm-up passes run on real data."""
         key = (padded_q, slots, layout_key)
         step = self._steps.get(key)
         if step is not None:
@@ -248,6 +255,7 @@ class GroundingLossGraphs:
                      queries=torch.zeros(padded_q, queries.shape[1], dtype=queries.dtype, device=device,
                                          requires_grad=True),
                      packed=torch.zeros(padded_q * (5 * slots + 2) + 2, device=device))
+        self._load(step, queries, packed)
         self._prepare(step)
         self._steps[key] = step
         while len(self._steps) > self.max_graphs:
@@ -260,14 +268,8 @@ class GroundingLossGraphs:
         """Every chunk of ``plan`` forward and backward -> (loss, terms, grad of queries, gradient sums)."""
         grad_queries = torch.empty_like(queries)
         loss = terms = None
-        packed = torch.cat([chunk_packed for *_, chunk_packed in plan]).to(queries.device, non_blocking=True)
-        offset = 0
         for start, real, step, chunk_packed in plan:
-            with torch.no_grad():
-                step.queries[:real].copy_(queries[start:start + real].detach())
-                step.queries[real:].zero_()
-                step.packed.copy_(packed[offset:offset + chunk_packed.numel()])
-            offset += chunk_packed.numel()
+            self._load(step, queries[start:start + real], chunk_packed)
             self._run(step)
             grad_queries[start:start + real] = step.grad_queries[:real]
             loss = step.loss.clone() if loss is None else loss + step.loss
@@ -276,6 +278,14 @@ class GroundingLossGraphs:
         return loss, terms, grad_queries, {dtype: flat.clone() for dtype, flat in layout.grad_sums.items()}
 
     # ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _load(step: _Step, queries: torch.Tensor, packed: torch.Tensor) -> None:
+        """A chunk's real queries (the rest zero) and its packed inputs into the step's static buffers."""
+        with torch.no_grad():
+            step.queries[:queries.shape[0]].copy_(queries.detach())
+            step.queries[queries.shape[0]:].zero_()
+            step.packed.copy_(packed)
+
     @staticmethod
     def _pack(boxes: list[torch.Tensor], index: torch.Tensor, padded_q: int, slots: int,
               num_boxes: float, local_pairs: int) -> torch.Tensor:
