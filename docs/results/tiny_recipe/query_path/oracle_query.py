@@ -11,7 +11,7 @@ kind (the colour decides) or of the same colour (the kind decides). Training sce
 memorise them.
 
     python docs/results/tiny_recipe/query_path/oracle_query.py EXPORT_DIR|init [--steps 300] [--batches 30]
-        [--vision-lr 1e-3]
+        [--vision-lr 1e-3] [--save OUT_EXPORT]
 """
 from __future__ import annotations
 
@@ -51,15 +51,13 @@ def xyxy(cxcywh: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    steps, vision_lr = 300, 0.0
-    for flag in ("--steps", "--vision-lr"):  # trained_export's parser knows the rest
+    options = {"--steps": "300", "--vision-lr": "0", "--save": ""}
+    for flag in options:  # trained_export's parser knows the rest
         if flag in sys.argv:
             at = sys.argv.index(flag)
-            if flag == "--steps":
-                steps = int(sys.argv[at + 1])
-            else:
-                vision_lr = float(sys.argv[at + 1])
+            options[flag] = sys.argv[at + 1]
             del sys.argv[at:at + 2]
+    steps, vision_lr, save = int(options["--steps"]), float(options["--vision-lr"]), options["--save"]
     args = trained_export.parse_args(__doc__, batches=30)
     cfg, model = trained_export.load(args)
     for p in model.parameters():
@@ -143,6 +141,10 @@ def main() -> None:
         result[key] = {"questions": c["questions"], "own_query": round(c["own_query"] / c["questions"], 3),
                        "oracle_query": round(c["oracle_query"] / c["questions"], 3)}
     print(json.dumps(result))
+    if save:  # the model with its trained vision branch, as an export a stage can start from (train.init_from)
+        model.vision_branch.forward_enc_dec = original
+        model.save_pretrained(save)
+        print("saved", save)
 
 
 if __name__ == "__main__":
