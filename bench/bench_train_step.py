@@ -483,8 +483,9 @@ def run_mode(args) -> dict:
     llm_only: dict[str, float] = {}
     act_per_token = None
     base_memory = torch.cuda.memory_allocated(device) if on_gpu else 0  # weights + batches
+    stream_tokens = {s: max(b["input_ids"].numel() for b in batches[s]) for s in streams}
     for s in streams:
-        tokens = max(b["input_ids"].numel() for b in batches[s])
+        tokens = stream_tokens[s]
         if upstream_like:
             k = num_layers
         elif act_per_token is None or not on_gpu:
@@ -509,7 +510,6 @@ def run_mode(args) -> dict:
     result["activation_bytes_per_token"] = act_per_token
     result["checkpoint_plan_before_warmup"] = dict(checkpoint_plan)
     result["checkpoint_plan"] = checkpoint_plan
-    stream_tokens = {s: max(b["input_ids"].numel() for b in batches[s]) for s in streams}
 
     def replan() -> bool:
         """After a warm-up round: plan again against what stays resident between steps (weights, optimizer

@@ -213,8 +213,9 @@ class GroundingLossGraphs:
         counts = [int(b.shape[0]) for b in boxes]
         if not self.accepts(queries, counts):
             return None
+        local_pairs = sum(counts)
         # On every call: its collective keeps the ranks in step (as the eager criterion).
-        num_boxes = global_num_boxes(sum(counts), queries.device)
+        num_boxes = global_num_boxes(local_pairs, queries.device)
 
         flat = [*features.feature_maps, *features.masks, *features.positions, features.image_mask]
         params = [p for p in self.vision_branch.parameters() if p.requires_grad]
@@ -227,7 +228,7 @@ class GroundingLossGraphs:
             torch._foreach_copy_(layout.features, [t.detach() for t in flat])
         chunks = [(start, real, padded, target_slots(max(counts[start:start + real])))
                   for start, real, padded in query_chunks(num_q, self.query_chunk, self.query_multiple)]
-        host = [self._pack(boxes[start:start + real], index[start:start + real], padded, slots, num_boxes, sum(counts))
+        host = [self._pack(boxes[start:start + real], index[start:start + real], padded, slots, num_boxes, local_pairs)
                 for start, real, padded, slots in chunks]
         packed = torch.cat(host).to(queries.device, non_blocking=True)  # every chunk's inputs in one copy
         plan, offset = [], 0
