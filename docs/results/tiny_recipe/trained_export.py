@@ -14,13 +14,16 @@ from chatterbox.train.distributed import init_distributed
 from chatterbox.train.run import build_model, build_streams
 
 
-def parse_args(description: str, batches: int) -> argparse.Namespace:
+def parse_args(description: str, batches: int, add_arguments=None) -> argparse.Namespace:
+    """The diagnostics' common options; ``add_arguments(parser)`` adds a script's own."""
     parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("export", help="a save_pretrained export directory, or init")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override matching the export (e.g. model.clip.patch_size=14)")
     parser.add_argument("--batches", type=int, default=batches)
     parser.add_argument("--config", default="tiny_stage2", help="the stage-2 config the export was trained with")
+    if add_arguments is not None:
+        add_arguments(parser)
     return parser.parse_args()
 
 

@@ -16,7 +16,6 @@ memorise them.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -24,12 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trained_export  # noqa: E402
+from query_attributes import NAMED  # noqa: E402  (this folder: the script's own)
 
+from chatterbox.boxes import cxcywh_to_xyxy  # noqa: E402
+from chatterbox.data.synthetic import COLOURS as COLOUR_RGB, KINDS  # noqa: E402
 from chatterbox.eval.grounding_metrics import iou_per_item  # noqa: E402
 
-NAMED = re.compile(r"Where is the (\w+) (\w+)\? $")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-KINDS = ("circle", "square", "triangle")
+COLOURS = tuple(COLOUR_RGB)  # the corpus's colour names, in its order
 
 
 def named_queries(model, batch) -> list[tuple[int, int, str, str] | None]:
@@ -45,20 +45,14 @@ def named_queries(model, batch) -> list[tuple[int, int, str, str] | None]:
     return out
 
 
-def xyxy(cxcywh: torch.Tensor) -> torch.Tensor:
-    c, s = cxcywh[..., :2], cxcywh[..., 2:]
-    return torch.cat([c - s / 2, c + s / 2], dim=-1)
-
-
 def main() -> None:
-    options = {"--steps": "300", "--vision-lr": "0", "--save": ""}
-    for flag in options:  # trained_export's parser knows the rest
-        if flag in sys.argv:
-            at = sys.argv.index(flag)
-            options[flag] = sys.argv[at + 1]
-            del sys.argv[at:at + 2]
-    steps, vision_lr, save = int(options["--steps"]), float(options["--vision-lr"]), options["--save"]
-    args = trained_export.parse_args(__doc__, batches=30)
+    def own_options(parser):
+        parser.add_argument("--steps", type=int, default=300)
+        parser.add_argument("--vision-lr", type=float, default=0.0, help="0: the vision branch frozen")
+        parser.add_argument("--save", default="", help="write the model as an export here afterwards")
+
+    args = trained_export.parse_args(__doc__, batches=30, add_arguments=own_options)
+    steps, vision_lr, save = args.steps, args.vision_lr, args.save
     cfg, model = trained_export.load(args)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -122,7 +116,7 @@ def main() -> None:
             outputs = captured["outputs"]
             best = outputs["pred_logits"].max(-1).values.argmax(-1)  # [Q]
             boxes = outputs["pred_boxes"][torch.arange(len(best)), best]
-            hits[oracle] = [bool(iou_per_item(xyxy(boxes[q][None]), xyxy(targets[q][:1]))[0] >= 0.5)
+            hits[oracle] = [bool(iou_per_item(cxcywh_to_xyxy(boxes[q][None]), cxcywh_to_xyxy(targets[q][:1]))[0] >= 0.5)
                             for q in range(len(best))]
         for item in named:
             if item is None:
