@@ -67,7 +67,15 @@ class TrainConfig:
     # upstream's extra manual scheduler.step() per global step (spec §2.5), which ends the LR early.
     schedule_stepping: Literal["once", "upstream_double"] = "once"
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # DeepSpeed ZeRO stage: 2 (upstream) partitions optimizer state and gradients; 3 also the parameters
+    # (for cards smaller than upstream's 80 GB; no CUDA graphs or compiled layers then).
     zero_stage: int = 2
+    # ZeRO-3: parameters of at most this many elements stay whole on every rank (DeepSpeed's default);
+    # 0 partitions every one.
+    zero3_persistence_threshold: int = 100_000
+    # Host (CPU) offload: the optimizer's state and step (ZeRO 1-3), the parameters (ZeRO-3 only).
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
     # On GPUs, replay the frozen image encoders (CLIP, Swin) from CUDA graphs: same outputs, fewer launches.
     cuda_graph_frozen_encoders: bool = True
     # On GPUs, replay the grounding step's trainable vision part (encoder, decoder, heads, loss; forward and
@@ -141,7 +149,8 @@ def _resolve_path(path: str | Path) -> Path:
 INT_RANGES = {
     "data.num_workers": (0, None), "data.max_skipped_records": (0, None), "data.min_caption_words": (0, None),
     "data.max_redraws": (0, None), "eval.visualize": (0, None), "train.warmup_steps": (0, None),
-    "train.seed": (0, None), "train.zero_stage": (0, 2), "chat.port": (0, 65535),
+    "train.seed": (0, None), "train.zero_stage": (0, 3), "train.zero3_persistence_threshold": (0, None),
+    "chat.port": (0, 65535),
     "model.clip.image_feature_layer": (None, None), "model.clip.region_feature_layers": (None, None),
     "model.language.gradient_checkpointing_layers": (-1, None),
     "model.vision.return_interm_indices": (0, None),
@@ -206,6 +215,12 @@ def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
     unknown = sorted(set(cfg.train.lr_scale) - set(PARAMETER_GROUPS))
     if unknown:
         raise ConfigError(f"train.lr_scale.{unknown[0]}: no such parameter group; groups: {list(PARAMETER_GROUPS)}")
+    if cfg.train.offload_parameters and cfg.train.zero_stage != 3:
+        raise ConfigError(f"train.offload_parameters=true needs train.zero_stage=3 (got {cfg.train.zero_stage}): "
+                          "only ZeRO-3 partitions the parameters")
+    if cfg.train.offload_optimizer and cfg.train.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer=true needs train.zero_stage >= 1: ZeRO-0 keeps the whole "
+                          "optimizer on each device")
     if cfg.data.max_length > cfg.model.language.model_max_length:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds "
                           f"model.language.model_max_length={cfg.model.language.model_max_length}")

@@ -20,13 +20,18 @@ import torch
 from chatterbox.config import load_config
 from chatterbox.train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint_file
 from chatterbox.train.run import build_model, seed_everything
+from chatterbox.train.zero3 import checkpoint_weights
 
 
 def load_checkpoint_into(model: torch.nn.Module, checkpoint_dir: Path) -> None:
     module_file = checkpoint_dir / "mp_rank_00_model_states.pt"
-    if not module_file.is_file():
-        raise CheckpointError(f"{checkpoint_dir}: no mp_rank_00_model_states.pt")
-    state = load_checkpoint_file(module_file)["module"]
+    if module_file.is_file():
+        state = load_checkpoint_file(module_file)["module"]
+    elif (checkpoint_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():  # ZeRO-3: one slice per rank
+        module_file = checkpoint_dir
+        state = checkpoint_weights(checkpoint_dir)
+    else:
+        raise CheckpointError(f"{checkpoint_dir}: no mp_rank_00_model_states.pt (nor ZeRO-3's per-rank files)")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     own = model.state_dict()
     missing = sorted(trainable - set(state))

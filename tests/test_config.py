@@ -60,7 +60,10 @@ def test_overrides_apply_with_types():
         ("train.streams.grounding.gradient_accumulation_steps=0", r"gradient_accumulation_steps=0 must be >= 1"),
         ("train.warmup_steps=-5", r"^train.warmup_steps=-5 must be >= 0$"),
         ("train.keep_last_checkpoints=0", r"keep_last_checkpoints=0 must be >= 1"),
-        ("train.zero_stage=3", r"^train.zero_stage=3 must be between 0 and 2$"),
+        ("train.zero_stage=4", r"^train.zero_stage=4 must be between 0 and 3$"),
+        # the tiny preset runs ZeRO-0
+        ("train.offload_parameters=true", r"^train.offload_parameters=true needs train.zero_stage=3 \(got 0\)"),
+        ("train.offload_optimizer=true", r"^train.offload_optimizer=true needs train.zero_stage >= 1"),
         ("train.betas=[0.9, 1.0]", r"each must be in \[0, 1\)"),
         ("train.gradient_clipping=nan", r"gradient_clipping=nan must be a finite number"),
         ("model.language.lora_dropout=1.5", r"lora_dropout=1.5 must be between 0 and 1"),

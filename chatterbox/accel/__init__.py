@@ -29,8 +29,15 @@ __all__ = ["accelerate_training", "compilable_blocks", "compile_layers", "use_fr
 def accelerate_training(model, train_cfg, device=None) -> None:
     """What ``train.cuda_graph_frozen_encoders``, ``train.cuda_graph_grounding_loss`` and
     ``train.compile_layers`` ask for; the graphs only where the model runs on CUDA."""
+    import logging
+
     import torch
 
+    if train_cfg.zero_stage == 3:
+        # ZeRO-3 frees and re-gathers every parameter around each module's use: a CUDA graph or a compiled
+        # block would keep addresses and shapes that no longer hold
+        logging.getLogger(__name__).info("train.zero_stage=3: CUDA graphs and compiled layers are not used")
+        return
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if device.type == "cuda" and train_cfg.cuda_graph_frozen_encoders:
         use_frozen_encoder_graphs(model)

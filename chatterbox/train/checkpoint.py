@@ -3,7 +3,8 @@
 Layout under ``<output_dir>/checkpoints/``:
 
     step_00000050/                       one complete checkpoint (appears only once fully written)
-        mp_rank_00_model_states.pt       trainable parameters (frozen base weights are not duplicated)
+        mp_rank_00_model_states.pt       trainable parameters (frozen base weights are not duplicated);
+                                         ZeRO-3: zero_pp_rank_<r>_mp_rank_00_model_states.pt, one per rank
         *_optim_states.pt                ZeRO optimizer shards, LR scheduler (stage 0: in the model states)
         trainer_state_rank<r>.pt         step, data-sampler positions and RNG states of rank r
     latest                               the tag of the newest complete checkpoint
@@ -186,7 +187,10 @@ class CheckpointManager:
         if not path.is_dir():
             raise CheckpointError(f"{path} does not exist")
         names = sorted(p.name for p in path.glob("*.pt"))
-        for part, present in (("mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt" in names),
+        # ZeRO-3 writes each rank's slice of the module (zero_pp_rank_<r>_mp_rank_00_model_states.pt)
+        model_states = any(n == "mp_rank_00_model_states.pt" or n.endswith("_mp_rank_00_model_states.pt")
+                           for n in names)
+        for part, present in (("mp_rank_00_model_states.pt", model_states),
                               ("trainer_state_rank*.pt", any(n.startswith("trainer_state_rank") for n in names))):
             if not present:
                 raise CheckpointError(f"{path} has no {part}: incomplete checkpoint")

@@ -1,4 +1,5 @@
-"""The DeepSpeed engine: ZeRO-2, AdamW, upstream's warm-up/decay schedule, one engine for every stream.
+"""The DeepSpeed engine: ZeRO-2 (ZeRO-3 and host offload as switches), AdamW, upstream's warm-up/decay
+schedule, one engine for every stream.
 
 Upstream builds one engine per data stream around the same model (three optimizers in stage 2, spec §5
 item 6); we build one and switch its gradient-accumulation length per stream.
@@ -15,6 +16,20 @@ from chatterbox.train.schedule import WarmupDecaySchedule
 
 def deepspeed_config(train: TrainConfig, stream: StreamConfig, world_size: int) -> dict:
     """The DeepSpeed config dict of spec §2.4 (optimizer and scheduler are passed as objects)."""
+    zero = {
+        "stage": train.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": True,
+        "reduce_scatter": True,
+        "reduce_bucket_size": 5e8,
+        "allgather_bucket_size": 5e8,
+    }
+    if train.zero_stage == 3:  # DeepSpeed's prefetch and live-parameter limits
+        zero["stage3_param_persistence_threshold"] = train.zero3_persistence_threshold
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if train.offload_parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     cfg = {
         "train_micro_batch_size_per_gpu": stream.micro_batch_size,
         "gradient_accumulation_steps": stream.gradient_accumulation_steps,
@@ -22,17 +37,13 @@ def deepspeed_config(train: TrainConfig, stream: StreamConfig, world_size: int) 
         "gradient_clipping": train.gradient_clipping,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        "zero_optimization": {
-            "stage": train.zero_stage,
-            "contiguous_gradients": True,
-            "overlap_comm": True,
-            "reduce_scatter": True,
-            "reduce_bucket_size": 5e8,
-            "allgather_bucket_size": 5e8,
-        },
+        "zero_optimization": zero,
         "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "bf16": {"enabled": train.precision == "bf16"},
     }
+    if train.offload_optimizer:
+        # the step runs torch's AdamW on the host partitions (DeepSpeedCPUAdam would need its C++ op built)
+        cfg["zero_force_ds_cpu_optimizer"] = False
     if train.precision == "bf16":
         # Accumulate the micro-batch gradients (20 of them in upstream's recipe) in fp32, not bf16.
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -61,7 +72,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int):
     on_gpu = groups[0]["params"][0].is_cuda
     optimizer = torch.optim.AdamW(
         groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay,
-        fused=True if on_gpu else None,
+        fused=True if on_gpu and not train.offload_optimizer else None,  # offloaded: steps on the host
     )
     scheduler = WarmupDecaySchedule(
         optimizer, total_optimizer_steps(train), train.warmup_steps, train.lr, train.warmup_min_lr

@@ -20,7 +20,7 @@ import torch
 
 from chatterbox.config import ChatterBoxConfig, dump_config
 from chatterbox.data.mixtures import STREAM_ORDER, streams_due
-from chatterbox.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from chatterbox.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from chatterbox.distributed import DistContext
 from chatterbox.train.engine import build_engine, use_stream
 from chatterbox.train.reshard import load_resharded
@@ -109,6 +109,10 @@ class Trainer:
             return False
         saved_world = self.checkpoints.saved_world_size(tag)
         reshard = saved_world != self.dist.world_size
+        if reshard and self.checkpoints.trainer_state(tag, 0).get("zero_stage") == 3:
+            raise CheckpointError(f"{self.checkpoints.root / tag} is a ZeRO-3 checkpoint of {saved_world} rank(s): "
+                                  f"resume it on {saved_world}, not {self.dist.world_size} (only ZeRO-0/1/2 "
+                                  "checkpoints are re-partitioned)")
         if reshard:
             # Another number of ranks: re-partition the ZeRO state; data continues after every draw the
             # old ranks made; per-rank RNG streams cannot carry over, so they are re-seeded.

@@ -133,6 +133,7 @@ def data_report(streams: dict) -> dict:
 
 def _train(cfg: ChatterBoxConfig, dist: DistContext, max_steps: int | None) -> dict:
     from chatterbox.train.loop import PRECISION_DTYPES, Trainer
+    from chatterbox.train.zero3 import full_weights
 
     seed_everything(cfg.train.seed, dist.rank)
     model = build_model(cfg, dist.device, PRECISION_DTYPES[cfg.train.precision])
@@ -144,8 +145,11 @@ def _train(cfg: ChatterBoxConfig, dist: DistContext, max_steps: int | None) -> d
     history = trainer.fit(max_steps=max_steps)
     export = Path(cfg.train.output_dir) / EXPORT_DIR
     if trainer.step >= trainer.total_steps:
-        if dist.is_main:
-            model.save_pretrained(export)
+        # ZeRO-3: each rank holds a slice of every parameter; the main rank writes them whole
+        whole = full_weights(trainer.engine, model, dist.is_main) if cfg.train.zero_stage == 3 else contextlib.nullcontext()
+        with whole:
+            if dist.is_main:
+                model.save_pretrained(export)
         barrier()
     summary = {
         "stage": cfg.train.stage,

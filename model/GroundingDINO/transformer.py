@@ -14,7 +14,7 @@ float64 model computes them in float64.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint as torch_checkpoint
@@ -223,8 +223,7 @@ class TransformerDecoder(nn.Module):
         return hidden_states, references
 
 
-@dataclass
-class TransformerOutput:
+class TransformerOutput(NamedTuple):  # a tuple: ZeRO-3's backward hooks find the tensors inside it
     hidden_states: list[torch.Tensor]    # per decoder layer, [N, Q, C] (after the final norm)
     references: list[torch.Tensor]       # dec_layers + 1 boxes [N, Q, 4] cxcywh (sigmoid space)
     encoder_hidden: torch.Tensor         # [N, Q, C] the selected encoder tokens (two-stage)
@@ -325,7 +324,9 @@ class DeformableTransformer(nn.Module):
         boxes_unsig = torch.gather(coords_unsig, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
         initial_boxes = torch.gather(proposals, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).sigmoid()
         encoder_hidden = torch.gather(output_memory, 1, topk.unsqueeze(-1).expand(-1, -1, self.d_model))
-        tgt = self.tgt_embed.weight[None].expand(n, -1, -1)
+        # the learned queries through the embedding's own forward (not .weight): ZeRO-3 gathers a module's
+        # parameters only while that module runs
+        tgt = self.tgt_embed(torch.arange(self.num_queries, device=memory.device))[None].expand(n, -1, -1)
 
         hidden_states, references = self.decoder(tgt, boxes_unsig.detach().sigmoid(), memory, mask_flat,
                                                  spatial_shapes, level_start_index, valid_ratios, text,
