@@ -157,6 +157,9 @@ def _train(cfg: ChatterBoxConfig, dist: DistContext, max_steps: int | None) -> d
         "output_dir": str(cfg.train.output_dir),
         "export": str(export) if export.exists() else None,
         "world_size": dist.world_size,
+        # per rank: the most GPU memory the run's tensors held (the ZeRO settings' cost; None on a CPU)
+        "gpu_memory_peak_gib": gather_objects(torch.cuda.max_memory_allocated(dist.device) / 2**30
+                                              if dist.device.type == "cuda" else None),
         "data": data_report(streams),
         "losses": [{"step": h.step, "lr": h.lr, "seconds": h.total_seconds,
                     "samples": h.samples * dist.world_size, **h.losses} for h in history],
