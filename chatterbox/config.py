@@ -87,6 +87,9 @@ class TrainConfig:
     streams: dict[str, StreamConfig] = field(
         default_factory=lambda: {"grounding": StreamConfig(6, 20, 1)}
     )
+    # Before a fresh stage (not a resume): this many steps of the query warm-up (chatterbox.train.query_warmup),
+    # for a random language model on the synthetic corpus (the tiny preset); 0 = none, as upstream.
+    query_warmup_steps: int = 0
     # Learning-rate multiplier per parameter group (chatterbox.model.config.PARAMETER_GROUPS), applied to the
     # whole schedule; empty = one rate for everything, as upstream.
     lr_scale: dict[str, float] = field(default_factory=dict)
@@ -150,6 +153,7 @@ INT_RANGES = {
     "data.num_workers": (0, None), "data.max_skipped_records": (0, None), "data.min_caption_words": (0, None),
     "data.max_redraws": (0, None), "eval.visualize": (0, None), "train.warmup_steps": (0, None),
     "train.seed": (0, None), "train.zero_stage": (0, 3), "train.zero3_persistence_threshold": (0, None),
+    "train.query_warmup_steps": (0, None),
     "chat.port": (0, 65535),
     "model.clip.image_feature_layer": (None, None), "model.clip.region_feature_layers": (None, None),
     "model.language.gradient_checkpointing_layers": (-1, None),
@@ -215,6 +219,13 @@ def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
     unknown = sorted(set(cfg.train.lr_scale) - set(PARAMETER_GROUPS))
     if unknown:
         raise ConfigError(f"train.lr_scale.{unknown[0]}: no such parameter group; groups: {list(PARAMETER_GROUPS)}")
+    language = cfg.model.language
+    if cfg.train.query_warmup_steps and (language.llm_path or language.freeze_base or cfg.model.clip.freeze):
+        raise ConfigError("train.query_warmup_steps needs a random language model (model.language.llm_path empty) "
+                          "that the stage trains with CLIP (model.language.freeze_base and model.clip.freeze false): "
+                          "a resume restores only trained weights")
+    if cfg.train.query_warmup_steps and "grounding" not in cfg.train.streams:
+        raise ConfigError("train.query_warmup_steps needs a grounding stream in train.streams (it trains on its batches)")
     if cfg.train.offload_parameters and cfg.train.zero_stage != 3:
         raise ConfigError(f"train.offload_parameters=true needs train.zero_stage=3 (got {cfg.train.zero_stage}): "
                           "only ZeRO-3 partitions the parameters")

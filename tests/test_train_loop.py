@@ -30,7 +30,8 @@ def overrides(data_paths: dict, out: Path, steps: int, stage: int = 1, extra=())
     # ZeRO-2, as the GPU recipes run (the tiny preset's one CPU process uses stage 0): checkpoints and resume
     # are tested with the partitioned optimizer state
     sets += [f"train.output_dir={out}", f"train.steps_per_epoch={steps}", "train.warmup_steps=2",
-             f"train.log_dir={out / 'runs'}", "data.num_workers=0", "train.zero_stage=2"]
+             f"train.log_dir={out / 'runs'}", "data.num_workers=0", "train.zero_stage=2",
+             "train.query_warmup_steps=0"]  # the warm-up has its own test
     if stage == 1:  # upstream's stage 1: the grounding stream alone
         sets.append("train.streams={grounding: {micro_batch_size: 2, gradient_accumulation_steps: 1, every_n_steps: 1}}")
     else:
@@ -247,13 +248,15 @@ def test_export_from_checkpoint_matches_the_final_export(synthetic_data, tmp_pat
 def test_a_two_rank_run_resumes_on_one_rank(synthetic_data, tmp_path):
     """Stage 1 on 2 CPU ranks (gloo) stopped by --max-steps (which checkpoints there), then finished on 1 rank."""
     out = tmp_path / "run"
-    sets = overrides(synthetic_data, out, 6, extra=["train.save_every_steps=100"])
+    # with the query warm-up: a fresh run does it, the resume does not (its weights come from the checkpoint)
+    sets = overrides(synthetic_data, out, 6, extra=["train.save_every_steps=100", "train.query_warmup_steps=3"])
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "chatterbox.train.run", "--config", "tiny_stage1", "--max-steps", "3"]
     for s in sets:
         two += ["--set", s]
     proc = subprocess.run(two, env=_env(), cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "train_summary.json").read_text())["query_warmup"]["steps"] == 3
     tag = out / "checkpoints" / "step_00000003"
     assert sorted(p.name for p in tag.glob("trainer_state_rank*.pt")) == ["trainer_state_rank0.pt",
                                                                           "trainer_state_rank1.pt"]
@@ -261,6 +264,7 @@ def test_a_two_rank_run_resumes_on_one_rank(synthetic_data, tmp_path):
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "saved by 2 rank(s), now 1" in one.stderr
+    assert json.loads((out / "train_summary.json").read_text())["query_warmup"] is None
     losses = _losses(out)
     assert sorted(losses) == [3, 4, 5] and all(math.isfinite(v) for v in losses.values())
     assert (out / "export" / "export.json").is_file()
@@ -357,3 +361,27 @@ def test_zero3_on_two_ranks_trains_resumes_and_exports_as_zero2(synthetic_data, 
     again = load_file(exported / "model.safetensors")
     assert again.keys() == sliced.keys()
     assert all(torch.equal(again[k], sliced[k]) for k in again)
+
+
+def test_query_warmup_teaches_the_query_both_words_and_leaves_the_vision_branch(synthetic_data, tmp_path):
+    """chatterbox.train.query_warmup on a fresh tiny model: after 120 steps the [VG] query tells the colour and the
+    kind of the shape its question names on further batches (chance: ~0.2 and ~0.35), the vision branch is
+    untouched and every parameter's requires_grad is as before."""
+    from chatterbox.data.streams import build_stream
+    from chatterbox.train.query_warmup import warm_up_query
+    from chatterbox.train.run import build_model, seed_everything
+
+    cfg = load_config("tiny_stage1", overrides(synthetic_data, tmp_path, 1, extra=["train.init_from="]))
+    seed_everything(0, 0)
+    model = build_model(cfg)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    vision = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("vision_branch.")}
+    language = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("query_head.")}
+    batches = iter(build_stream(cfg.data, "grounding", model.tokenizer, batch_size=8, seed=0))
+    result = warm_up_query(model, batches, steps=120, lr=cfg.train.lr, device=torch.device("cpu"),
+                           dtype=torch.float32, eval_batches=8)
+    assert result["questions"] >= 20
+    assert result["colour_accuracy"] >= 0.6 and result["kind_accuracy"] >= 0.8, result
+    assert all(torch.equal(p, vision[n]) for n, p in model.named_parameters() if n in vision)
+    assert not all(torch.equal(p, language[n]) for n, p in model.named_parameters() if n in language)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags

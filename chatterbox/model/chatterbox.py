@@ -329,6 +329,22 @@ class ChatterBox(nn.Module):
         result.update({name: value.detach() for name, value in grounding.items()})
         return result
 
+    def grounding_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          images_clip: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                          region_boxes_xyxy_clip_norm: Sequence | None = None,
+                          sample_ids: Sequence[str] | None = None, **_batch) -> torch.Tensor:
+        """[Q, D]: the query of every `[VG]` of a collated batch, row by row in order (the query head on the
+        LLM's hidden state before it), without the vision branch."""
+        host_ids = input_ids.cpu()
+        inputs_embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes_xyxy_clip_norm,
+                                                 sample_ids, host_ids)
+        hidden = self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=causal_mask_suffices(attention_mask),
+                                      use_cache=False).last_hidden_state
+        counts = (host_ids[:, 1:] == self.token_ids.vg).sum(dim=1).tolist()  # as _grounding_targets
+        rows = [row for row, n in enumerate(counts) for _ in range(n)]
+        slots = [slot for n in counts for slot in range(n)]
+        return self.query_head(self._hidden_before_vg(hidden, input_ids, rows, slots))
+
     def lm_loss_is_zeroed(self, grounding_targets_cxcywh_norm: Sequence | None) -> bool:
         """Upstream's rule: a batch with any grounding target trains without its LM loss (spec §1.9)."""
         return self.cfg.zero_lm_loss_on_grounding and any(grounding_targets_cxcywh_norm or [])

@@ -132,11 +132,22 @@ def data_report(streams: dict) -> dict:
 
 
 def _train(cfg: ChatterBoxConfig, dist: DistContext, max_steps: int | None) -> dict:
+    from chatterbox.data.streams import build_stream
+    from chatterbox.train.checkpoint import CheckpointManager
     from chatterbox.train.loop import PRECISION_DTYPES, Trainer
+    from chatterbox.train.query_warmup import warm_up_query
     from chatterbox.train.zero3 import full_weights
 
     seed_everything(cfg.train.seed, dist.rank)
     model = build_model(cfg, dist.device, PRECISION_DTYPES[cfg.train.precision])
+    warmup = None
+    if cfg.train.query_warmup_steps and CheckpointManager(Path(cfg.train.output_dir), 1, dist.rank).resolve(
+            cfg.train.resume) is None:
+        # every rank warms up on the same (rank 0's) batches: the same weights enter the engine
+        batches = iter(build_stream(cfg.data, "grounding", model.tokenizer, seed=cfg.train.seed,
+                                    batch_size=cfg.train.streams["grounding"].micro_batch_size))
+        warmup = warm_up_query(model, batches, cfg.train.query_warmup_steps, cfg.train.lr, dist.device,
+                               PRECISION_DTYPES[cfg.train.precision])
     accelerate_training(model, cfg.train, dist.device)
     if dist.is_main:
         print(model.parameter_table(), flush=True)
@@ -160,6 +171,7 @@ def _train(cfg: ChatterBoxConfig, dist: DistContext, max_steps: int | None) -> d
         # per rank: the most GPU memory the run's tensors held (the ZeRO settings' cost; None on a CPU)
         "gpu_memory_peak_gib": gather_objects(torch.cuda.max_memory_allocated(dist.device) / 2**30
                                               if dist.device.type == "cuda" else None),
+        "query_warmup": warmup,
         "data": data_report(streams),
         "losses": [{"step": h.step, "lr": h.lr, "seconds": h.total_seconds,
                     "samples": h.samples * dist.world_size, **h.losses} for h in history],
