@@ -90,6 +90,8 @@ class TrainConfig:
     # Before a fresh stage (not a resume): this many steps of the query warm-up (chatterbox.train.query_warmup),
     # for a random language model on the synthetic corpus (the tiny preset); 0 = none, as upstream.
     query_warmup_steps: int = 0
+    # its AdamW rate: at stage 1's 2e-3 it often learned one word and not the other; at 5e-4 both (query_warmup.py)
+    query_warmup_lr: float = 5e-4
     # Learning-rate multiplier per parameter group (chatterbox.model.config.PARAMETER_GROUPS), applied to the
     # whole schedule; empty = one rate for everything, as upstream.
     lr_scale: dict[str, float] = field(default_factory=dict)
@@ -160,9 +162,9 @@ INT_RANGES = {
     "model.vision.return_interm_indices": (0, None),
 }
 #: floats that must be > 0 (every other float must be >= 0)
-POSITIVE_FLOATS = {"train.lr", "train.eps", "chat.request_timeout_s", "model.language.rms_norm_eps",
-                   "model.language.rope_theta", "model.vision.pe_temperature_h", "model.vision.pe_temperature_w",
-                   "model.vision.swin_mlp_ratio"}
+POSITIVE_FLOATS = {"train.lr", "train.query_warmup_lr", "train.eps", "chat.request_timeout_s",
+                   "model.language.rms_norm_eps", "model.language.rope_theta", "model.vision.pe_temperature_h",
+                   "model.vision.pe_temperature_w", "model.vision.swin_mlp_ratio"}
 #: fractions and probabilities: floats in [0, 1]
 UNIT_FLOATS = ("dropout", "drop_path", "droppath", "_prob", "box_threshold", "focal_alpha")
 

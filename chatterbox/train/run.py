@@ -146,7 +146,7 @@ def _train(cfg: ChatterBoxConfig, dist: DistContext, max_steps: int | None) -> d
         # every rank warms up on the same (rank 0's) batches: the same weights enter the engine
         batches = iter(build_stream(cfg.data, "grounding", model.tokenizer, seed=cfg.train.seed,
                                     batch_size=cfg.train.streams["grounding"].micro_batch_size))
-        warmup = warm_up_query(model, batches, cfg.train.query_warmup_steps, cfg.train.lr, dist.device,
+        warmup = warm_up_query(model, batches, cfg.train.query_warmup_steps, cfg.train.query_warmup_lr, dist.device,
                                PRECISION_DTYPES[cfg.train.precision])
     accelerate_training(model, cfg.train, dist.device)
     if dist.is_main:
