@@ -227,7 +227,8 @@ def check_consistency(cfg: ChatterBoxConfig) -> ChatterBoxConfig:
                           "that the stage trains with CLIP (model.language.freeze_base and model.clip.freeze false): "
                           "a resume restores only trained weights")
     if cfg.train.query_warmup_steps and "grounding" not in cfg.train.streams:
-        raise ConfigError("train.query_warmup_steps needs a grounding stream in train.streams (it trains on its batches)")
+        raise ConfigError("train.query_warmup_steps needs a grounding stream in train.streams (it trains on its "
+                          "batches)")
     if cfg.train.offload_parameters and cfg.train.zero_stage != 3:
         raise ConfigError(f"train.offload_parameters=true needs train.zero_stage=3 (got {cfg.train.zero_stage}): "
                           "only ZeRO-3 partitions the parameters")

@@ -66,7 +66,8 @@ def warm_up_query(model, batches, steps: int, lr: float, device: torch.device, d
                 break
         else:
             raise ValueError(f"train.query_warmup_steps: {tries} grounding batches in a row without a 'Where is the "
-                             "<colour> <kind>?' question of the synthetic corpus's words (the warm-up needs that corpus)")
+                             "<colour> <kind>?' question in the synthetic corpus's words (the warm-up needs that "
+                             "corpus)")
         queries = model.grounding_queries(**move_batch(batch, device, dtype))[torch.tensor(keep, device=device)].float()
         labels = torch.tensor([named[i] for i in keep], device=device)
         return queries, labels[:, 0], labels[:, 1]

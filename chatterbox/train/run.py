@@ -157,8 +157,8 @@ def _train(cfg: ChatterBoxConfig, dist: DistContext, max_steps: int | None) -> d
     export = Path(cfg.train.output_dir) / EXPORT_DIR
     if trainer.step >= trainer.total_steps:
         # ZeRO-3: each rank holds a slice of every parameter; the main rank writes them whole
-        whole = full_weights(trainer.engine, model, dist.is_main) if cfg.train.zero_stage == 3 else contextlib.nullcontext()
-        with whole:
+        zero3 = cfg.train.zero_stage == 3
+        with full_weights(trainer.engine, model, dist.is_main) if zero3 else contextlib.nullcontext():
             if dist.is_main:
                 model.save_pretrained(export)
         barrier()
