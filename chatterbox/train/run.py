@@ -143,7 +143,7 @@ def _train(cfg: ChatterBoxConfig, dist: DistContext, max_steps: int | None) -> d
     warmup = None
     if cfg.train.query_warmup_steps and CheckpointManager(Path(cfg.train.output_dir), 1, dist.rank).resolve(
             cfg.train.resume) is None:
-        # every rank warms up on the same (rank 0's) batches: the same weights enter the engine
+        # every rank warms up on rank 0's batches (and DeepSpeed starts every rank from rank 0's weights)
         batches = iter(build_stream(cfg.data, "grounding", model.tokenizer, seed=cfg.train.seed,
                                     batch_size=cfg.train.streams["grounding"].micro_batch_size))
         warmup = warm_up_query(model, batches, cfg.train.query_warmup_steps, cfg.train.query_warmup_lr, dist.device,
