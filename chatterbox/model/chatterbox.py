@@ -306,11 +306,8 @@ class ChatterBox(nn.Module):
         named grounding term (``loss_ce``, ``loss_bbox_0``, ...; detached, for logging). With
         ``cfg.zero_lm_loss_on_grounding`` the LM loss of a batch with grounding targets is multiplied by 0.
         """
-        host_ids = input_ids.cpu()  # the token layout is checked on the host, before anything is queued
-        inputs_embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes_xyxy_clip_norm,
-                                                 sample_ids, host_ids)
-        hidden = self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=causal_mask_suffices(attention_mask),
-                                      use_cache=False).last_hidden_state
+        host_ids, hidden = self._llm_hidden_states(input_ids, attention_mask, images_clip, offset,
+                                                   region_boxes_xyxy_clip_norm, sample_ids)
         result: dict[str, torch.Tensor] = {}
         if self.lm_loss_is_zeroed(grounding_targets_cxcywh_norm):
             # Upstream multiplies this batch's LM loss by 0: its gradient is zero, so lm_head and the
@@ -335,15 +332,22 @@ class ChatterBox(nn.Module):
                           sample_ids: Sequence[str] | None = None, **_batch) -> torch.Tensor:
         """[Q, D]: the query of every `[VG]` of a collated batch, row by row in order (the query head on the
         LLM's hidden state before it), without the vision branch."""
-        host_ids = input_ids.cpu()
-        inputs_embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes_xyxy_clip_norm,
-                                                 sample_ids, host_ids)
-        hidden = self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=causal_mask_suffices(attention_mask),
-                                      use_cache=False).last_hidden_state
+        host_ids, hidden = self._llm_hidden_states(input_ids, attention_mask, images_clip, offset,
+                                                   region_boxes_xyxy_clip_norm, sample_ids)
         counts = (host_ids[:, 1:] == self.token_ids.vg).sum(dim=1).tolist()  # as _grounding_targets
         rows = [row for row, n in enumerate(counts) for _ in range(n)]
         slots = [slot for n in counts for slot in range(n)]
         return self.query_head(self._hidden_before_vg(hidden, input_ids, rows, slots))
+
+    def _llm_hidden_states(self, input_ids, attention_mask, images_clip, offset, region_boxes_xyxy_clip_norm,
+                           sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(host copy of the ids, the LLM's last hidden states) of a collated batch, images and regions injected."""
+        host_ids = input_ids.cpu()  # the token layout is checked on the host, before anything is queued
+        inputs_embeds = self.build_inputs_embeds(input_ids, images_clip, offset, region_boxes_xyxy_clip_norm,
+                                                 sample_ids, host_ids)
+        hidden = self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=causal_mask_suffices(attention_mask),
+                                      use_cache=False).last_hidden_state
+        return host_ids, hidden
 
     def lm_loss_is_zeroed(self, grounding_targets_cxcywh_norm: Sequence | None) -> bool:
         """Upstream's rule: a batch with any grounding target trains without its LM loss (spec §1.9)."""

@@ -23,13 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trained_export  # noqa: E402
-from query_attributes import NAMED  # noqa: E402  (this folder: the script's own)
 
 from chatterbox.boxes import cxcywh_to_xyxy  # noqa: E402
-from chatterbox.data.synthetic import COLOURS as COLOUR_RGB, KINDS  # noqa: E402
+from chatterbox.data.synthetic import KINDS  # noqa: E402
 from chatterbox.eval.grounding_metrics import iou_per_item  # noqa: E402
-
-COLOURS = tuple(COLOUR_RGB)  # the corpus's colour names, in its order
+from chatterbox.train.query_warmup import COLOUR_NAMES as COLOURS, NAMED  # noqa: E402  (the corpus's names)
 
 
 def named_queries(model, batch) -> list[tuple[int, int, str, str] | None]:

@@ -11,7 +11,6 @@ Prints the held-out accuracy of each probe beside the share of the most frequent
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trained_export  # noqa: E402
 
-NAMED = re.compile(r"Where is the (\w+) (\w+)\? $")
+from chatterbox.train.query_warmup import NAMED  # noqa: E402  ("Where is the <colour> <kind>? ")
+
 
 
 def on(device: torch.device, value):
