@@ -24,7 +24,7 @@ def deepspeed_config(train: TrainConfig, stream: StreamConfig, world_size: int) 
         "reduce_bucket_size": 5e8,
         "allgather_bucket_size": 5e8,
     }
-    if train.zero_stage == 3:  # DeepSpeed's prefetch and live-parameter limits
+    if train.zero_stage == 3:  # prefetch and live-parameter limits stay at DeepSpeed's defaults
         zero["stage3_param_persistence_threshold"] = train.zero3_persistence_threshold
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
